@@ -1,0 +1,122 @@
+"""The model configuration: one frozen dataclass, built from GGUF metadata in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import GGUFError
+
+ARCH = "qwen3next"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    rms_eps: float
+    # gated attention
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rope_theta: float
+    # gated DeltaNet: Hk query/key heads of Dk, Hv value heads of Dv, causal conv of width d_conv
+    ssm_n_k_heads: int
+    ssm_n_v_heads: int
+    ssm_k_dim: int
+    ssm_v_dim: int
+    ssm_d_conv: int
+    # mixture of experts
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_ff_shexp: int
+    recurrent_layers: tuple[bool, ...]
+
+    def is_recurrent(self, layer: int) -> bool:
+        return self.recurrent_layers[layer]
+
+    @property
+    def ssm_conv_channels(self) -> int:
+        """Channels of the causal conv: [q | k | v] of all heads."""
+        return 2 * self.ssm_n_k_heads * self.ssm_k_dim + self.ssm_n_v_heads * self.ssm_v_dim
+
+    @property
+    def n_attention_layers(self) -> int:
+        return sum(not r for r in self.recurrent_layers)
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any], n_vocab: int, path: str = "model") -> "ModelConfig":
+        arch = metadata.get("general.architecture")
+        if arch != ARCH:
+            raise GGUFError(f"expected arch {ARCH}, file says {arch} ({path}); localcoder runs Qwen3-Next / "
+                            "Qwen3-Coder-Next GGUFs only")
+
+        def key(name: str, kind=int):
+            full = f"{ARCH}.{name}"
+            if full not in metadata:
+                raise GGUFError(f"{path} lacks metadata key {full}; the file is incomplete or was made by an "
+                                "old converter: re-convert it with `localcoder convert`")
+            value = metadata[full]
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise GGUFError(f"{path}: metadata key {full} = {value!r} is not a {kind.__name__}") from None
+
+        n_layer = key("block_count")
+        n_embd = key("embedding_length")
+        n_head = key("attention.head_count")
+        n_head_kv = key("attention.head_count_kv")
+        head_dim = key("attention.key_length")
+        n_k_heads = key("ssm.group_count")
+        n_v_heads = key("ssm.time_step_rank")
+        d_inner = key("ssm.inner_size")
+        if f"{ARCH}.attention.recurrent_layers" in metadata:
+            recurrent = tuple(bool(x) for x in metadata[f"{ARCH}.attention.recurrent_layers"])
+        else:
+            interval = key("full_attention_interval")
+            recurrent = tuple((i + 1) % interval != 0 for i in range(n_layer))
+
+        problems = []
+        if len(recurrent) != n_layer:
+            problems.append(f"recurrent_layers has {len(recurrent)} entries for {n_layer} layers")
+        if n_head_kv <= 0 or n_head % n_head_kv:
+            problems.append(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        if n_k_heads <= 0 or n_v_heads % n_k_heads:
+            problems.append(f"ssm.time_step_rank {n_v_heads} is not a multiple of ssm.group_count {n_k_heads}")
+        if n_v_heads <= 0 or d_inner % n_v_heads:
+            problems.append(f"ssm.inner_size {d_inner} is not a multiple of ssm.time_step_rank {n_v_heads}")
+        n_rot = key("rope.dimension_count")
+        if n_rot > head_dim or n_rot % 2:
+            problems.append(f"rope.dimension_count {n_rot} does not fit head dim {head_dim}")
+        n_expert, n_used = key("expert_count"), key("expert_used_count")
+        if not 0 < n_used <= n_expert:
+            problems.append(f"expert_used_count {n_used} is not in 1..expert_count {n_expert}")
+        if problems:
+            raise GGUFError(f"{path} has inconsistent metadata: {'; '.join(problems)}")
+
+        return cls(
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_vocab=n_vocab,
+            n_ctx_train=key("context_length"),
+            rms_eps=key("attention.layer_norm_rms_epsilon", float),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_rot=n_rot,
+            rope_theta=key("rope.freq_base", float),
+            ssm_n_k_heads=n_k_heads,
+            ssm_n_v_heads=n_v_heads,
+            ssm_k_dim=key("ssm.state_size"),
+            ssm_v_dim=d_inner // n_v_heads,
+            ssm_d_conv=key("ssm.conv_kernel"),
+            n_expert=n_expert,
+            n_expert_used=n_used,
+            n_ff_exp=key("expert_feed_forward_length"),
+            n_ff_shexp=int(metadata.get(f"{ARCH}.expert_shared_feed_forward_length", 0)),
+            recurrent_layers=recurrent,
+        )

@@ -1,0 +1,182 @@
+"""Open a GGUF with the `gguf` package (memory-mapped, zero copy) and validate it before any compute.
+
+A `GGUFFile` holds the metadata as plain Python values and the tensors as `QTensor`s: views of raw
+GGML blocks in the mmap. Nothing is read from disk until a kernel touches a tensor's bytes.
+Split models (`name-00001-of-00003.gguf`) open as one file set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .errors import GGUFError
+from .quant.formats import get_format
+
+GGUF_MAGIC = b"GGUF"
+SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """One weight as stored: raw GGML blocks in the file's memory map.
+
+    shape is in numpy order (ggml's ne reversed): a matrix is (out, in), experts are (E, out, in).
+    data is a uint8 view of shape (*shape[:-1], row_bytes).
+    """
+
+    name: str
+    ggml_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+    file_offset: int
+    path: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def type_name(self) -> str:
+        return self.ggml_type.name
+
+    def dequantize(self) -> np.ndarray:
+        """float32 array of `shape` (reads every byte of the tensor)."""
+        fmt = get_format(self.ggml_type)
+        blocks = np.ascontiguousarray(self.data).reshape(-1, fmt.type_size)
+        return fmt.dequantize_blocks(blocks).reshape(self.shape)
+
+    def rows(self, start: int, stop: int) -> "QTensor":
+        """Rows start..stop of a matrix, as a view."""
+        row_bytes = self.data.shape[-1]
+        return QTensor(f"{self.name}[{start}:{stop}]", self.ggml_type, (stop - start, *self.shape[1:]),
+                       self.data[start:stop], self.file_offset + start * row_bytes, self.path)
+
+    def __getitem__(self, index: int) -> "QTensor":
+        """Slice along the first axis: one expert of an `*_exps` tensor (a contiguous byte range)."""
+        data = self.data[index]
+        offset = self.file_offset + index * int(np.prod(self.data.shape[1:]))
+        return QTensor(f"{self.name}[{index}]", self.ggml_type, self.shape[1:], data, offset, self.path)
+
+
+class _HeaderReader(gguf.GGUFReader):
+    """GGUFReader that records tensor infos without building numpy views.
+
+    The stock reader builds a view per tensor and fails with a bare numpy error on a truncated file,
+    or on a type its enum does not know; we validate those ourselves with messages a user can act on.
+    """
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        self.tensor_infos = []
+        for field in fields:
+            _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            self.tensor_infos.append((name, [int(d) for d in dims], int(raw_dtype[0]),
+                                      int(start_offs + offset_tensor[0])))
+        self.tensors = []
+
+
+def _field_value(field) -> Any:
+    value = field.contents()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+def split_paths(path: Path) -> list[Path]:
+    """All shards of a split model given any one of them (or the path itself when not split)."""
+    m = SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group("n"))
+    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise GGUFError(f"split model is missing {len(missing)} of {n} parts ({', '.join(missing[:3])}); "
+                        f"download every part into {path.parent}")
+    return paths
+
+
+def _open_one(path: Path) -> tuple[dict[str, Any], list[QTensor]]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise GGUFError(f"cannot read {path}: {e.strerror}; check the path and permissions") from None
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
+                        "pass a .gguf model file (convert safetensors with `localcoder convert`)")
+    try:
+        reader = _HeaderReader(path, "r")
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, TypeError) as e:
+        raise GGUFError(f"{path} has a corrupt or truncated GGUF header ({e}); re-download the file") from None
+    metadata = {name: _field_value(field) for name, field in reader.fields.items()}
+    tensors = []
+    for name, dims, raw_type, offset in reader.tensor_infos:
+        try:
+            ggml_type = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise GGUFError(f"tensor {name} in {path.name} has unknown ggml type {raw_type}; "
+                            "the file is corrupt or needs a newer localcoder") from None
+        fmt = get_format(ggml_type)  # raises UnsupportedQuantType with the list of supported types
+        shape = tuple(reversed(dims))
+        if any(d <= 0 for d in shape) or shape[-1] % fmt.block_size:
+            raise GGUFError(f"tensor {name} in {path.name} has shape {list(dims)} that does not fit "
+                            f"{fmt.name} blocks of {fmt.block_size}; the file is corrupt")
+        row_bytes = shape[-1] // fmt.block_size * fmt.type_size
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+        if offset + nbytes > size:
+            raise GGUFError(f"{path} is truncated: tensor {name} ends at byte {offset + nbytes:,} but the file "
+                            f"has {size:,} bytes; the download is incomplete, re-download it")
+        data = reader.data[offset:offset + nbytes].reshape(*shape[:-1], row_bytes)
+        tensors.append(QTensor(name, ggml_type, shape, data, offset, str(path)))
+    return metadata, tensors
+
+
+class GGUFFile:
+    """The metadata and tensors of a GGUF model (one file or all parts of a split one)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise GGUFError(f"model file not found: {path}; check the path or download the GGUF "
+                            "(see `localcoder chat --help`)")
+        if path.is_dir():
+            raise GGUFError(f"{path} is a directory; pass the .gguf file inside it "
+                            "(or convert a safetensors folder with `localcoder convert`)")
+        self.paths = split_paths(path)
+        self.path = self.paths[0]
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, QTensor] = {}
+        for p in self.paths:
+            meta, tensors = _open_one(p)
+            if not self.metadata:
+                self.metadata = meta
+            for t in tensors:
+                if t.name in self.tensors:
+                    raise GGUFError(f"tensor {t.name} appears twice in {p.name}; the file is corrupt")
+                self.tensors[t.name] = t
+        self.file_size = sum(p.stat().st_size for p in self.paths)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    def quant_mix(self) -> dict[str, tuple[int, int]]:
+        """{type name: (tensor count, bytes)}, largest first."""
+        mix: dict[str, list[int]] = {}
+        for t in self.tensors.values():
+            entry = mix.setdefault(t.type_name, [0, 0])
+            entry[0] += 1
+            entry[1] += t.nbytes
+        return {k: (v[0], v[1]) for k, v in sorted(mix.items(), key=lambda kv: -kv[1][1])}
