@@ -1,0 +1,177 @@
+"""Chat templates: Jinja2 rendering compatible with HF transformers' ``apply_chat_template``.
+
+A template comes from a downloaded file (GGUF metadata or a user file), so it is untrusted: it is compiled in
+``jinja2.sandbox.ImmutableSandboxedEnvironment`` and every failure (syntax error, ``raise_exception``, sandbox
+violation, type error in the template) becomes one :class:`~localcoder.errors.LocalcoderError`.
+
+The environment mirrors transformers (``utils/chat_template_utils.py``): ``trim_blocks`` and ``lstrip_blocks``,
+the ``loopcontrols`` extension, a ``{% generation %}`` block tag (rendered as its body), ``raise_exception``
+and ``strftime_now`` globals, and a ``tojson`` filter = ``json.dumps(x, ensure_ascii=False, indent=..,
+separators=.., sort_keys=..)`` (no HTML escaping, unlike Jinja's built-in one).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from importlib import resources
+from typing import Any, Mapping
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from localcoder.errors import LocalcoderError
+
+__all__ = ["ChatTemplate", "QWEN3_CODER_TEMPLATE", "template_from_metadata", "load_builtin_template"]
+
+_HINT = "pass --chat-template FILE to use another template, or check the messages"
+
+
+def load_builtin_template() -> str:
+    """The built-in Qwen3-Coder template (package data ``localcoder/data/qwen3_coder.jinja``)."""
+    return resources.files("localcoder").joinpath("data", "qwen3_coder.jinja").read_text(encoding="utf-8")
+
+
+QWEN3_CODER_TEMPLATE: str = load_builtin_template()
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tag): renders the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().rstrip(".") or type(e).__name__
+    if isinstance(e, jinja2.TemplateSyntaxError) and e.lineno:
+        msg = f"{msg} (template line {e.lineno})"
+    elif not isinstance(e, jinja2.TemplateError):
+        msg = f"{type(e).__name__}: {msg}"
+    return " ".join(msg.split())
+
+
+def _error(e: BaseException) -> LocalcoderError:
+    return LocalcoderError(f"chat template error: {_one_line(e)}; {_HINT}")
+
+
+def _make_env() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _normalize_messages(messages: list[dict]) -> list[dict]:
+    """Copy ``messages``; in assistant ``tool_calls``, parse JSON-string ``function.arguments`` (OpenAI wire
+    format) into a dict, as vLLM / llama.cpp do for templates that iterate ``arguments | items``.  Strings that
+    are not a JSON object are left alone."""
+    out = []
+    for msg in messages:
+        if not isinstance(msg, Mapping):
+            out.append(msg)
+            continue
+        msg = dict(msg)
+        calls = msg.get("tool_calls")
+        if isinstance(calls, list):
+            new_calls = []
+            for call in calls:
+                if isinstance(call, Mapping):
+                    call = dict(call)
+                    fn = call.get("function")
+                    if isinstance(fn, Mapping):
+                        call["function"] = _parse_arguments(dict(fn))
+                    else:
+                        call = _parse_arguments(call)
+                new_calls.append(call)
+            msg["tool_calls"] = new_calls
+        out.append(msg)
+    return out
+
+
+def _parse_arguments(fn: dict) -> dict:
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args) if args.strip() else {}
+        except ValueError:
+            return fn
+        if isinstance(parsed, dict):
+            fn["arguments"] = parsed
+    return fn
+
+
+class ChatTemplate:
+    """A compiled chat template."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        if not isinstance(source, str):
+            raise LocalcoderError(f"chat template error: template is {type(source).__name__}, not text; {_HINT}")
+        self.source = source
+        self.bos_token = bos_token or ""
+        self.eos_token = eos_token or ""
+        try:
+            self._template = _make_env().from_string(source)
+        except Exception as e:  # TemplateSyntaxError, or anything odd the parser raises
+            raise _error(e) from None
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **extra: Any) -> str:
+        """Render like ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+        add_generation_prompt=...)``; ``extra`` are passed to the template (e.g. ``enable_thinking=False``)."""
+        kwargs: dict[str, Any] = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        kwargs.update(extra)
+        try:
+            return self._template.render(messages=_normalize_messages(list(messages)), tools=tools,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+        except Exception as e:
+            raise _error(e) from None
+
+    def __repr__(self) -> str:
+        return f"ChatTemplate({len(self.source)} chars)"
+
+
+def _token_text(meta: Mapping[str, Any], key: str) -> str:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    i = meta.get(key)
+    if tokens is None or i is None:
+        return ""
+    try:
+        return str(tokens[int(i)])
+    except (IndexError, TypeError, ValueError):
+        return ""
+
+
+def template_from_metadata(meta: Mapping[str, Any]) -> ChatTemplate:
+    """The GGUF's ``tokenizer.chat_template`` (the built-in Qwen3-Coder one when absent or empty); bos/eos token
+    texts come from the GGUF's token ids, as llama.cpp does."""
+    source = meta.get("tokenizer.chat_template")
+    if isinstance(source, (bytes, bytearray)):
+        source = bytes(source).decode("utf-8", errors="replace")
+    if not source:
+        source = QWEN3_CODER_TEMPLATE
+    return ChatTemplate(source, bos_token=_token_text(meta, "tokenizer.ggml.bos_token_id"),
+                        eos_token=_token_text(meta, "tokenizer.ggml.eos_token_id"))

@@ -1,0 +1,171 @@
+"""Chat template rendering vs. transformers' apply_chat_template output, and sandboxing."""
+
+import copy
+import importlib.metadata
+import json
+import os
+import pickle
+
+import pytest
+
+from localcoder.chat_template import QWEN3_CODER_TEMPLATE, ChatTemplate, template_from_metadata
+from localcoder.errors import LocalcoderError
+from localcoder.tokenizer import Tokenizer
+
+FULL_GGUF = "qwen-tokenizer/qwen3-tokenizer-vocab.gguf"
+
+
+def load_gguf_meta(request, path):
+    """``{key: field.contents()}`` of a GGUF, pickled under pytest's cache dir (GGUFReader takes ~7 s on the
+    151k vocab; same cache as tests/test_tokenizer.py)."""
+    import gguf
+
+    st = os.stat(path)
+    key = f"{path.name}-{st.st_size}-{st.st_mtime_ns}-gguf{importlib.metadata.version('gguf')}.pkl"
+    cache = getattr(request.config, "cache", None)
+    cfile = None
+    if cache is not None:
+        try:
+            cfile = cache.mkdir("localcoder_gguf_meta") / key
+            if cfile.exists():
+                with open(cfile, "rb") as f:
+                    return pickle.load(f)
+        except Exception:
+            cfile = None
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    if cfile is not None:
+        try:
+            tmp = cfile.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, cfile)
+        except OSError:
+            pass
+    return meta
+
+
+@pytest.fixture(scope="module")
+def full_meta(request, fixtures_dir):
+    return load_gguf_meta(request, fixtures_dir / FULL_GGUF)
+
+
+@pytest.fixture(scope="module")
+def tok(full_meta):
+    return Tokenizer.from_metadata(full_meta)
+
+
+@pytest.fixture(scope="module")
+def examples(fixtures_dir):
+    with open(fixtures_dir / "qwen-tokenizer" / "chat_template_examples.json", encoding="utf-8") as f:
+        ex = json.load(f)
+    assert len(ex) == 4
+    return ex
+
+
+def _render(tmpl, ex, **kw):
+    return tmpl.render(ex["messages"], tools=ex["tools"], add_generation_prompt=ex["add_generation_prompt"], **kw)
+
+
+def test_examples_render_exactly(full_meta, examples):
+    tmpl = template_from_metadata(full_meta)
+    assert tmpl.source == full_meta["tokenizer.chat_template"]
+    for ex in examples:
+        assert _render(tmpl, ex) == ex["rendered"], ex["name"]
+
+
+def test_examples_tokenize_to_reference_ids(full_meta, tok, examples):
+    tmpl = template_from_metadata(full_meta)
+    for ex in examples:
+        assert tok.encode(_render(tmpl, ex), parse_special=True) == ex["ids"], ex["name"]
+
+
+def test_builtin_template(full_meta, fixtures_dir, examples):
+    with open(fixtures_dir / "qwen-tokenizer" / "tokenizer_config.json", encoding="utf-8") as f:
+        assert QWEN3_CODER_TEMPLATE == json.load(f)["chat_template"]
+    assert QWEN3_CODER_TEMPLATE == full_meta["tokenizer.chat_template"]
+    meta = {k: v for k, v in full_meta.items() if k != "tokenizer.chat_template"}
+    for m in (meta, {**meta, "tokenizer.chat_template": ""}, {}):
+        tmpl = template_from_metadata(m)
+        assert tmpl.source == QWEN3_CODER_TEMPLATE
+        for ex in examples:
+            assert _render(tmpl, ex) == ex["rendered"], ex["name"]
+
+
+def test_bos_eos_from_metadata(full_meta):
+    tmpl = template_from_metadata({**full_meta, "tokenizer.chat_template": "{{ bos_token }}|{{ eos_token }}"})
+    assert tmpl.render([]) == "<|endoftext|>|<|im_end|>"
+    assert ChatTemplate("{{ bos_token }}|{{ eos_token }}", eos_token="E").render([]) == "|E"
+
+
+def test_json_string_tool_arguments(examples):
+    """OpenAI wire format: function.arguments is a JSON string; rendered as if it were the dict."""
+    ex = next(e for e in examples if e["name"] == "tool_call_roundtrip")
+    msgs = copy.deepcopy(ex["messages"])
+    for m in msgs:
+        for call in m.get("tool_calls", []):
+            call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    before = copy.deepcopy(msgs)
+    tmpl = ChatTemplate(QWEN3_CODER_TEMPLATE)
+    assert tmpl.render(msgs, tools=ex["tools"], add_generation_prompt=ex["add_generation_prompt"]) == ex["rendered"]
+    assert msgs == before  # caller's messages are not modified
+    # OpenAI assistant turn with content None and tool calls
+    msgs[2]["content"] = None
+    out = tmpl.render(msgs, tools=ex["tools"])
+    assert "<|im_start|>assistant\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>" in out
+
+
+def test_add_generation_prompt_and_extra_kwargs():
+    msgs = [{"role": "user", "content": "hi"}]
+    tmpl = ChatTemplate(QWEN3_CODER_TEMPLATE)
+    assert tmpl.render(msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tmpl.render(msgs, add_generation_prompt=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    t2 = ChatTemplate("{% if enable_thinking is defined and not enable_thinking %}no-think{% endif %}")
+    assert t2.render(msgs, enable_thinking=False) == "no-think"
+    assert t2.render(msgs) == ""
+
+
+def test_hf_compatible_environment():
+    # trim_blocks / lstrip_blocks
+    assert ChatTemplate("  {% if true %}\nA\n  {% endif %}\nB").render([]) == "A\nB"
+    # tojson: no HTML escaping, ensure_ascii=False, indent/separators/sort_keys accepted
+    t = ChatTemplate("{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ x | tojson(separators=(',', ':')) }}")
+    x = {"b": "<é&'>", "a": [1, 2]}
+    assert t.render([], x=x) == "|".join([json.dumps(x, ensure_ascii=False), json.dumps(x, ensure_ascii=False,
+                                          indent=2), json.dumps(x, ensure_ascii=False, separators=(",", ":"))])
+    # loop controls, namespace, generation block, strftime_now
+    t = ChatTemplate("{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 2 %}{% break %}"
+                     "{% endif %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}"
+                     "{% generation %}[g]{% endgeneration %}{{ strftime_now('%Y') | length }}")
+    assert t.render([{}, {}, {}, {}]) == "2[g]4"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__init__.__globals__ }}",
+    "{{ raise_exception.__globals__['os'] }}",
+    "{% set x = [] %}{{ x.append(1) }}",  # immutable sandbox: no mutation of lists/dicts
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+])
+def test_malicious_template_is_a_clean_error(source):
+    with pytest.raises(LocalcoderError, match="chat template error") as ei:
+        ChatTemplate(source).render([{"role": "user", "content": "x"}])
+    assert "\n" not in str(ei.value)
+    assert "--chat-template" in str(ei.value)
+
+
+def test_raise_exception_and_syntax_errors():
+    with pytest.raises(LocalcoderError, match="chat template error: Only user and assistant roles"):
+        ChatTemplate("{{ raise_exception('Only user and assistant roles\nare supported') }}").render([])
+    with pytest.raises(LocalcoderError, match="chat template error") as ei:
+        ChatTemplate("{% for m in messages %}{{ m }")
+    assert "\n" not in str(ei.value)
+    with pytest.raises(LocalcoderError, match="chat template error"):
+        ChatTemplate("{% endfor %}")
+    with pytest.raises(LocalcoderError, match="chat template error"):
+        ChatTemplate("{{ messages[0].content.x.y }}").render([{"role": "user"}])
+    with pytest.raises(LocalcoderError, match="chat template error"):
+        ChatTemplate(QWEN3_CODER_TEMPLATE).render([{"role": "user", "content": None}])
+    with pytest.raises(LocalcoderError):
+        ChatTemplate(None)  # type: ignore[arg-type]
