@@ -1,0 +1,176 @@
+"""The `localcoder` command. typer + rich live here only; the library yields, this file renders.
+
+Every user error (LocalcoderError) is printed as one line `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import LocalcoderError
+from .sampling import DEFAULTS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Local, offline runtime for Qwen3-Coder-Next GGUF models.")
+
+ModelOpt = typer.Option(None, "-m", "--model", help="GGUF model file (default: look in ./models and "
+                        "~/.localcoder/models)")
+BackendOpt = typer.Option("auto", "--backend", help="auto, numpy, numba or mlx")
+CtxOpt = typer.Option(None, "--ctx", help="context size in tokens (default 32768, at most the model's)")
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def _load(model: Optional[Path], backend: str, ctx: Optional[int]):
+    from .model import load
+    from .paths import resolve_model
+
+    return load(resolve_model(model), backend=backend, n_ctx=ctx)
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="GGUF model file")):
+    """Architecture, dimensions, quant mix, tokenizer and chat template of a GGUF."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .model import load
+
+    m = load(model, backend="numpy")
+    c, f = m.config, m.file
+    console = Console()
+    console.print(f"[bold]{f.path}[/bold]  ({f.file_size / 1e9:.2f} GB in {len(f.paths)} file(s))")
+    console.print(f"name: {f.get('general.name', '?')}   architecture: {f.architecture}")
+    dims = Table(show_header=False, box=None)
+    rows = [
+        ("layers", f"{c.n_layer} ({sum(c.recurrent_layers)} Gated DeltaNet, {c.n_attention_layers} gated attention)"),
+        ("hidden", c.n_embd), ("vocab", c.n_vocab), ("trained context", c.n_ctx_train),
+        ("attention", f"{c.n_head} q / {c.n_head_kv} kv heads, head dim {c.head_dim}, RoPE on {c.n_rot} dims, "
+                      f"theta {c.rope_theta:g}"),
+        ("DeltaNet", f"{c.ssm_n_v_heads} v / {c.ssm_n_k_heads} qk heads, head dims {c.ssm_v_dim}/{c.ssm_k_dim}, "
+                     f"conv kernel {c.ssm_d_conv}"),
+        ("MoE", f"{c.n_expert} experts, top-{c.n_expert_used}, expert width {c.n_ff_exp}, "
+                f"shared expert width {c.n_ff_shexp}"),
+    ]
+    for k, v in rows:
+        dims.add_row(k, str(v))
+    console.print(dims)
+    mix = Table(title="quant mix")
+    for col in ("type", "tensors", "bytes", "share"):
+        mix.add_column(col, justify="right" if col != "type" else "left")
+    total = sum(b for _, b in f.quant_mix().values())
+    for name, (n, b) in f.quant_mix().items():
+        mix.add_row(name, str(n), f"{b / 1e6:,.1f} MB", f"{100 * b / total:.1f} %")
+    console.print(mix)
+    tok = m.tokenizer
+    console.print(f"tokenizer: {f.get('tokenizer.ggml.model')} / {f.get('tokenizer.ggml.pre')}, "
+                  f"{tok.vocab_size} tokens, {len(f.get('tokenizer.ggml.merges', []))} merges, "
+                  f"eos {tok.eos_token_id}")
+    src = f.get("tokenizer.chat_template")
+    console.print("chat template: " + (f"from the file ({len(src)} chars{', with tools' if 'tools' in src else ''})"
+                                       if src else "none in the file; built-in Qwen3-Coder template"))
+
+
+@app.command()
+def run(
+    prompt: str = typer.Option(..., "-p", "--prompt", help="prompt text"),
+    model: Optional[Path] = ModelOpt,
+    n: int = typer.Option(256, "-n", "--max-tokens", help="tokens to generate"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user turn"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
+    temp: float = typer.Option(DEFAULTS["temperature"], "--temp", help="temperature; 0 is greedy"),
+    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k"),
+    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
+    min_p: float = typer.Option(DEFAULTS["min_p"], "--min-p"),
+    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    backend: str = BackendOpt,
+    ctx: Optional[int] = CtxOpt,
+):
+    """Generate text from a prompt, streamed to stdout; speed goes to stderr."""
+    from .generate import GenerationStats
+    from .sampling import make_sampler
+
+    sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    m = _load(model, backend, ctx)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = m.encode_chat(messages)
+    else:
+        ids = m.tokenizer.encode(prompt)
+    stats = GenerationStats()
+    steps = m.stream(ids, n, sampler, stop=stop, stats=stats)
+    try:
+        for piece in steps:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        steps.close()
+        stats.finish_reason = "interrupted"
+    sys.stdout.write("\n")
+    _err(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_s:.1f} tokens/s | "
+         f"generation: {stats.generated_tokens} tokens, {stats.generate_tokens_per_s:.1f} tokens/s | "
+         f"finish: {stats.finish_reason}")
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option("Write a Python function that reverses a string.", "-p", "--prompt"),
+    n: int = typer.Option(48, "-n", "--max-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    backend: str = BackendOpt,
+):
+    """Run a small random-weight qwen3next model with the real Qwen tokenizer (written on first use, no
+    download). It exercises the whole runtime; its words are noise because its weights are random."""
+    from rich.console import Console
+
+    from .generate import GenerationStats
+    from .model import load
+    from .sampling import make_sampler
+    from .synthetic import demo_model_path, ensure_demo_model
+
+    console = Console(stderr=True)
+    if not demo_model_path().exists():
+        console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
+    m = load(ensure_demo_model(), backend=backend)
+    c = m.config
+    console.print(f"[bold]localcoder demo[/bold]: qwen3next, {c.n_layer} layers "
+                  f"({sum(c.recurrent_layers)} Gated DeltaNet + {c.n_attention_layers} attention), hidden {c.n_embd}, "
+                  f"{c.n_expert} experts top-{c.n_expert_used}, vocab {c.n_vocab}, backend {m.backend.name}")
+    console.print("[yellow]random weights: the reply below is noise; it shows tokenizer, chat template, "
+                  "forward pass and sampling working end to end.[/yellow]")
+    ids = m.encode_chat([{"role": "user", "content": prompt}])
+    console.print(f"user> {prompt}   ({len(ids)} prompt tokens with the chat template)")
+    stats = GenerationStats()
+    for piece in m.stream(ids, n, make_sampler(seed=seed), stats=stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    console.print(f"prompt {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s, "
+                  f"generated {stats.generated_tokens} at {stats.generate_tokens_per_s:.1f} tokens/s")
+    console.print("For the real model: download Qwen3-Coder-Next-Q4_K_M.gguf (48.5 GB) from Hugging Face, put it in "
+                  "~/.localcoder/models/, then run `localcoder chat` (or `localcoder run -m FILE -p TEXT`).")
+
+
+def main() -> None:
+    try:
+        app()
+    except LocalcoderError as e:
+        _err(f"error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Where models, history and caches live, and how a model is found when no -m is given."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import LocalcoderError
+
+HOME = Path(os.environ.get("LOCALCODER_HOME", Path.home() / ".localcoder"))
+
+# The published GGUFs of Qwen3-Coder-Next (Hugging Face, e.g. unsloth/Qwen3-Coder-Next-GGUF or
+# Qwen/Qwen3-Coder-Next-GGUF); sizes are those of the released files.
+KNOWN_FILES = (
+    ("Qwen3-Coder-Next-Q4_K_M.gguf", "48.5 GB", "recommended: fits a 64 GB Mac, streams experts on less"),
+    ("Qwen3-Coder-Next-Q8_0.gguf", "84.8 GB", "near-lossless, needs a 96-128 GB machine"),
+)
+
+
+def model_dirs() -> list[Path]:
+    return [Path.cwd() / "models", HOME / "models"]
+
+
+def find_models() -> list[Path]:
+    found = []
+    for d in model_dirs():
+        if d.is_dir():
+            found += sorted(p for p in d.glob("*.gguf") if "-vocab" not in p.name)
+    return found
+
+
+def missing_model_message() -> str:
+    files = "; ".join(f"{name} ({size}, {why})" for name, size, why in KNOWN_FILES)
+    dirs = " or ".join(str(d) for d in model_dirs())
+    return (f"no model given and none found in {dirs}. Download a Qwen3-Coder-Next GGUF from Hugging Face "
+            f"(search 'Qwen3-Coder-Next GGUF'): {files}; put it in {HOME / 'models'} or pass -m FILE. "
+            "To try localcoder without a download, run `localcoder demo`.")
+
+
+def resolve_model(model) -> Path:
+    if model is not None:
+        return Path(model)
+    found = find_models()
+    if not found:
+        raise LocalcoderError(missing_model_message())
+    return found[0]

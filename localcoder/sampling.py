@@ -1,0 +1,86 @@
+"""Token samplers. make_sampler() returns a callable (logits (V,), history ids) -> next token id.
+
+The chain follows llama.cpp's order: repetition penalty, top-k, top-p, min-p, temperature, then a draw from
+the seeded generator. Temperature 0 is greedy (argmax after the penalty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .errors import LocalcoderError
+
+# Qwen3-Coder-Next model card: temperature 1.0, top_p 0.95, top_k 40
+DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0)
+
+
+@dataclass
+class Sampler:
+    temperature: float = DEFAULTS["temperature"]
+    top_k: int = DEFAULTS["top_k"]
+    top_p: float = DEFAULTS["top_p"]
+    min_p: float = DEFAULTS["min_p"]
+    repeat_penalty: float = DEFAULTS["repeat_penalty"]
+    repeat_last_n: int = 64
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature {self.temperature} < 0")
+        if self.top_k < 0:
+            problems.append(f"top_k {self.top_k} < 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p} not in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            problems.append(f"min_p {self.min_p} not in [0, 1)")
+        if self.repeat_penalty <= 0:
+            problems.append(f"repeat_penalty {self.repeat_penalty} <= 0 (1 disables it)")
+        if problems:
+            raise LocalcoderError("bad sampling options: " + "; ".join(problems))
+        self.rng = np.random.default_rng(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        logits = np.asarray(logits, dtype=np.float64).copy()
+        if self.repeat_penalty != 1.0 and len(history):
+            recent = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / self.repeat_penalty, vals * self.repeat_penalty)
+        if self.greedy:
+            return int(np.argmax(logits))
+        order = np.argsort(-logits, kind="stable")
+        if self.top_k > 0:
+            order = order[: self.top_k]
+        top = logits[order]
+        probs = np.exp(top - top[0])
+        probs /= probs.sum()
+        if self.top_p < 1.0:
+            # keep the smallest prefix whose mass reaches top_p
+            keep = int(np.searchsorted(np.cumsum(probs), self.top_p) + 1)
+            order, top, probs = order[:keep], top[:keep], probs[:keep]
+        if self.min_p > 0:
+            keep = probs >= self.min_p * probs[0]
+            order, top = order[keep], top[keep]
+        scaled = (top - top[0]) / self.temperature
+        probs = np.exp(scaled)
+        probs /= probs.sum()
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+
+def make_sampler(temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
+                 top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
+                 repeat_penalty: float = DEFAULTS["repeat_penalty"], repeat_last_n: int = 64,
+                 seed: int | None = None) -> Sampler:
+    return Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+
+
+def greedy() -> Sampler:
+    return Sampler(temperature=0.0)

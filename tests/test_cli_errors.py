@@ -1,0 +1,127 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, no traceback, no partial output."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import gguf
+import numpy as np
+import pytest
+
+from localcoder.synthetic import PRESETS, write_synthetic
+
+TINY = PRESETS["demo"]
+
+
+def run_cli(*args, env=None, cwd=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "localcoder", *args], capture_output=True, text=True,
+                          timeout=120, env=e, cwd=cwd)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """A valid random-weight qwen3next file: the demo dimensions with the real tokenizer."""
+    return write_synthetic(tmp_path_factory.mktemp("m") / "small.gguf", TINY, "q8_0")
+
+
+def test_missing_file(tmp_path):
+    p = run_cli("run", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
+    assert_one_line_error(p, "model file not found", "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_text("this is not a model")
+    assert_one_line_error(run_cli("info", str(f)), "not a GGUF file")
+
+
+def test_directory_instead_of_file(tmp_path):
+    assert_one_line_error(run_cli("info", str(tmp_path)), "is a directory")
+
+
+def test_truncated(small_gguf, tmp_path):
+    data = small_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    assert_one_line_error(run_cli("info", str(cut)), "truncated", "re-download")
+    head = tmp_path / "head.gguf"
+    head.write_bytes(data[:5000])  # cut inside the metadata
+    assert_one_line_error(run_cli("info", str(head)), "re-download")
+
+
+def _write(path, arch, tensors, kv=()):
+    w = gguf.GGUFWriter(path, arch)
+    for k, v in kv:
+        w.add_uint32(k, v)
+    for name, arr, raw in tensors:
+        w.add_tensor(name, arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_wrong_architecture(tmp_path):
+    f = _write(tmp_path / "llama.gguf", "llama", [("token_embd.weight", np.zeros((4, 8), np.float32), None)])
+    assert_one_line_error(run_cli("info", str(f)), "expected arch qwen3next", "llama")
+
+
+def test_unknown_quant_type(tmp_path):
+    raw = np.zeros((2, 66), np.uint8)  # 2 rows of one IQ2_XXS block (256 weights, 66 bytes)
+    f = _write(tmp_path / "iq2.gguf", "qwen3next", [("token_embd.weight", raw, gguf.GGMLQuantizationType.IQ2_XXS)])
+    assert_one_line_error(run_cli("info", str(f)), "IQ2_XXS")
+
+
+def test_inconsistent_metadata(tmp_path):
+    bad = replace(TINY, n_head=3)  # 3 query heads cannot share 2 kv heads
+    f = write_synthetic(tmp_path / "bad.gguf", bad, "q8_0")
+    assert_one_line_error(run_cli("info", str(f)), "inconsistent metadata", "head_count")
+
+
+def test_prompt_longer_than_context(small_gguf):
+    p = run_cli("run", "-m", str(small_gguf), "-p", "word " * 300, "--ctx", "64", "-n", "4", "--backend", "numpy")
+    assert_one_line_error(p, "context", "--ctx")
+
+
+def test_bad_sampling_option(small_gguf):
+    p = run_cli("run", "-m", str(small_gguf), "-p", "hi", "--top-p", "1.5", "--backend", "numpy")
+    assert_one_line_error(p, "top_p")
+
+
+def test_no_model_found_says_how_to_get_one(tmp_path):
+    p = run_cli("run", "-p", "hi", env={"LOCALCODER_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    assert_one_line_error(p, "Qwen3-Coder-Next-Q4_K_M.gguf", "localcoder demo")
+
+
+def test_no_partial_output_when_synthetic_write_fails(tmp_path):
+    out = tmp_path / "x.gguf"
+    with pytest.raises(Exception):
+        write_synthetic(out, TINY, "no-such-mix")
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_run_streams_text_and_reports_speed(small_gguf):
+    p = run_cli("run", "-m", str(small_gguf), "-p", "def reverse(s):", "-n", "8", "--temp", "0", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    assert "tokens/s" in p.stderr and p.stdout.strip()
+
+
+def test_info(small_gguf):
+    p = run_cli("info", str(small_gguf))
+    assert p.returncode == 0, p.stderr
+    for needle in ("qwen3next", "Q8_0", "F32", "151936", "Gated DeltaNet", "chat template"):
+        assert needle in p.stdout

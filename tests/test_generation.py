@@ -1,0 +1,107 @@
+"""Sampling, stop handling and text streaming."""
+
+import numpy as np
+import pytest
+
+import localcoder
+from localcoder.errors import LocalcoderError
+from localcoder.generate import GenerationStats, TextStream
+from localcoder.sampling import greedy, make_sampler
+
+
+def test_greedy_is_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    assert greedy()(logits) == 1
+
+
+def test_same_seed_same_tokens():
+    logits = np.random.default_rng(0).normal(size=1000)
+    s1, s2 = make_sampler(seed=7), make_sampler(seed=7)
+    assert [s1(logits) for _ in range(50)] == [s2(logits) for _ in range(50)]
+
+
+def test_top_k_top_p_min_p_restrict_support():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = lambda s: {s(logits) for _ in range(300)}  # noqa: E731
+    assert draws(make_sampler(top_k=1, seed=0)) == {0}
+    assert draws(make_sampler(top_k=0, top_p=0.75, seed=0)) == {0, 1}
+    assert draws(make_sampler(top_k=0, top_p=1.0, min_p=0.4, seed=0)) == {0, 1}
+    assert draws(make_sampler(top_k=0, top_p=1.0, seed=0)) == {0, 1, 2, 3}
+
+
+def test_repeat_penalty_discourages_history():
+    logits = np.array([2.0, 1.9, 0.0])
+    s = make_sampler(temperature=0, repeat_penalty=1.5)
+    assert s(logits, history=[0]) == 1
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.0), dict(top_k=-2)])
+def test_bad_options_are_one_line_errors(kw):
+    with pytest.raises(LocalcoderError):
+        make_sampler(**kw)
+
+
+class FakeTok:
+    """Pieces by id, to test the text layer alone."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def stream_decoder(self):
+        tok = self
+
+        class D:
+            def add(self, i):
+                return tok.pieces[i]
+
+            def flush(self):
+                return ""
+
+        return D()
+
+
+def test_text_stream_holds_back_possible_stop_prefix():
+    tok = FakeTok(["Hello", " wor", "ld", "<|", "END", "|> tail"])
+    ts = TextStream(tok, stop=["<|END|>"])
+    out = [ts.add(i) for i in range(6)]
+    assert "".join(out) == "Hello world" and ts.stopped
+    assert out[3] == ""  # "<|" was held back
+
+
+def test_text_stream_releases_when_not_a_stop():
+    tok = FakeTok(["a<", "b"])
+    ts = TextStream(tok, stop=["<|x"])
+    assert ts.add(0) == "a" and ts.add(1) == "<b"
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    return localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numpy")
+
+
+def test_generation_stops_on_stop_string_and_max_tokens(tiny):
+    ids = [750, 282, 579, 263, 580, 66, 72]
+    stats = GenerationStats()
+    full = "".join(tiny.stream(ids, 24, greedy(), stats=stats))
+    assert stats.finish_reason in ("length", "stop") and stats.generated_tokens <= 24
+    if len(full) > 6:
+        stop = full[3:6]
+        stats2 = GenerationStats()
+        cut = "".join(tiny.stream(ids, 24, greedy(), stop=[stop], stats=stats2))
+        assert cut == full[: full.find(stop)] and stats2.finish_reason == "stop"
+
+
+def test_seeded_generation_reproducible(tiny):
+    ids = [750, 282, 579, 263]
+    a = list(tiny.generate(ids, 16, make_sampler(seed=3)))
+    b = list(tiny.generate(ids, 16, make_sampler(seed=3)))
+    assert a == b
+
+
+def test_python_api(tiny):
+    assert tiny.config.n_layer == 4
+    ids = tiny.tokenizer.encode("def f(x): return x")
+    assert tiny.tokenizer.decode(ids) == "def f(x): return x"
+    text = tiny.render_chat([{"role": "user", "content": "hi"}])
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tiny.logits(ids).shape == (len(ids), tiny.config.n_vocab)
