@@ -161,6 +161,121 @@ def demo(
                   "~/.localcoder/models/, then run `localcoder chat` (or `localcoder run -m FILE -p TEXT`).")
 
 
+def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int]):
+    """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .gguf_file import GGUFFile
+    from .model import Model
+    from .paths import resolve_model
+
+    path = resolve_model(model)
+    t0 = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=True, console=_stderr_console()) as progress:
+        task = progress.add_task(f"opening {path.name}", total=2)
+        file = GGUFFile(path)
+        progress.update(task, advance=1, description="tokenizer, template, weights (memory-mapped)")
+        m = Model(file, backend=backend, n_ctx=ctx)
+        progress.update(task, advance=1)
+    _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
+                            f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
+                            style="dim", highlight=False)
+    return m
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed):
+    from .chat import ChatSession
+    from .sampling import make_sampler
+
+    sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    m = _load_with_progress(model, backend, ctx)
+    return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler)
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = ModelOpt,
+    file: List[str] = typer.Option([], "-f", "--file", help="file, directory or glob to put in the conversation "
+                                   "(repeatable; honours .gitignore, skips binary files)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message"),
+    max_tokens: int = typer.Option(2048, "-n", "--max-tokens", help="tokens per reply at most"),
+    temp: float = typer.Option(DEFAULTS["temperature"], "--temp", help="temperature; 0 is greedy"),
+    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k"),
+    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
+    min_p: float = typer.Option(DEFAULTS["min_p"], "--min-p"),
+    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    backend: str = BackendOpt,
+    ctx: int = typer.Option(32768, "--ctx", help="context size in tokens (up to the model's 262144)"),
+    history_dir: Optional[Path] = typer.Option(None, "--history-dir", help="where transcripts are saved on exit "
+                                               "(default ~/.localcoder/history)"),
+    no_history: bool = typer.Option(False, "--no-history", help="do not save the transcript on exit"),
+):
+    """Interactive, offline code Q&A in the terminal."""
+    from .paths import HOME
+    from .repl import Repl, history_file
+
+    session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
+    console = _stderr_console()
+    if file:
+        for f in session.add_files(file):
+            console.print(f"added {f.path} ({f.tokens:,} tokens)", highlight=False)
+    hist = None if no_history else history_file(history_dir or HOME / "history")
+    from rich.console import Console
+
+    Repl(session, Console(), hist).run()
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="the question; text piped on stdin is attached to it"),
+    model: Optional[Path] = ModelOpt,
+    file: List[str] = typer.Option([], "-f", "--file", help="file, directory or glob to attach (repeatable)"),
+    system: Optional[str] = typer.Option(None, "--system"),
+    max_tokens: int = typer.Option(2048, "-n", "--max-tokens"),
+    temp: float = typer.Option(DEFAULTS["temperature"], "--temp"),
+    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k"),
+    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
+    min_p: float = typer.Option(DEFAULTS["min_p"], "--min-p"),
+    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    backend: str = BackendOpt,
+    ctx: int = typer.Option(32768, "--ctx"),
+    as_json: bool = typer.Option(False, "--json", help="print the answer with token counts and timings as JSON"),
+):
+    """One question, one answer, for scripts: `git diff | localcoder ask "review this"`."""
+    from .repl import answer_json
+
+    session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
+    if file:
+        session.add_files(file)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            question = f"{question}\n\n```\n{piped.rstrip()}\n```"
+    text = ""
+    pieces = session.send(question)
+    try:
+        for piece in pieces:
+            text += piece
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pieces.close()
+    if as_json:
+        print(answer_json(session, text))
+    else:
+        sys.stdout.write("\n")
+
+
 def main() -> None:
     try:
         app()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -80,10 +80,11 @@ def prefill(model, ids: Sequence[int], cache, chunk: int = PREFILL_CHUNK) -> np.
 
 
 def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, sampler: Sampler | None = None,
-                   stop: Sequence[str] = (), cache=None, stats: GenerationStats | None = None
-                   ) -> Iterator[tuple[int, str]]:
+                   stop: Sequence[str] = (), cache=None, stats: GenerationStats | None = None,
+                   on_prefill: Callable[[], None] | None = None) -> Iterator[tuple[int, str]]:
     """Yields (token id, text piece) per generated token. `cache` may already hold a prefix of the
-    conversation; `prompt_ids` are the tokens that follow it."""
+    conversation; `prompt_ids` are the tokens that follow it. `on_prefill` runs once the prompt is in the
+    cache (a chat checkpoints there)."""
     sampler = sampler or greedy()
     stats = stats if stats is not None else GenerationStats()
     cache = cache if cache is not None else model.new_cache()
@@ -98,6 +99,8 @@ def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, samp
     logits = prefill(model, list(prompt_ids), cache)
     stats.prompt_tokens += len(prompt_ids)
     stats.prompt_seconds += time.perf_counter() - t0
+    if on_prefill is not None:
+        on_prefill()
     text = TextStream(model.tokenizer, stop)
     history = list(cache.tokens)
     stop_ids = model.tokenizer.stop_token_ids

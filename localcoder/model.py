@@ -52,7 +52,11 @@ class Model:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.n_vocab):
             raise LocalcoderError(f"token id out of range 0..{self.config.n_vocab - 1}")
         self.forward_tokens += len(ids)
-        out = qwen3next.forward(self.backend, self.config, self.weights, ids, cache, all_logits)
+        try:
+            out = qwen3next.forward(self.backend, self.config, self.weights, ids, cache, all_logits)
+        except BaseException:
+            cache.broken = True  # some layers advanced, others not (Ctrl-C mid-step)
+            raise
         return np.asarray(out, dtype=np.float32)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:

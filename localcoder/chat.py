@@ -1,0 +1,286 @@
+"""A chat session: history, context files, and prompt reuse across turns.
+
+Each turn renders the whole conversation with the chat template, then processes only the tokens the cache
+does not already hold: the live cache is reused when it is a prefix of the new prompt, otherwise the
+longest checkpoint that is (taken at the end of each prompt and each reply), so /undo, /retry and editing
+the last message roll back without reprocessing the history.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .cache import PrefixCache
+from .errors import ContextOverflow, LocalcoderError
+from .generate import GenerationStats, generate_steps
+from .sampling import Sampler, make_sampler
+
+LANGS = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "tsx", ".jsx": "jsx", ".rs": "rust",
+         ".go": "go", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".java": "java",
+         ".rb": "ruby", ".sh": "bash", ".md": "markdown", ".json": "json", ".yaml": "yaml", ".yml": "yaml",
+         ".toml": "toml", ".sql": "sql", ".html": "html", ".css": "css", ".kt": "kotlin", ".swift": "swift"}
+MAX_FILE_BYTES = 2_000_000
+
+
+@dataclass
+class ContextFile:
+    path: str
+    text: str
+    tokens: int
+
+    def block(self) -> str:
+        lang = LANGS.get(Path(self.path).suffix.lower(), "")
+        return f"File: {self.path}\n```{lang}\n{self.text}\n```"
+
+
+@dataclass
+class Turn:
+    """A user turn: the question and the files attached to it (rendered as fenced blocks before it)."""
+
+    text: str
+    files: list[ContextFile] = field(default_factory=list)
+
+    def content(self) -> str:
+        blocks = [f.block() for f in self.files]
+        return "\n\n".join(blocks + [self.text]) if self.text else "\n\n".join(blocks)
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def _gitignored(paths: list[Path], root: Path) -> set[Path]:
+    """The paths git would ignore (when root is in a git work tree; else those matching ./.gitignore)."""
+    try:
+        proc = subprocess.run(["git", "check-ignore", "--stdin", "-z"], cwd=root, capture_output=True,
+                              input="\0".join(str(p) for p in paths).encode() + b"\0", timeout=30)
+        if proc.returncode in (0, 1):
+            return {(root / p).resolve() for p in proc.stdout.decode().split("\0") if p}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    patterns = []
+    gi = root / ".gitignore"
+    if gi.is_file():
+        patterns = [ln.strip().rstrip("/") for ln in gi.read_text(errors="replace").splitlines()
+                    if ln.strip() and not ln.startswith("#")]
+    return {p for p in paths if any(fnmatch.fnmatch(part, pat) for pat in patterns
+                                    for part in p.relative_to(root).parts)}
+
+
+def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
+    """Files named by paths, globs and directories; honours .gitignore, skips .git and binary files."""
+    root = (root or Path.cwd()).resolve()
+    found: list[Path] = []
+    for spec in specs:
+        p = Path(os.path.expanduser(spec))
+        p = p if p.is_absolute() else root / p
+        if p.is_dir():
+            cands = [q for q in sorted(p.rglob("*")) if q.is_file() and ".git" not in q.relative_to(p).parts]
+        elif p.is_file():
+            cands = [p]
+        else:
+            cands = sorted(q for q in Path(p.anchor).glob(str(p.relative_to(p.anchor))) if q.is_file())
+            if not cands:
+                raise LocalcoderError(f"no file matches {spec}; check the path or glob")
+        found += [q.resolve() for q in cands]
+    ignored = _gitignored(found, root) if found else set()
+    out, seen = [], set()
+    for q in found:
+        if q in seen or q in ignored or q.stat().st_size > MAX_FILE_BYTES or _is_binary(q):
+            continue
+        seen.add(q)
+        out.append(q)
+    return out
+
+
+class ChatSession:
+    def __init__(self, model, system: str | None = None, max_tokens: int = 2048, sampler: Sampler | None = None,
+                 max_checkpoints: int = 8):
+        self.model = model
+        self.system = system
+        self.max_tokens = max_tokens
+        self.sampler = sampler or make_sampler()
+        self.history: list[dict] = []  # OpenAI-format messages (user turns keep their Turn under "turn")
+        self.pending: list[ContextFile] = []  # files added since the last user turn
+        self.prefix = PrefixCache(model.new_cache(), max_checkpoints)
+        self.last = GenerationStats()
+        self.total = GenerationStats()
+
+    # -- the conversation as the model sees it -------------------------------------------------------
+    def messages(self, extra_user: Turn | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for m in self.history:
+            msgs.append({"role": m["role"], "content": m["turn"].content() if "turn" in m else m["content"]})
+        if extra_user is not None:
+            msgs.append({"role": "user", "content": extra_user.content()})
+        return msgs
+
+    def prompt_ids(self, extra_user: Turn | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """The rendered conversation as token ids, with each reply spliced in as the ids it was generated as.
+
+        Re-encoding a reply's text does not always give back the sampled ids (BPE has several spellings of
+        one string, e.g. runs of newlines), and any difference would defeat prompt reuse from that point."""
+        tok = self.model.tokenizer
+        text = self.model.render_chat(self.messages(extra_user), add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        at = 0
+        for m in self.history:
+            if m["role"] != "assistant" or not m.get("ids") or not m["content"]:
+                continue
+            head = "<|im_start|>assistant\n" + m["content"]
+            start = text.find(head, at)
+            if start < 0:
+                continue
+            body = start + len(head) - len(m["content"])
+            ids += tok.encode(text[at:body], parse_special=True) + list(m["ids"])
+            at = body + len(m["content"])
+        return ids + tok.encode(text[at:], parse_special=True)
+
+    def context_used(self) -> int:
+        turn = Turn("", list(self.pending)) if self.pending else None
+        return len(self.prompt_ids(turn, add_generation_prompt=False)) if (self.history or turn or self.system) else 0
+
+    # -- files ----------------------------------------------------------------------------------------
+    def files(self) -> list[ContextFile]:
+        attached = [f for m in self.history if "turn" in m for f in m["turn"].files]
+        return attached + self.pending
+
+    def add_files(self, specs: list[str], root: Path | None = None) -> list[ContextFile]:
+        paths = expand_paths(specs, root)
+        known = {f.path for f in self.files()}
+        root = (root or Path.cwd()).resolve()
+        new = []
+        for p in paths:
+            shown = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+            if shown in known:
+                continue
+            text = p.read_text(encoding="utf-8", errors="replace")
+            cf = ContextFile(shown, text, 0)
+            cf.tokens = len(self.model.tokenizer.encode(cf.block())) + 2
+            new.append(cf)
+        used, need = self.context_used(), sum(f.tokens for f in new)
+        budget = self.model.n_ctx - self.max_tokens
+        if used + need > budget:
+            raise ContextOverflow(f"adding {len(new)} file(s) needs {need:,} tokens but only {max(budget - used, 0):,} "
+                                  f"of {self.model.n_ctx:,} are free ({used:,} used, {self.max_tokens:,} kept for the "
+                                  "reply); drop files, lower -n, or raise --ctx")
+        self.pending += new
+        return new
+
+    def drop_file(self, path: str) -> bool:
+        before = len(self.files())
+        self.pending = [f for f in self.pending if f.path != path]
+        for m in self.history:
+            if "turn" in m:
+                m["turn"].files = [f for f in m["turn"].files if f.path != path]
+        return len(self.files()) < before
+
+    # -- turns ----------------------------------------------------------------------------------------
+    def _reply(self, ids: list[int]) -> Iterator[str]:
+        reused = self.prefix.resume(ids, self.model.new_cache)
+        self.last = GenerationStats(cached_tokens=reused)
+        reply: list[str] = []
+        tokens: list[int] = []
+        msg = {"role": "assistant", "content": ""}
+        try:
+            for token, piece in generate_steps(self.model, ids[reused:], self.max_tokens, self.sampler,
+                                               cache=self.prefix.cache, stats=self.last, on_prefill=self.prefix.save):
+                if token >= 0:
+                    tokens.append(token)
+                reply.append(piece)
+                yield piece
+        finally:
+            msg["content"] = "".join(reply)
+            if self.model.tokenizer.decode(tokens) == msg["content"]:
+                msg["ids"] = tokens
+            if self.last.finish_reason in (None, "interrupted"):
+                self.last.finish_reason = "interrupted"
+                msg["interrupted"] = True
+            self.history.append(msg)
+            self.prefix.save()
+            for k in ("prompt_tokens", "cached_tokens", "generated_tokens", "prompt_seconds", "generate_seconds"):
+                setattr(self.total, k, getattr(self.total, k) + getattr(self.last, k))
+
+    def send(self, text: str) -> Iterator[str]:
+        turn = Turn(text, self.pending)
+        ids = self.prompt_ids(turn)
+        if len(ids) >= self.model.n_ctx:
+            raise ContextOverflow(f"the conversation needs {len(ids):,} tokens but the context holds "
+                                  f"{self.model.n_ctx:,}; /clear, /drop files, or raise --ctx")
+        self.pending = []
+        self.history.append({"role": "user", "turn": turn})
+        return self._reply(ids)
+
+    def retry(self) -> Iterator[str]:
+        """Drop the last reply and generate it again."""
+        if not self.history or self.history[-1]["role"] != "assistant":
+            raise LocalcoderError("nothing to retry: there is no reply yet")
+        self.history.pop()
+        return self._reply(self.prompt_ids())
+
+    def undo(self) -> bool:
+        """Remove the last user turn and its reply."""
+        while self.history:
+            if self.history.pop()["role"] == "user":
+                return True
+        return False
+
+    def edit_last(self, text: str) -> Iterator[str]:
+        """Replace the last user message and answer it again."""
+        if not self.undo():
+            raise LocalcoderError("nothing to edit: there is no message yet")
+        return self.send(text)
+
+    def clear(self) -> None:
+        self.history, self.pending = [], []
+
+    # -- transcripts ----------------------------------------------------------------------------------
+    def to_json(self) -> list[dict]:
+        out = self.messages()
+        for m, h in zip(out[1 if self.system else 0:], self.history):
+            if h.get("interrupted"):
+                m["interrupted"] = True
+            if h.get("ids"):
+                m["token_ids"] = list(h["ids"])  # how the reply was generated: /load restores exact prompt reuse
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | os.PathLike) -> int:
+        path = Path(path).expanduser()
+        try:
+            msgs = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LocalcoderError(f"no transcript at {path}; check the path") from None
+        except (OSError, ValueError) as e:
+            raise LocalcoderError(f"{path} is not a JSON transcript ({e}); /save writes one") from None
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            raise LocalcoderError(f"{path}: expected a JSON list of {{role, content}} messages (OpenAI format)")
+        self.system = next((m["content"] for m in msgs if m["role"] == "system"), None)
+        self.history = []
+        for m in msgs:
+            if m["role"] == "user":
+                self.history.append({"role": "user", "turn": Turn(m["content"])})
+            elif m["role"] == "assistant":
+                msg = {k: v for k, v in m.items() if k in ("role", "content", "interrupted")}
+                ids = m.get("token_ids")
+                if isinstance(ids, list) and all(isinstance(i, int) for i in ids) \
+                        and self.model.tokenizer.decode(ids) == m["content"]:
+                    msg["ids"] = ids
+                self.history.append(msg)
+        self.pending = []
+        return len(self.history)

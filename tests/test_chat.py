@@ -1,0 +1,116 @@
+"""Chat sessions: prompt reuse across turns, rollback, files, transcripts."""
+
+import json
+
+import numpy as np
+import pytest
+
+import localcoder
+from localcoder.chat import ChatSession, expand_paths
+from localcoder.errors import ContextOverflow, LocalcoderError
+from localcoder.sampling import greedy
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir):
+    return localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numpy",
+                           n_ctx=4096)
+
+
+def test_ten_turns_process_only_new_tokens(model):
+    s = ChatSession(model, max_tokens=6, sampler=greedy())
+    for turn in range(10):
+        before_tokens, before_pos = model.forward_tokens, s.prefix.cache.pos
+        ids = s.prompt_ids(__import__("localcoder.chat", fromlist=["Turn"]).Turn(f"question {turn}: what is {turn}+1?"))
+        "".join(s.send(f"question {turn}: what is {turn}+1?"))
+        processed = model.forward_tokens - before_tokens
+        new_prompt = len(ids) - before_pos
+        assert s.last.cached_tokens == before_pos
+        assert s.last.prompt_tokens == new_prompt  # only the tokens after the cached history
+        assert processed == new_prompt + max(s.last.generated_tokens - 1, 0)
+        if turn:
+            assert s.last.cached_tokens > 0
+    # the cached state equals a from-scratch prefill of the whole history
+    ids = s.prompt_ids()
+    reused = s.prefix.resume(ids, model.new_cache)
+    assert reused > 0.8 * len(ids)
+    incremental = model.forward(ids[reused:], s.prefix.cache)[-1]
+    scratch = model.logits(ids)[-1]
+    assert np.abs(incremental - scratch).max() <= 1e-5 * max(1.0, np.abs(scratch).max())
+
+
+def test_undo_and_retry_roll_back_without_reprocessing(model):
+    s = ChatSession(model, max_tokens=5, sampler=greedy())
+    "".join(s.send("first question"))
+    first = s.history[-1]["content"]
+    "".join(s.send("second question"))
+    assert s.undo() and len(s.history) == 2
+    before = model.forward_tokens
+    again = "".join(s.send("second question"))
+    assert s.last.cached_tokens > 0 and model.forward_tokens - before < len(s.prompt_ids())
+    retried = "".join(s.retry())
+    assert retried == again and s.history[1]["content"] == first  # greedy: same reply
+
+
+def test_interrupted_reply_is_kept_and_marked(model):
+    s = ChatSession(model, max_tokens=50, sampler=greedy())
+    pieces = s.send("tell me something long")
+    next(pieces)
+    pieces.close()
+    assert s.history[-1]["role"] == "assistant" and s.history[-1].get("interrupted")
+    assert s.last.finish_reason == "interrupted"
+    "".join(s.send("go on"))  # the session continues
+    assert s.history[-1]["role"] == "assistant"
+
+
+def test_save_load_same_conversation_same_logits(model, tmp_path):
+    s = ChatSession(model, system="be brief", max_tokens=6, sampler=greedy())
+    "".join(s.send("hello there"))
+    "".join(s.send("and again"))
+    path = s.save(tmp_path / "t.json")
+    saved = json.loads(path.read_text())
+    assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
+    t = ChatSession(model, max_tokens=6, sampler=greedy())
+    assert t.load(path) == 4 and t.messages() == s.messages()
+    assert t.prompt_ids() == s.prompt_ids()
+    a = model.logits(s.prompt_ids())[-1]
+    b = model.logits(t.prompt_ids())[-1]
+    assert np.array_equal(a, b)
+    assert "".join(s.send("third")) == "".join(t.send("third"))
+
+
+def test_bad_transcript(model, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    with pytest.raises(LocalcoderError, match="OpenAI format"):
+        ChatSession(model).load(bad)
+    with pytest.raises(LocalcoderError, match="no transcript"):
+        ChatSession(model).load(tmp_path / "missing.json")
+
+
+def test_files_honour_gitignore_and_skip_binary(tmp_path):
+    (tmp_path / ".gitignore").write_text("build\n*.log\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("print('a')\n")
+    (tmp_path / "src" / "b.log").write_text("noise\n")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "c.py").write_text("x = 1\n")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    names = sorted(p.name for p in expand_paths(["."], tmp_path))
+    assert names == [".gitignore", "a.py"]
+    assert [p.name for p in expand_paths(["src/*.py"], tmp_path)] == ["a.py"]
+    with pytest.raises(LocalcoderError, match="no file matches"):
+        expand_paths(["nothing*.rs"], tmp_path)
+
+
+def test_files_enter_the_conversation_with_counts_and_budget(model, tmp_path):
+    (tmp_path / "util.py").write_text("def add(a, b):\n    return a + b\n")
+    s = ChatSession(model, max_tokens=8, sampler=greedy())
+    [f] = s.add_files(["util.py"], root=tmp_path)
+    assert f.path == "util.py" and f.tokens > 5
+    assert "File: util.py\n```python\ndef add" in s.messages(__import__("localcoder.chat", fromlist=["Turn"]).Turn("q", s.pending))[-1]["content"]
+    assert s.drop_file("util.py") and not s.files()
+    (tmp_path / "big.py").write_text("x = 1\n" * 3000)
+    with pytest.raises(ContextOverflow, match="tokens but only"):
+        s.add_files(["big.py"], root=tmp_path)
+    assert not s.files()  # refused, nothing added
