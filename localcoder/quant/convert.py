@@ -1,0 +1,667 @@
+"""safetensors (Hugging Face Qwen3-Next checkpoint) -> qwen3next GGUF, streamed.
+
+Reproduces llama.cpp's `convert_hf_to_gguf.py` for `Qwen3NextForCausalLM` (tensor names, numeric folds,
+tensor order, per-tensor types, metadata keys and values): converting the tiny fixture gives byte-identical
+tensors and metadata to llama.cpp's own BF16 and Q8_0 files.
+
+    plan    config.json -> metadata; safetensors headers -> one `Planned` GGUF tensor per output, via TABLE
+    write   GGUF header + tensor infos, then each tensor chunk by chunk: read rows (memmap) -> float32 ->
+            transform -> quantize -> append.  Peak memory is a few chunks, whatever the model size.
+
+Every HF -> GGUF renaming and numeric fold is in TABLE below; nothing else renames or changes values.
+`choose_type` picks each tensor's GGML type and `QUANTIZERS` turns float32 rows into that type's bytes:
+both are the plug-in points for more output types (K-quants).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType as FT
+
+from ..config import ARCH, ModelConfig
+from ..errors import LocalcoderError
+from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
+
+HF_ARCHITECTURES = ("Qwen3NextForCausalLM",)
+CHUNK_BYTES = 64 << 20  # float32 bytes read per chunk (one expert of an *_exps tensor is always one chunk)
+
+# ---------------------------------------------------------------------------------------------------------
+# Output types: file type -> default tensor type, and float32 rows -> bytes of each tensor type
+# ---------------------------------------------------------------------------------------------------------
+
+OUT_TYPES: dict[str, FT] = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0}
+FTYPE_TENSOR_TYPE: dict[FT, QT] = {FT.ALL_F32: QT.F32, FT.MOSTLY_F16: QT.F16, FT.MOSTLY_BF16: QT.BF16,
+                                   FT.MOSTLY_Q8_0: QT.Q8_0}
+
+# float32 (rows, K) -> that type's bytes (rows, K / block * type_size). BF16 rounds to nearest even and
+# Q8_0 is bit-exact with ggml's quantize_row_q8_0_ref (gguf-py's reference implementations).
+QUANTIZERS: dict[QT, Callable[[np.ndarray], np.ndarray]] = {
+    QT.F32: lambda x: x.astype(np.float32, copy=False),
+    QT.F16: lambda x: x.astype(np.float16),
+    QT.BF16: lambda x: gguf.quants.quantize(x, QT.BF16),
+    QT.Q8_0: lambda x: gguf.quants.quantize(x, QT.Q8_0),
+}
+
+# 2-D tensors that llama.cpp keeps in F32 whatever the file type: the MoE routers (tiny, and routing is
+# sensitive to them) and the DeltaNet causal-conv kernel (ggml's ssm_conv wants F32).
+F32_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")
+
+
+def choose_type(gguf_name: str, shape: Sequence[int], ftype: FT) -> QT:
+    """The GGML type of one tensor in a file of type `ftype` (llama.cpp's convert rules).
+
+    1-D tensors, norms, non-`.weight` tensors (ssm_a, ssm_dt.bias) and F32_TENSORS stay F32; everything
+    else gets the file type's tensor type, or F16 where a row is not a whole number of its blocks.
+    """
+    base = gguf_name.split(".", 2)[2] if gguf_name.startswith("blk.") else gguf_name
+    if (len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight")
+            or base in F32_TENSORS):
+        return QT.F32
+    qtype = FTYPE_TENSOR_TYPE[ftype]
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return QT.F16
+    return qtype
+
+
+def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 (..., K) -> uint8 (rows, row_bytes) in `qtype`."""
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    return np.ascontiguousarray(QUANTIZERS[qtype](rows)).view(np.uint8).reshape(rows.shape[0], -1)
+
+
+def tensor_nbytes(shape: Sequence[int], qtype: QT) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape[:-1]) * (shape[-1] // block) * type_size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading safetensors: headers parsed and checked here, data read as float32 slices along the first axis
+# ---------------------------------------------------------------------------------------------------------
+
+ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor of a safetensors file."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 copy of [start:stop] along the first axis."""
+        stop = self.rows if stop is None else stop
+        inner = self.shape[1:]
+        dt = ST_DTYPES[self.dtype]
+        row_bytes = math.prod(inner) * dt.itemsize
+        n = (stop - start) * row_bytes
+        if n == 0:
+            return np.zeros((stop - start, *inner), np.float32)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset + start * row_bytes, shape=(n,))
+        if self.dtype == "BF16":  # bf16 is the top half of a float32
+            out = (raw.view(dt).astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = raw.view(dt).astype(np.float32)
+        del raw
+        return out.reshape(stop - start, *inner)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The whole tensor as float32 pieces along the first axis, about CHUNK_BYTES each."""
+        row_bytes = 4 * math.prod(self.shape[1:])
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        for start in range(0, self.rows, step):
+            yield self.read(start, min(start + step, self.rows))
+
+
+def read_safetensors_header(path: Path) -> dict[str, Source]:
+    """Tensor name -> Source, with every offset checked against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} does not fit the file's {size:,} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        base = 8 + n
+        sources = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            if dtype not in ST_DTYPES:
+                raise LocalcoderError(f"{path.name}: tensor {name} is {dtype}; localcoder converts F32/F16/BF16 "
+                                      "checkpoints only (use the bf16 release of the model, not an FP8/quantized one)")
+            if not 0 <= begin <= end or end - begin != math.prod(shape) * ST_DTYPES[dtype].itemsize:
+                raise ValueError(f"tensor {name} has data_offsets {[begin, end]} for shape {list(shape)} {dtype}")
+            if end > size - base:
+                raise LocalcoderError(f"{path} is truncated: tensor {name} ends at byte {base + end:,} but the file "
+                                      f"has {size:,} bytes; the download is incomplete, re-download it")
+            sources[name] = Source(name, path, dtype, shape, base + begin)
+        return sources
+    except OSError as e:
+        raise LocalcoderError(f"cannot read {path}: {e.strerror}; check the path and permissions") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise LocalcoderError(f"{path} has a corrupt safetensors header ({e}); re-download the file") from None
+
+
+def checkpoint_sources(hf_dir: Path) -> dict[str, Source]:
+    """Every tensor of the checkpoint: model.safetensors, or the shards listed in model.safetensors.index.json."""
+    index_path = hf_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise LocalcoderError(f"{index_path} is not a valid safetensors index ({e}); re-download it") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (hf_dir / f).is_file()]
+        if missing:
+            raise LocalcoderError(f"{hf_dir} is missing {len(missing)} of {len(files)} shards listed in "
+                                  f"{index_path.name} ({', '.join(missing[:3])}); download every shard")
+    else:
+        files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+        if not files:
+            raise LocalcoderError(f"{hf_dir} has no .safetensors files; pass the folder of a Hugging Face "
+                                  "checkpoint (config.json, model*.safetensors, tokenizer.json)")
+        weight_map = None
+    sources: dict[str, Source] = {}
+    for f in files:
+        for name, src in read_safetensors_header(hf_dir / f).items():
+            if name in sources:
+                raise LocalcoderError(f"tensor {name} appears in both {sources[name].path.name} and {f}; "
+                                      "the checkpoint is inconsistent")
+            sources[name] = src
+    if weight_map is not None:
+        absent = [n for n, f in weight_map.items() if n not in sources or sources[n].path.name != f]
+        if absent:
+            raise LocalcoderError(f"{index_path.name} lists {len(absent)} tensors its shards lack "
+                                  f"({', '.join(absent[:3])}); re-download the checkpoint")
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transforms: the numeric folds, as float32 chunk streams along the first axis
+# ---------------------------------------------------------------------------------------------------------
+
+Chunks = Callable[[], Iterator[np.ndarray]]
+
+
+def elementwise(fn: Callable[[np.ndarray], np.ndarray]):
+    def transform(srcs: list[Source], cfg: ModelConfig) -> tuple[tuple[int, ...], Chunks]:
+        (src,) = srcs
+        return src.shape, lambda: (fn(x) for x in src.chunks())
+    return transform
+
+
+copy = elementwise(lambda x: x)
+# HF RMSNorms are zero-centred, x * (1 + w); GGUF stores 1 + w (added in float32, as llama.cpp does).
+plus_one = elementwise(lambda x: x + np.float32(1))
+# ssm_a = -exp(A_log). exp in float64 then rounded: the correctly rounded float32, which equals torch's
+# float32 exp (what llama.cpp's converter uses) on every value in the fixtures.
+neg_exp = elementwise(lambda x: (-np.exp(x.astype(np.float64))).astype(np.float32))
+
+
+def squeeze(srcs: list[Source], cfg: ModelConfig):
+    """conv1d (C, 1, K) -> (C, K)."""
+    (src,) = srcs
+    shape = tuple(d for d in src.shape if d != 1)
+    return shape, lambda: (x.reshape(x.shape[0], *shape[1:]) for x in src.chunks())
+
+
+def _qkvz_groups(src: Source, cfg: ModelConfig) -> np.ndarray:
+    """in_proj_qkvz (Hk * (2Dk + 2rDv), D): rows grouped per key head as [q_g | k_g | v_g | z_g]."""
+    Hk, Dk, Dv, r = cfg.ssm_n_k_heads, cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
+    expected = (Hk * (2 * Dk + 2 * r * Dv), cfg.n_embd)
+    if src.shape != expected:
+        raise LocalcoderError(f"{src.name} has shape {list(src.shape)}, config.json implies {list(expected)}; "
+                              "the checkpoint does not match its config")
+    return src.read().reshape(Hk, 2 * Dk + 2 * r * Dv, cfg.n_embd)
+
+
+def qkv_rows(srcs: list[Source], cfg: ModelConfig):
+    """attn_qkv = [q of all key heads | k of all key heads | v of all value heads] (conv channel order)."""
+    (src,) = srcs
+    Dk, Dv, r = cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
+
+    def chunks():
+        g = _qkvz_groups(src, cfg)  # (Hk, 2Dk + 2rDv, D)
+        q, k, v = g[:, :Dk], g[:, Dk:2 * Dk], g[:, 2 * Dk:2 * Dk + r * Dv]
+        yield np.concatenate([x.reshape(-1, cfg.n_embd) for x in (q, k, v)], axis=0)
+
+    return (cfg.ssm_conv_channels, cfg.n_embd), chunks
+
+
+def z_rows(srcs: list[Source], cfg: ModelConfig):
+    """attn_gate = z of all value heads, value heads grouped by key head (consecutive)."""
+    (src,) = srcs
+    Dk, Dv, r = cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
+    return (cfg.ssm_n_v_heads * Dv, cfg.n_embd), \
+        lambda: iter([_qkvz_groups(src, cfg)[:, 2 * Dk + r * Dv:].reshape(-1, cfg.n_embd)])
+
+
+def stack(srcs: list[Source], cfg: ModelConfig):
+    """Per-expert (out, in) matrices -> (E, out, in), one expert per chunk."""
+    shapes = {s.shape for s in srcs}
+    if len(shapes) != 1:
+        raise LocalcoderError(f"experts {srcs[0].name} .. {srcs[-1].name} have different shapes {sorted(shapes)}")
+    return (len(srcs), *srcs[0].shape), lambda: (s.read()[None] for s in srcs)
+
+
+def _half(which: int):
+    def transform(srcs: list[Source], cfg: ModelConfig):
+        """Fused experts gate_up_proj (E, 2F, D): gate = rows [0, F), up = rows [F, 2F) of each expert."""
+        (src,) = srcs
+        if len(src.shape) != 3 or src.shape[1] % 2:
+            raise LocalcoderError(f"{src.name} has shape {list(src.shape)}; expected (experts, 2 * ffn, hidden)")
+        F = src.shape[1] // 2
+        return (src.shape[0], F, src.shape[2]), \
+            lambda: (src.read(e, e + 1)[:, which * F:(which + 1) * F] for e in range(src.shape[0]))
+    return transform
+
+
+first_half, second_half = _half(0), _half(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# THE table: HF name -> GGUF name, transform. {bid} = layer, {xid} = expert (a {xid} rule stacks experts),
+# {w} = an optional ".weight" (fused expert parameters have none in transformers 5's state dict).
+# MTP tensors are renamed into the layer namespace first (see _mtp_name), as llama.cpp does.
+# ---------------------------------------------------------------------------------------------------------
+
+L = "model.layers.{bid}."
+B = "blk.{bid}."
+TABLE: tuple[tuple[str, str, Callable], ...] = (
+    ("lm_head.weight",                          "output.weight",                     copy),
+    ("model.embed_tokens.weight",               "token_embd.weight",                 copy),
+    ("model.norm.weight",                       "output_norm.weight",                plus_one),
+    (L + "input_layernorm.weight",              B + "attn_norm.weight",              plus_one),
+    (L + "post_attention_layernorm.weight",     B + "post_attention_norm.weight",    plus_one),
+    # gated DeltaNet
+    (L + "linear_attn.A_log",                   B + "ssm_a",                         neg_exp),
+    (L + "linear_attn.dt_bias",                 B + "ssm_dt.bias",                   copy),
+    (L + "linear_attn.conv1d.weight",           B + "ssm_conv1d.weight",             squeeze),
+    (L + "linear_attn.in_proj_ba.weight",       B + "ssm_ba.weight",                 copy),  # per key head [b | a]
+    (L + "linear_attn.in_proj_qkvz.weight",     B + "attn_qkv.weight",               qkv_rows),
+    (L + "linear_attn.in_proj_qkvz.weight",     B + "attn_gate.weight",              z_rows),
+    (L + "linear_attn.norm.weight",             B + "ssm_norm.weight",               copy),  # plain gated norm
+    (L + "linear_attn.out_proj.weight",         B + "ssm_out.weight",                copy),
+    # gated attention (q_proj rows are per head [q_h | gate_h], kept as is)
+    (L + "self_attn.q_proj.weight",             B + "attn_q.weight",                 copy),
+    (L + "self_attn.k_proj.weight",             B + "attn_k.weight",                 copy),
+    (L + "self_attn.v_proj.weight",             B + "attn_v.weight",                 copy),
+    (L + "self_attn.o_proj.weight",             B + "attn_output.weight",            copy),
+    (L + "self_attn.q_norm.weight",             B + "attn_q_norm.weight",            plus_one),
+    (L + "self_attn.k_norm.weight",             B + "attn_k_norm.weight",            plus_one),
+    # mixture of experts: per-expert matrices (published layout) or fused (transformers 5 in memory)
+    (L + "mlp.gate.weight",                     B + "ffn_gate_inp.weight",           copy),
+    (L + "mlp.experts.{xid}.down_proj.weight",  B + "ffn_down_exps.weight",          stack),
+    (L + "mlp.experts.{xid}.gate_proj.weight",  B + "ffn_gate_exps.weight",          stack),
+    (L + "mlp.experts.{xid}.up_proj.weight",    B + "ffn_up_exps.weight",            stack),
+    (L + "mlp.experts.down_proj{w}",            B + "ffn_down_exps.weight",          copy),
+    (L + "mlp.experts.gate_up_proj{w}",         B + "ffn_gate_exps.weight",          first_half),
+    (L + "mlp.experts.gate_up_proj{w}",         B + "ffn_up_exps.weight",            second_half),
+    (L + "mlp.shared_expert.down_proj.weight",  B + "ffn_down_shexp.weight",         copy),
+    (L + "mlp.shared_expert.gate_proj.weight",  B + "ffn_gate_shexp.weight",         copy),
+    (L + "mlp.shared_expert.up_proj.weight",    B + "ffn_up_shexp.weight",           copy),
+    (L + "mlp.shared_expert_gate.weight",       B + "ffn_gate_inp_shexp.weight",     copy),  # (1, D)
+    # multi-token prediction head (keep_mtp=True), after _mtp_name; its norms are zero-centred too
+    (L + "eh_proj.weight",                      B + "nextn.eh_proj.weight",          copy),
+    (L + "enorm.weight",                        B + "nextn.enorm.weight",            plus_one),
+    (L + "hnorm.weight",                        B + "nextn.hnorm.weight",            plus_one),
+    (L + "shared_head.norm.weight",             B + "nextn.shared_head_norm.weight", plus_one),
+)
+_FIELDS = {r"\{bid\}": r"(?P<bid>\d+)", r"\{xid\}": r"(?P<xid>\d+)", r"\{w\}": r"(?:\.weight)?"}
+_RULES = [(re.compile(re.sub("|".join(map(re.escape, _FIELDS)), lambda m: _FIELDS[m.group(0)], re.escape(hf)) + "$"),
+           out, fn) for hf, out, fn in TABLE]
+
+_MTP_HEAD = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
+             "norm": "shared_head.norm"}
+
+
+def _mtp_name(name: str, n_layer: int) -> str:
+    """mtp.layers.j.X -> model.layers.{n_layer + j}.X; mtp.fc/norms -> model.layers.{n_layer}.<nextn name>."""
+    parts = name.removeprefix("model.").split(".", 3)
+    if len(parts) == 4 and parts[1] == "layers" and parts[2].isdecimal():
+        return f"model.layers.{n_layer + int(parts[2])}.{parts[3]}"
+    if len(parts) == 3 and parts[1] in _MTP_HEAD:
+        return f"model.layers.{n_layer}.{_MTP_HEAD[parts[1]]}.{parts[2]}"
+    raise LocalcoderError(f"unexpected MTP tensor {name}; convert with keep_mtp=False to drop the MTP head")
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class Planned:
+    """One GGUF tensor: its name, numpy-order shape, type, and its float32 data as a chunk stream."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: Chunks
+    qtype: QT = QT.F32
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.qtype)
+
+
+def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_mtp: bool) -> list[Planned]:
+    """Map every checkpoint tensor through TABLE, in llama.cpp's order (HF names sorted, experts stacked
+    when a layer's last expert arrives)."""
+    n_body = cfg.n_layer - (_count_mtp(sources) if keep_mtp else 0)  # MTP layers follow the body's layers
+    renamed = {}
+    for name, src in sources.items():
+        if name.startswith(("mtp.", "model.mtp.")):
+            if not keep_mtp:
+                continue
+            name = _mtp_name(name, n_body)
+        renamed[name] = src
+    planned: list[Planned] = []
+    experts: dict[str, dict[int, Source]] = {}
+    for name in sorted(renamed, key=_natural_key):
+        matched = False
+        for pattern, out, fn in _RULES:
+            m = pattern.match(name)
+            if not m:
+                continue
+            matched = True
+            gguf_name = out.format(bid=m.group("bid")) if "bid" in pattern.groupindex else out
+            if "xid" in pattern.groupindex:
+                group = experts.setdefault(gguf_name, {})
+                group[int(m.group("xid"))] = renamed[name]
+                if len(group) < cfg.n_expert:
+                    continue
+                if sorted(group) != list(range(cfg.n_expert)):
+                    raise LocalcoderError(f"{gguf_name}: expert ids {sorted(group)[:4]}... do not match "
+                                          f"num_experts {cfg.n_expert} in config.json")
+                srcs = [group[e] for e in range(cfg.n_expert)]
+                del experts[gguf_name]
+            else:
+                srcs = [renamed[name]]
+            shape, chunks = fn(srcs, cfg)
+            planned.append(Planned(gguf_name, tuple(shape), chunks, choose_type(gguf_name, shape, ftype)))
+        if not matched:
+            raise LocalcoderError(f"unexpected tensor {name} in {renamed[name].path.name}: not part of a "
+                                  "Qwen3-Next checkpoint (dense MLP layers, biases and quantized weights are "
+                                  "not supported)")
+    if experts:
+        name, group = next(iter(experts.items()))
+        raise LocalcoderError(f"{name}: the checkpoint has {len(group)} of {cfg.n_expert} experts; "
+                              "a shard is incomplete, re-download it")
+    _check_complete(planned, cfg)
+    return planned
+
+
+def _count_mtp(sources: dict[str, Source]) -> int:
+    layers = {int(m.group(1)) for n in sources if (m := re.match(r"(?:model\.)?mtp\.layers\.(\d+)\.", n))}
+    return len(layers)
+
+
+def _check_complete(planned: list[Planned], cfg: ModelConfig) -> None:
+    have = {p.name for p in planned}
+    need = ["token_embd.weight", "output_norm.weight"]
+    for i in range(cfg.n_layer):
+        names = ["attn_norm", "post_attention_norm", "ffn_gate_inp", "ffn_down_exps", "ffn_gate_exps", "ffn_up_exps"]
+        names += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp"] if cfg.n_ff_shexp else []
+        if cfg.is_recurrent(i):
+            names += ["attn_qkv", "attn_gate", "ssm_ba", "ssm_conv1d", "ssm_norm", "ssm_out"]
+            need += [f"blk.{i}.ssm_a", f"blk.{i}.ssm_dt.bias"]
+        else:
+            names += ["attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output"]
+        need += [f"blk.{i}.{n}.weight" for n in names]
+    missing = [n for n in need if n not in have]
+    if missing:
+        raise LocalcoderError(f"the checkpoint lacks {len(missing)} tensors a qwen3next GGUF needs "
+                              f"(GGUF names {', '.join(missing[:3])}); it is incomplete or not Qwen3-Next")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metadata: config.json + tokenizer files -> GGUF key/values, in llama.cpp's order
+# ---------------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LocalcoderError(f"{path.parent} has no {path.name}; pass the folder of a Hugging Face checkpoint "
+                              f"({what})") from None
+    except (OSError, ValueError) as e:
+        raise LocalcoderError(f"cannot parse {path}: {e}; re-download it") from None
+    if not isinstance(value, dict):
+        raise LocalcoderError(f"{path} is not a JSON object; re-download it")
+    return value
+
+
+def hf_metadata(config: dict[str, Any], n_mtp: int, path: str = "config.json") -> dict[str, Any]:
+    """The `qwen3next.*` keys (llama.cpp's order) from a Qwen3-Next config.json; n_mtp MTP layers appended."""
+    arch = (config.get("architectures") or [config.get("model_type")])[0]
+    if arch not in HF_ARCHITECTURES:
+        raise LocalcoderError(f"{path}: architecture {arch} is not supported; localcoder converts "
+                              f"{', '.join(HF_ARCHITECTURES)} (Qwen3-Next / Qwen3-Coder-Next) checkpoints only")
+    rope = config.get("rope_parameters") or {}
+
+    def get(key: str, default: Any = None):
+        value = config.get(key, rope.get(key, default))
+        if value is None:
+            raise LocalcoderError(f"{path} lacks {key}; the config is incomplete, re-download it")
+        return value
+
+    scaling = config.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
+    if rope_type != "default":
+        raise LocalcoderError(f"{path}: rope scaling {rope_type!r} is not supported; remove rope_scaling "
+                              "from config.json (the runtime uses plain RoPE)")
+    dense = config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
+    if dense or not config.get("norm_topk_prob", True):
+        raise LocalcoderError(f"{path}: norm_topk_prob=false or dense MLP layers are not supported by qwen3next")
+    n_layer = int(get("num_hidden_layers"))
+    layer_types = config.get("layer_types")
+    interval = config.get("full_attention_interval")
+    if layer_types is None:
+        interval = int(interval or 4)
+        recurrent = [(i + 1) % interval != 0 for i in range(n_layer)]
+    else:
+        recurrent = [t == "linear_attention" for t in layer_types]
+        interval = int(interval or (recurrent.index(False) + 1 if False in recurrent else 4))
+    head_dim = int(config.get("head_dim") or get("hidden_size") // get("num_attention_heads"))
+    p = ARCH + "."
+    return {
+        p + "block_count": n_layer + n_mtp,
+        p + "context_length": int(get("max_position_embeddings")),
+        p + "embedding_length": int(get("hidden_size")),
+        p + "feed_forward_length": int(get("intermediate_size")),
+        p + "attention.head_count": int(get("num_attention_heads")),
+        p + "attention.head_count_kv": int(get("num_key_value_heads")),
+        p + "rope.freq_base": float(get("rope_theta")),
+        p + "attention.layer_norm_rms_epsilon": float(get("rms_norm_eps")),
+        p + "expert_count": int(get("num_experts")),
+        p + "expert_used_count": int(get("num_experts_per_tok")),
+        p + "attention.key_length": head_dim,
+        p + "attention.value_length": head_dim,
+        "general.file_type": None,  # set by convert()
+        p + "expert_feed_forward_length": int(get("moe_intermediate_size")),
+        p + "expert_shared_feed_forward_length": int(get("shared_expert_intermediate_size")),
+        p + "ssm.conv_kernel": int(get("linear_conv_kernel_dim")),
+        p + "ssm.state_size": int(get("linear_key_head_dim")),
+        p + "ssm.group_count": int(get("linear_num_key_heads")),
+        p + "ssm.time_step_rank": int(get("linear_num_value_heads")),
+        p + "ssm.inner_size": int(get("linear_value_head_dim")) * int(get("linear_num_value_heads")),
+        p + "attention.recurrent_layers": recurrent + [False] * n_mtp,  # an MTP layer is a full-attention layer
+        p + "full_attention_interval": interval,
+        p + "rope.dimension_count": int(head_dim * float(get("partial_rotary_factor", 0.25))),
+        **({p + "nextn_predict_layers": n_mtp} if n_mtp else {}),
+    }
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's does_token_look_special, for added tokens not flagged special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def vocab_metadata(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """(tokens, token types, pre-tokenizer name) as llama.cpp's get_vocab_base writes them.
+
+    Ids missing from the tokenizer up to vocab_size become `[PAD<id>]` (UNUSED); added tokens are CONTROL
+    when flagged special or `<|...|>`-looking, else USER_DEFINED; the rest are NORMAL.
+    """
+    tok = _read_json(hf_dir / "tokenizer.json", "tokenizer.json is needed for the vocabulary")
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise LocalcoderError(f"{hf_dir}/tokenizer.json is not a byte-level BPE tokenizer; Qwen3-Next uses one")
+    pre = _pre_tokenizer(tok.get("pre_tokenizer"))
+    if pre is None:
+        raise LocalcoderError(f"{hf_dir}/tokenizer.json has an unknown pre-tokenizer; localcoder supports the "
+                              "qwen2 byte-level BPE of Qwen3-Next")
+    reverse = {int(i): t for t, i in model["vocab"].items()}
+    added = {int(a["id"]): a for a in tok.get("added_tokens", [])}
+    reverse.update({i: a["content"] for i, a in added.items()})
+    if reverse and max(reverse) >= vocab_size:
+        raise LocalcoderError(f"tokenizer id {max(reverse)} is outside vocab_size {vocab_size} of config.json")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(TT_UNUSED)
+        elif i in added:
+            token = reverse[i]
+            if added[i].get("special") or _looks_special(token):
+                types.append(TT_CONTROL)
+            else:
+                token = token.replace("\u2581", " ")  # llama.cpp pre-normalises user-defined spaces
+                types.append(TT_USER_DEFINED)
+            tokens.append(token)
+        else:
+            tokens.append(reverse[i])
+            types.append(TT_NORMAL)
+    return tokens, types, pre
+
+
+def _pre_tokenizer(pre: Any) -> str | None:
+    """llama.cpp identifies the pre-tokenizer by hashing its output; we compare the Split regex instead."""
+    if not isinstance(pre, dict):
+        return None
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds != ["Split", "ByteLevel"] or steps[1].get("use_regex", True):
+        return None
+    return "qwen2" if (steps[0].get("pattern") or {}).get("Regex") == QWEN2_PRE_REGEX else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# convert()
+# ---------------------------------------------------------------------------------------------------------
+
+def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: str = "bf16", keep_mtp: bool = False,
+            progress: Callable[[int, int, str], None] | None = None, name: str | None = None) -> Path:
+    """Convert a Hugging Face Qwen3-Next checkpoint folder to a qwen3next GGUF at out_path.
+
+    out_type: f32, f16, bf16 or q8_0. keep_mtp: also write the multi-token-prediction head (as llama.cpp's
+    blk.<n_layer>.nextn.* tensors; block_count grows by its layer count). progress(done_bytes, total_bytes,
+    tensor_name) is called as tensor data is written. The file is written to OUT.tmp and renamed at the end;
+    on any error the temporary file is removed.
+    """
+    hf_dir, out_path = Path(hf_dir).expanduser(), Path(out_path).expanduser()
+    if not hf_dir.is_dir():
+        raise LocalcoderError(f"{hf_dir} is not a folder; pass the folder of a Hugging Face checkpoint")
+    ftype = OUT_TYPES.get(out_type.lower())
+    if ftype is None:
+        raise LocalcoderError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
+    if not out_path.parent.is_dir():
+        raise LocalcoderError(f"cannot write {out_path}: folder {out_path.parent} does not exist; create it first")
+    config = _read_json(hf_dir / "config.json", "config.json, model*.safetensors, tokenizer.json")
+    vocab_size = int(config.get("vocab_size") or 0)
+    if vocab_size <= 0:
+        raise LocalcoderError(f"{hf_dir / 'config.json'} lacks vocab_size; the config is incomplete, re-download it")
+    sources = checkpoint_sources(hf_dir)
+    n_mtp = _count_mtp(sources) if keep_mtp else 0
+    meta = hf_metadata(config, n_mtp, str(hf_dir / "config.json"))
+    cfg = ModelConfig.from_gguf({"general.architecture": ARCH, **meta}, vocab_size, str(hf_dir / "config.json"))
+    planned = plan_tensors(sources, cfg, ftype, keep_mtp)
+    tokens, types, pre = vocab_metadata(hf_dir, vocab_size)
+    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise LocalcoderError(f"{hf_dir}/tokenizer.json has no BPE merges; re-download the tokenizer files")
+
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        for p in planned:
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or hf_dir.resolve().name)
+        writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
+        for key, value in meta.items():
+            if key == "general.file_type":
+                writer.add_file_type(ftype)
+            elif isinstance(value, list):
+                writer.add_array(key, value)
+            elif isinstance(value, float):
+                writer.add_float32(key, value)
+            else:
+                writer.add_uint32(key, value)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        # llama.cpp writes both flags, False where tokenizer_config.json does not set them
+        special.add_special_token = {"bos": special.add_special_token.get("bos", False),
+                                     "eos": special.add_special_token.get("eos", False)}
+        special.add_to_gguf(writer, quiet=True)
+        _write(writer, planned, progress)
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException as e:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise LocalcoderError(f"cannot write {out_path}: {e.strerror or e}; check free disk space and "
+                                  "permissions") from None
+        raise
+    return out_path
+
+
+def _write(writer: gguf.GGUFWriter, planned: list[Planned], progress) -> None:
+    """Header, key/values and tensor infos, then each tensor's data chunk by chunk, aligned as GGUF wants."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    (fout,) = writer.fout
+    writer.write_padding(fout, fout.tell())
+    total, done = sum(p.nbytes for p in planned), 0
+    for p in planned:
+        written = 0
+        for chunk in p.chunks():
+            data = quantize(chunk, p.qtype)
+            fout.write(data.tobytes())
+            written += data.nbytes
+            done += data.nbytes
+            if progress is not None:
+                progress(done, total, p.name)
+        if written != p.nbytes:
+            raise LocalcoderError(f"internal error: {p.name} produced {written} bytes, expected {p.nbytes}")
+        writer.write_padding(fout, written)
+    fout.flush()

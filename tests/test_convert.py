@@ -1,0 +1,264 @@
+"""safetensors -> GGUF conversion against llama.cpp's own GGUFs of the tiny fixture (../shared/fixtures).
+
+llama.cpp converted `qwen3next-tiny/hf` to BF16 and Q8_0 (see its README); our converter must give the same
+tensors (names, types, shapes, bytes, order) and the same metadata, general.name aside. Variants of the
+checkpoint (sharded, fused experts, an MTP head) are written here from the fixture's raw bf16 bytes.
+"""
+
+import json
+import math
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+from localcoder.errors import LocalcoderError
+from localcoder.quant.convert import choose_type, convert, read_safetensors_header
+
+IGNORED_KEYS = {"general.name"}  # provenance: the name is the user's choice
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    return fixtures_dir / "qwen3next-tiny"
+
+
+def _fields(path):
+    r = gguf.GGUFReader(path)
+    fields = {}
+    for key, f in r.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            fields[key] = (tuple(f.types), [f.contents(i) for i in range(len(f.data))])
+        else:
+            fields[key] = (tuple(f.types), f.contents())
+    return r, fields
+
+
+def _assert_same_gguf(ours, theirs):
+    r1, f1 = _fields(ours)
+    r2, f2 = _fields(theirs)
+    assert list(f1) == list(f2), "metadata keys differ (or their order)"
+    for key in f2:
+        if key not in IGNORED_KEYS:
+            assert f1[key] == f2[key], f"metadata {key} differs"
+    assert [t.name for t in r1.tensors] == [t.name for t in r2.tensors]
+    for a, b in zip(r1.tensors, r2.tensors):
+        assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape)), a.name
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
+
+
+@pytest.mark.parametrize("out_type, fixture", [("bf16", "BF16"), ("q8_0", "Q8_0")])
+def test_matches_llamacpp(tiny, tmp_path, out_type, fixture):
+    out = convert(tiny / "hf", tmp_path / "out.gguf", out_type)
+    assert out == tmp_path / "out.gguf" and not (tmp_path / "out.gguf.tmp").exists()
+    _assert_same_gguf(out, tiny / "gguf" / f"qwen3next-tiny-{fixture}.gguf")
+
+
+def test_byte_identical_with_same_name(tiny, tmp_path):
+    out = convert(tiny / "hf", tmp_path / "out.gguf", "q8_0", name="qwen3next-tiny")
+    assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf").read_bytes()
+
+
+def test_small_chunks_give_the_same_file(tiny, tmp_path, monkeypatch):
+    """Big tensors are streamed in row chunks; force many chunks per tensor here."""
+    import localcoder.quant.convert as conv
+
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 3000)
+    out = convert(tiny / "hf", tmp_path / "out.gguf", "q8_0", name="qwen3next-tiny")
+    assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("out_type, fixture", [("f32", "F32"), ("f16", "F16")])
+def test_f32_f16_values(tiny, tmp_path, out_type, fixture):
+    """F32/F16 GGUFs are not shipped: types must match llama.cpp's table and values the BF16 file's."""
+    types = json.loads((tiny / "ref" / "gguf_tensor_types.json").read_text())[fixture]
+    ours = gguf.GGUFReader(convert(tiny / "hf", tmp_path / "out.gguf", out_type))
+    ref = {t.name: t for t in gguf.GGUFReader(tiny / "gguf" / "qwen3next-tiny-BF16.gguf").tensors}
+    assert {t.name: t.tensor_type.name for t in ours.tensors} == types
+    assert ours.fields["general.file_type"].contents() == {"f32": 0, "f16": 1}[out_type]
+    for t in ours.tensors:
+        want = gguf.quants.dequantize(np.asarray(ref[t.name].data), ref[t.name].tensor_type)
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        if t.tensor_type == gguf.GGMLQuantizationType.F16:
+            want = want.astype(np.float16).astype(np.float32)
+        assert got.shape == want.shape and np.array_equal(got, want), t.name
+
+
+def test_progress_reports_every_byte(tiny, tmp_path):
+    calls = []
+    convert(tiny / "hf", tmp_path / "out.gguf", "bf16", progress=lambda done, total, name: calls.append((done, total)))
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and done[-1] == calls[-1][1] > 18_000_000
+
+
+def test_choose_type_rules():
+    Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    assert choose_type("blk.0.ffn_up_exps.weight", (8, 256, 256), F.MOSTLY_Q8_0) == Q.Q8_0
+    assert choose_type("blk.0.ffn_gate_inp.weight", (8, 256), F.MOSTLY_Q8_0) == Q.F32
+    assert choose_type("blk.0.ffn_gate_inp_shexp.weight", (1, 256), F.MOSTLY_BF16) == Q.F32
+    assert choose_type("blk.0.ssm_conv1d.weight", (512, 4), F.MOSTLY_Q8_0) == Q.F32
+    assert choose_type("blk.0.ssm_a", (4,), F.MOSTLY_Q8_0) == Q.F32
+    assert choose_type("blk.0.ssm_dt.bias", (4,), F.MOSTLY_BF16) == Q.F32
+    assert choose_type("blk.3.attn_q_norm.weight", (64,), F.MOSTLY_BF16) == Q.F32
+    assert choose_type("blk.0.ssm_out.weight", (256, 48), F.MOSTLY_Q8_0) == Q.F16  # rows not whole Q8_0 blocks
+
+
+# ---- checkpoint variants, written from the fixture's raw bytes ------------------------------------------
+
+def _raw(tiny):
+    """name -> (dtype, shape, bytes) of the fixture checkpoint."""
+    out = {}
+    for name, src in read_safetensors_header(tiny / "hf" / "model.safetensors").items():
+        with open(src.path, "rb") as f:
+            f.seek(src.offset)
+            out[name] = (src.dtype, list(src.shape), f.read(math.prod(src.shape) * 2))
+    return out
+
+
+def _write_safetensors(path, tensors):
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def _checkpoint(tiny, root, shards, config=None):
+    root.mkdir()
+    for f in TOKENIZER_FILES:
+        shutil.copy(tiny / "hf" / f, root / f)
+    if config is not None:
+        (root / "config.json").write_text(json.dumps(config))
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(root / fname, tensors)
+        weight_map.update({n: fname for n in tensors})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root
+
+
+def _fused(raw, n_layer=4, n_expert=8):
+    """Per-expert matrices -> transformers 5's fused experts.gate_up_proj (E, 2F, D) / experts.down_proj."""
+    out = {n: v for n, v in raw.items() if ".mlp.experts." not in n}
+    for i in range(n_layer):
+        p = f"model.layers.{i}.mlp.experts."
+        part = lambda e, w: raw[f"{p}{e}.{w}.weight"]
+        F, D = part(0, "gate_proj")[1]
+        gate_up = b"".join(part(e, "gate_proj")[2] + part(e, "up_proj")[2] for e in range(n_expert))
+        out[p + "gate_up_proj"] = ("BF16", [n_expert, 2 * F, D], gate_up)
+        out[p + "down_proj"] = ("BF16", [n_expert, D, F], b"".join(part(e, "down_proj")[2] for e in range(n_expert)))
+    return out
+
+
+def _mtp(raw):
+    """An MTP head shaped like Qwen3-Next's: fc (D, 2D), three norms and one full-attention MoE layer."""
+    D = 256
+    rng = np.random.default_rng(0)
+    bf16 = lambda *shape: ("BF16", list(shape), (rng.standard_normal(shape, np.float32).view(np.uint32) >> 16)
+                           .astype(np.uint16).tobytes())
+    out = {"mtp.fc.weight": bf16(D, 2 * D), "mtp.norm.weight": bf16(D),
+           "mtp.pre_fc_norm_embedding.weight": bf16(D), "mtp.pre_fc_norm_hidden.weight": bf16(D)}
+    out.update({n.replace("model.layers.3.", "mtp.layers.0."): v for n, v in raw.items()
+                if n.startswith("model.layers.3.")})
+    return out
+
+
+def test_sharded_fused_experts_and_dropped_mtp(tiny, tmp_path):
+    raw = _raw(tiny)
+    fused = _fused(raw)
+    names = sorted(fused)
+    root = _checkpoint(tiny, tmp_path / "hf", [{n: fused[n] for n in names[:40]}, {n: fused[n] for n in names[40:]},
+                                               _mtp(raw)])
+    out = convert(root, tmp_path / "out.gguf", "bf16", name="qwen3next-tiny")
+    assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-BF16.gguf").read_bytes()
+
+
+def test_keep_mtp(tiny, tmp_path):
+    raw = _raw(tiny)
+    mtp = _mtp(raw)
+    root = _checkpoint(tiny, tmp_path / "hf", [raw, mtp])
+    r, fields = _fields(convert(root, tmp_path / "out.gguf", "bf16", keep_mtp=True))
+    assert fields["qwen3next.block_count"][1] == 5 and fields["qwen3next.nextn_predict_layers"][1] == 1
+    assert fields["qwen3next.attention.recurrent_layers"][1] == [True, True, True, False, False]
+    tensors = {t.name: t for t in r.tensors}
+    for name in ("attn_q.weight", "attn_k_norm.weight", "ffn_up_exps.weight", "ffn_gate_inp_shexp.weight"):
+        assert np.array_equal(np.asarray(tensors["blk.4." + name].data), np.asarray(tensors["blk.3." + name].data))
+    assert tensors["blk.4.nextn.eh_proj.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    norm = tensors["blk.4.nextn.enorm.weight"]
+    assert norm.tensor_type == gguf.GGMLQuantizationType.F32
+    w = (np.frombuffer(mtp["mtp.pre_fc_norm_embedding.weight"][2], np.uint16).astype(np.uint32) << 16).view(np.float32)
+    assert np.array_equal(np.asarray(norm.data), w + 1)
+    assert {"blk.4.nextn.hnorm.weight", "blk.4.nextn.shared_head_norm.weight"} <= set(tensors)
+
+
+# ---- bad input: one-line LocalcoderError, no output, no temp file left ----------------------------------
+
+def _expect_error(hf, tmp_path, match, **kw):
+    out = tmp_path / "out.gguf"
+    with pytest.raises(LocalcoderError, match=match) as e:
+        convert(hf, out, **kw)
+    assert "\n" not in str(e.value)
+    assert not out.exists() and not (tmp_path / "out.gguf.tmp").exists()
+
+
+def _copy_hf(tiny, root):
+    shutil.copytree(tiny / "hf", root)
+    return root
+
+
+def test_missing_config(tiny, tmp_path):
+    root = _copy_hf(tiny, tmp_path / "hf")
+    (root / "config.json").unlink()
+    _expect_error(root, tmp_path, "no config.json")
+
+
+def test_unsupported_architecture(tiny, tmp_path):
+    root = _copy_hf(tiny, tmp_path / "hf")
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    _expect_error(root, tmp_path, "architecture LlamaForCausalLM is not supported")
+
+
+def test_missing_shard(tiny, tmp_path):
+    raw = _raw(tiny)
+    names = sorted(raw)
+    root = _checkpoint(tiny, tmp_path / "hf", [{n: raw[n] for n in names[:10]}, {n: raw[n] for n in names[10:]}])
+    (root / "model-00002-of-00002.safetensors").unlink()
+    _expect_error(root, tmp_path, "missing 1 of 2 shards")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "short"])
+def test_corrupt_safetensors(tiny, tmp_path, damage):
+    root = tmp_path / "hf"
+    root.mkdir()
+    for f in TOKENIZER_FILES:
+        shutil.copy(tiny / "hf" / f, root / f)
+    data = (tiny / "hf" / "model.safetensors").read_bytes()
+    data = {"truncated": data[:len(data) // 2], "garbage": data[:8] + b"{not json" + data[17:],
+            "short": b"\x01\x02"}[damage]
+    (root / "model.safetensors").write_bytes(data)
+    _expect_error(root, tmp_path, "is truncated" if damage == "truncated" else "corrupt safetensors header")
+
+
+def test_unknown_out_type(tiny, tmp_path):
+    _expect_error(tiny / "hf", tmp_path, "unknown output type 'q3_x'", out_type="q3_x")
+
+
+def test_temp_file_removed_on_error_mid_write(tiny, tmp_path):
+    def boom(done, total, name):
+        assert (tmp_path / "out.gguf.tmp").exists()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny / "hf", tmp_path / "out.gguf", "bf16", progress=boom)
+    assert list(tmp_path.iterdir()) == []
