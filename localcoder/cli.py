@@ -276,6 +276,29 @@ def ask(
         sys.stdout.write("\n")
 
 
+@app.command()
+def convert(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, tokenizer, safetensors)"),
+    out: Path = typer.Option(..., "-o", "--out", help="output .gguf file"),
+    out_type: str = typer.Option("bf16", "--type", help="f32, f16, bf16 or q8_0"),
+    keep_mtp: bool = typer.Option(False, "--keep-mtp", help="carry the multi-token-prediction tensors"),
+):
+    """Convert a safetensors checkpoint to a qwen3next GGUF (streaming, bounded memory)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .quant.convert import convert as run_convert
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=_stderr_console()) as progress:
+        task = progress.add_task("converting", total=None)
+
+        def report(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name[:40])
+
+        path = run_convert(hf_dir, out, out_type=out_type, keep_mtp=keep_mtp, progress=report)
+    _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")
+
+
 def main() -> None:
     try:
         app()

@@ -209,6 +209,8 @@ class Repl:
                         self.stream(self.s.send(line))
                 except LocalcoderError as e:
                     c.print(f"[red]error:[/red] {e}", highlight=False)
+                except KeyboardInterrupt:
+                    c.print("[yellow][interrupted][/yellow]")
         finally:
             self.save_history()
 

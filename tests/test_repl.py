@@ -1,0 +1,129 @@
+"""`localcoder chat` and `localcoder ask` as real terminal programs (pexpect), and privacy: no sockets."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pexpect
+import pytest
+
+from localcoder.synthetic import PRESETS, write_synthetic
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("demo") / "demo.gguf", PRESETS["demo"], "q8_0")
+
+
+def spawn_chat(model, tmp_path, *extra):
+    env = dict(os.environ, LOCALCODER_HOME=str(tmp_path / "home"), COLUMNS="120", TERM="dumb")
+    child = pexpect.spawn(sys.executable, ["-m", "localcoder", "chat", "-m", str(model), "--backend", "numpy",
+                                           "--temp", "0", *extra], env=env, cwd=str(tmp_path), encoding="utf-8",
+                          timeout=120, dimensions=(40, 120))
+    child.expect(">>> ")
+    return child
+
+
+def test_repl_multiline_add_undo_save_load_and_exit(demo_model, tmp_path):
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "main.py").write_text("def main():\n    print('hi')\n")
+    (tmp_path / "proj" / "notes.md").write_text("# notes\n")
+    child = spawn_chat(demo_model, tmp_path, "-n", "6")
+    child.sendline("/add proj")
+    child.expect(r"added proj/main.py \((\d+) tokens\)")
+    child.expect("context used")
+    child.expect(">>> ")
+    child.sendline("/files")
+    child.expect("proj/notes.md")
+    child.expect(">>> ")
+    child.sendline('"""')
+    child.expect(r"\.\.\. ")
+    child.sendline("first line")
+    child.expect(r"\.\.\. ")
+    child.sendline('second line"""')
+    child.expect(r"\[\d+ new \+ 0 cached prompt tokens, \d+ generated")
+    child.expect(">>> ")
+    child.sendline("continued \\")
+    child.expect(r"\.\.\. ")
+    child.sendline("question")
+    child.expect(r"\[\d+ new \+ (\d+) cached prompt tokens")
+    assert int(child.match.group(1)) > 0  # the first turn was reused
+    child.expect(">>> ")
+    child.sendline("/undo")
+    child.expect("removed the last exchange")
+    child.expect(">>> ")
+    child.sendline("/save t.json")
+    child.expect("saved")
+    child.expect(">>> ")
+    child.sendline("/load t.json")
+    child.expect("loaded 2 messages")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [m["role"] for m in saved] == ["user", "assistant"]
+    assert "File: proj/main.py" in saved[0]["content"] and "first line\nsecond line" in saved[0]["content"]
+    history = list((tmp_path / "home" / "history").glob("chat-*.json"))
+    assert len(history) == 1 and not list((tmp_path / "home" / "history").glob("*.tmp"))
+
+
+def test_repl_ctrl_c_mid_reply_keeps_partial_then_ctrl_d_exits(demo_model, tmp_path):
+    child = spawn_chat(demo_model, tmp_path, "-n", "100000", "--no-history")
+    child.sendline("write a very long answer")
+    child.expect("write a very long answer")  # the echo
+    time.sleep(3)  # the reply is streaming by now (the demo model makes ~50 tokens/s)
+    child.sendintr()
+    child.expect("interrupted")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect("generation: ")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert not (tmp_path / "home" / "history").exists()
+
+
+def test_repl_ctrl_c_at_empty_prompt_exits(demo_model, tmp_path):
+    child = spawn_chat(demo_model, tmp_path, "--no-history")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+
+
+NO_NET = """
+import socket
+def _blocked(*a, **k):
+    raise RuntimeError("network access attempted")
+socket.socket = _blocked
+socket.create_connection = _blocked
+socket.getaddrinfo = _blocked
+"""
+
+
+def test_no_network_in_ask_run_info(demo_model, tmp_path):
+    """A session with sockets disabled works: no code path of ask, run or info opens a connection."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_NET)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               LOCALCODER_HOME=str(tmp_path / "home"))
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.socket()"], env=env, capture_output=True,
+                           text=True)
+    assert "network access attempted" in probe.stderr  # the block is in force
+    for args in (["ask", "explain", "--json", "-n", "4"], ["run", "-p", "hi", "-n", "4"], ["info", str(demo_model)]):
+        if args[0] != "info":
+            args += ["-m", str(demo_model), "--backend", "numpy", "--temp", "0"]
+        p = subprocess.run([sys.executable, "-m", "localcoder", *args], env=env, capture_output=True, text=True,
+                           input="some piped text", timeout=120)
+        assert p.returncode == 0, (args, p.stderr)
+        assert "network access attempted" not in p.stderr
+
+
+def test_ask_json_with_stdin(demo_model, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "localcoder", "ask", "review this", "--json", "-m", str(demo_model),
+                        "--backend", "numpy", "--temp", "0", "-n", "5"], input="diff --git a/x b/x\n",
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["completion_tokens"] <= 5 and out["prompt_tokens"] > 10 and "answer" in out
