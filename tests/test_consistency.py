@@ -1,6 +1,10 @@
 """Caches are exact: a prompt fed in pieces gives the logits of the prompt fed whole, and one-token decode
 after a prefill gives the logits of a longer prefill (1e-5), across the chunk boundaries (64) of the
-chunked delta rule. Run on the tiny fixture and on a random model of other dimensions."""
+chunked delta rule. Run on the tiny fixture, on the transformers-made alt model (tests/fixtures/alt: 8 layers,
+3 value heads per key head, 16 experts top-4, partial rotary 0.5) and on a random model of other dimensions
+with the real vocabulary."""
+
+import pathlib
 
 from dataclasses import replace
 
@@ -21,10 +25,12 @@ def models(fixtures_dir, tmp_path_factory):
                    ssm_n_v_heads=6, ssm_k_dim=32, ssm_v_dim=48, n_expert=12, n_expert_used=3, n_ff_exp=64,
                    n_ff_shexp=96)
     path = write_synthetic(tmp_path_factory.mktemp("alt") / "alt.gguf", dims, "q4_0", seed=3)
-    return {"tiny": tiny, "alt": localcoder.load(path, backend="numpy")}
+    alt_hf = pathlib.Path(__file__).parent / "fixtures" / "alt" / "qwen3next-alt-F32.gguf"
+    return {"tiny": tiny, "synthetic": localcoder.load(path, backend="numpy"),
+            "alt": localcoder.load(alt_hf, backend="numpy")}
 
 
-@pytest.mark.parametrize("name", ["tiny", "alt"])
+@pytest.mark.parametrize("name", ["tiny", "alt", "synthetic"])
 def test_split_prefill_equals_whole(models, name):
     model = models[name]
     ids = np.random.default_rng(0).integers(0, 2000, 150).tolist()
@@ -38,7 +44,7 @@ def test_split_prefill_equals_whole(models, name):
         assert err <= TOL, f"{name} cuts {cuts}: {err:.3g}"
 
 
-@pytest.mark.parametrize("name", ["tiny", "alt"])
+@pytest.mark.parametrize("name", ["tiny", "alt", "synthetic"])
 def test_decode_equals_longer_prefill(models, name):
     model = models[name]
     ids = np.random.default_rng(1).integers(0, 2000, 75).tolist()
