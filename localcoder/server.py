@@ -1,0 +1,806 @@
+"""OpenAI-compatible HTTP API (`localcoder serve`), for coding agents: Starlette + uvicorn.
+
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` (streamed as server-sent
+events, or whole), ``POST /v1/completions``, ``GET /health``. With an API key every endpoint but ``/health``
+wants ``Authorization: Bearer KEY``.
+
+One model, one generation at a time: requests wait in arrival order (at most ``max_queue`` of them; past that
+the answer is 429 with ``Retry-After``). Model work runs in one worker thread, so the event loop keeps
+answering ``/health``, queueing and disconnects; a client that goes away cancels its generation (checked
+between prompt chunks and between tokens), and its place in the queue.
+
+Prompt reuse: the state of the model after a prompt, and after its reply, is kept in a byte-budgeted LRU
+keyed by the token ids it holds. A request restores a copy of the longest stored prefix of its prompt and runs
+only the rest, so an agent's next turn processes only the new messages; ``cached_tokens`` says how many were
+reused. (The recurrent DeltaNet state cannot be rewound, so only an exact stored prefix can be reused.)
+
+Tool calls: the model's Qwen3-Coder XML calls are parsed by :mod:`localcoder.toolcalls` into ``tool_calls``
+and streamed as ``delta.tool_calls`` (a call's id and name as soon as they are written, its arguments when
+the call is complete). ``tool_choice``: ``none`` renders no tools; ``required`` and a named function prefill
+the reply with ``<tool_call>\\n<function=`` (and the name) so the model has to call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .cache import DeltaNetState, KVCache, ModelCache
+from .errors import LocalcoderError
+from .generate import PREFILL_CHUNK, GenerationStats, generate_steps
+from .sampling import DEFAULTS, Sampler, make_sampler
+from .toolcalls import ToolCallDelta, ToolCallParser, parse_tool_calls
+
+__all__ = ["serve", "create_app", "PromptCache", "model_generate", "GenerateFn"]
+
+log = logging.getLogger("localcoder.server")
+
+MAX_BODY_BYTES = 64 << 20
+POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+# generate_fn(prompt_ids, max_tokens, sampler, stop, cache, stats, cancel) -> (token id, text piece), ...
+# `prompt_ids` are the prompt tokens `cache` does not hold yet (never empty); a piece not from one token
+# (a flushed tail) has id -1; `stats.finish_reason` is "stop" or "length" at the end; `cancel` is a
+# threading.Event the function should check between steps.
+GenerateFn = Callable[..., Iterator[tuple[int, str]]]
+
+
+def model_generate(model) -> GenerateFn:
+    """The real generation: the prompt in chunks (cancellable between them), then generate_steps."""
+
+    def generate(prompt_ids, max_tokens, sampler, stop, cache, stats, cancel):
+        head = list(prompt_ids[:-1])
+        for start in range(0, len(head), PREFILL_CHUNK):
+            if cancel.is_set():
+                return
+            model.forward(head[start:start + PREFILL_CHUNK], cache, all_logits=False)
+        stats.prompt_tokens += len(head)
+        yield from generate_steps(model, prompt_ids[-1:], max_tokens, sampler, stop, cache, stats)
+
+    return generate
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An OpenAI-style error answer: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# -- request fields ----------------------------------------------------------------------------------------
+def _field(body: dict, key: str, kinds: tuple, what: str, default=None):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise _bad(f"'{key}' must be {what}, got {json.dumps(v)[:80]}", param=key, code="invalid_type")
+    return v
+
+
+def _number(body, key, default=None):
+    return _field(body, key, (int, float), "a number", default)
+
+
+def _integer(body, key, default=None):
+    return _field(body, key, (int,), "an integer", default)
+
+
+def _max_tokens(body: dict) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        n = _integer(body, key)
+        if n is not None:
+            if n < 1:
+                raise _bad(f"'{key}' must be at least 1, got {n}", param=key)
+            return n
+    return None
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+        raise _bad("'stop' must be a string or a list of at most 16 strings", param="stop", code="invalid_type")
+    return [s for s in stop if s]
+
+
+def _sampler(body: dict) -> Sampler:
+    top_k = _integer(body, "top_k", DEFAULTS["top_k"])
+    penalty = _number(body, "repetition_penalty", _number(body, "repeat_penalty", DEFAULTS["repeat_penalty"]))
+    try:
+        return make_sampler(temperature=float(_number(body, "temperature", DEFAULTS["temperature"])),
+                            top_k=max(top_k, 0), top_p=float(_number(body, "top_p", DEFAULTS["top_p"])),
+                            min_p=float(_number(body, "min_p", DEFAULTS["min_p"])), repeat_penalty=float(penalty),
+                            seed=_integer(body, "seed"))
+    except LocalcoderError as e:
+        raise _bad(str(e), code="invalid_value") from None
+
+
+def _content(content: Any, where: str) -> str | None:
+    """Message content as text: a string, null, or a list of text parts (what many clients send)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") in ("text", "input_text") and \
+                    isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part, dict) and isinstance(part.get("type"), str):
+                raise _bad(f"{where}.content[{j}] is a '{part['type']}' part; this model reads text only",
+                           param=f"{where}.content", code="unsupported_content")
+            else:
+                raise _bad(f"{where}.content[{j}] must be a text part", param=f"{where}.content",
+                           code="invalid_type")
+        return "\n".join(texts)
+    raise _bad(f"{where}.content must be a string, a list of text parts, or null", param=f"{where}.content",
+               code="invalid_type")
+
+
+def _messages(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise _bad("'messages' must be a non-empty list of messages", param="messages", code="invalid_type")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object", param=where, code="invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(f"{where}.role must be one of {sorted(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
+        msg = {k: v for k, v in m.items() if k not in ("role", "content")}
+        msg["role"] = "system" if role == "developer" else role
+        content = _content(m.get("content"), where)
+        calls = m.get("tool_calls")
+        if role == "assistant" and calls:
+            if not isinstance(calls, list):
+                raise _bad(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls", code="invalid_type")
+            for j, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                        not isinstance(fn.get("arguments", "{}"), (str, dict)):
+                    raise _bad(f"{where}.tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
+                               f"{{\"name\": str, \"arguments\": str}}}}", param=f"{where}.tool_calls",
+                               code="invalid_type")
+            msg["content"] = content  # may be None: the template renders the calls
+        else:
+            msg.pop("tool_calls", None)
+            msg["content"] = content or ""
+        out.append(msg)
+    return out
+
+
+def _tools(raw: Any) -> list[dict] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise _bad("'tools' must be a list of function tools", param="tools", code="invalid_type")
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type", "function") != "function":
+            raise _bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where,
+                       code="invalid_type")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+            raise _bad(f"{where}.function.parameters of '{fn['name']}' must be a JSON schema object "
+                       f"({{\"type\": \"object\", \"properties\": {{...}}}}), got {json.dumps(params)[:80]}",
+                       param=f"{where}.function.parameters", code="invalid_schema")
+    return raw or None
+
+
+def _tool_choice(raw: Any, tools: list[dict] | None) -> tuple[bool, str]:
+    """(render and parse tools?, text that opens the reply)."""
+    if raw is None or raw == "auto":
+        return tools is not None, ""
+    if raw == "none":
+        return False, ""
+    names = [t["function"]["name"] for t in tools or ()]
+    if raw == "required":
+        if not names:
+            raise _bad("tool_choice 'required' needs 'tools'", param="tool_choice")
+        return True, "<tool_call>\n<function=" + (names[0] + ">\n" if len(names) == 1 else "")
+    if isinstance(raw, dict) and raw.get("type") == "function" and isinstance(raw.get("function"), dict):
+        name = raw["function"].get("name")
+        if name not in names:
+            raise _bad(f"tool_choice names function {json.dumps(name)}, which is not in 'tools' ({names})",
+                       param="tool_choice")
+        return True, f"<tool_call>\n<function={name}>\n"
+    raise _bad("tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": "
+               "{\"name\": ...}}", param="tool_choice", code="invalid_type")
+
+
+# -- prompt reuse ------------------------------------------------------------------------------------------
+def _footprint(cache: ModelCache) -> int:
+    n = 40 * len(cache.tokens)
+    for layer in cache.layers:
+        n += layer.k.nbytes + layer.v.nbytes if isinstance(layer, KVCache) else layer.nbytes
+    return n
+
+
+def default_cache_bytes() -> int:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 << 30
+    return int(min(4 << 30, ram // 8))
+
+
+class PromptCache:
+    """Model states after known token sequences, least recently used first out, within a byte budget.
+    Used from the model thread only."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.entries: OrderedDict[tuple, tuple[ModelCache, int]] = OrderedDict()
+        self.bytes = 0
+
+    def take(self, ids: Sequence[int]) -> tuple[ModelCache | None, int]:
+        """A copy of the longest stored prefix of `ids` that leaves at least one id to process."""
+        limit = len(ids) - 1
+        best = None
+        for key in self.entries:
+            n = len(key)
+            if n <= limit and (best is None or n > len(best)) and tuple(ids[:n]) == key:
+                best = key
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        return self.entries[best][0].snapshot(), len(best)
+
+    def store(self, cache: ModelCache, copy: bool = True) -> None:
+        """Keep `cache`'s state (a copy, unless the caller is done with it)."""
+        if cache.broken or cache.pos == 0 or cache.pos != len(cache.tokens):
+            return
+        key = tuple(cache.tokens)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        snap = cache.snapshot() if copy else cache
+        size = _footprint(snap)
+        if size > self.budget:
+            return
+        self.entries[key] = (snap, size)
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, (_, freed) = self.entries.popitem(last=False)
+            self.bytes -= freed
+
+
+# -- one generation ----------------------------------------------------------------------------------------
+@dataclass
+class _Work:
+    ids: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    tools: list[dict] | None = None  # parse tool calls against these (None: no parsing)
+    prefill: str = ""  # text the reply starts with (tool_choice), part of the prompt
+
+
+@dataclass(eq=False)
+class _Job:
+    work: _Work
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    future: asyncio.Future | None = None
+    closed: bool = False
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            self.cancel.set()
+
+
+class _Gate:
+    """One generation at a time; the others wait in arrival order, at most `max_queue` of them.
+    Used from the event loop only."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.busy = False
+        self.waiters: deque[asyncio.Future] = deque()
+        self.mean_seconds = 5.0  # of a generation, for Retry-After
+
+    async def enter(self, request: Request) -> None:
+        if not self.busy:
+            self.busy = True
+            return
+        if len(self.waiters) >= self.max_queue:
+            wait = max(1, min(600, math.ceil(self.mean_seconds * (len(self.waiters) + 1))))
+            raise APIError(429, f"the server is busy: {len(self.waiters)} requests are already waiting for the "
+                                f"model; retry in {wait} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(wait)})
+        turn = asyncio.get_running_loop().create_future()
+        self.waiters.append(turn)
+        try:
+            while not turn.done():
+                await asyncio.wait({turn}, timeout=POLL_SECONDS)
+                if not turn.done() and await request.is_disconnected():
+                    raise _ClientGone()
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave()  # it was our turn already: pass it on
+            else:
+                turn.cancel()
+                self.waiters.remove(turn)
+            raise
+
+    def leave(self) -> None:
+        while self.waiters:
+            turn = self.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # stays busy: the turn passes to the next in line
+                return
+        self.busy = False
+
+
+class _Server:
+    def __init__(self, model, api_key, max_queue, cache_bytes, generate_fn):
+        self.model = model
+        self.api_key = api_key
+        self.name = Path(model.path).stem
+        general = model.file.get("general.name")
+        aliases = {self.name, Path(model.path).name}
+        if isinstance(general, str) and general:
+            aliases.add(general)
+        self.aliases = {a.lower() for a in aliases}
+        self.created = int(os.path.getmtime(model.path)) if os.path.exists(model.path) else int(time.time())
+        self.gate = _Gate(max_queue)
+        self.prompts = PromptCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
+        self.generate_fn = generate_fn or model_generate(model)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localcoder-model")
+        self.jobs: set[_Job] = set()
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is None:
+            return
+        if not isinstance(name, str):
+            raise _bad("'model' must be a string", param="model", code="invalid_type")
+        if name.lower() not in self.aliases:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.name}'",
+                           param="model", code="model_not_found")
+
+    def check_context(self, ids: list[int], param: str) -> int:
+        """Room left for the reply; the prompt must leave at least one token."""
+        room = self.model.n_ctx - len(ids)
+        if room < 1:
+            raise _bad(f"the prompt is {len(ids)} tokens but the context holds {self.model.n_ctx}; shorten the "
+                       f"conversation or restart the server with a larger --ctx (the model allows "
+                       f"{self.model.config.n_ctx_train})", param=param, code="context_length_exceeded")
+        return room
+
+    def chat_work(self, body: dict) -> _Work:
+        """Validate a chat request and render it to token ids (runs in a worker thread: rendering and
+        tokenizing a long conversation takes a while)."""
+        messages = _messages(body.get("messages"))
+        tools = _tools(body.get("tools"))
+        use_tools, prefill = _tool_choice(body.get("tool_choice"), tools)
+        sampler, stop, max_tokens, stream, usage = self._common(body)
+        try:
+            text = self.model.render_chat(messages, tools if use_tools else None, add_generation_prompt=True)
+        except LocalcoderError as e:
+            raise _bad(str(e), param="messages", code="template_error") from None
+        ids = self.model.tokenizer.encode(text + prefill, parse_special=True)
+        room = self.check_context(ids, "messages")
+        return _Work(ids, min(max_tokens or room, room), sampler, stop, stream, usage,
+                     tools if use_tools else None, prefill)
+
+    def completion_work(self, body: dict) -> _Work:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.model.tokenizer.encode(prompt, parse_special=True)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model.config.n_vocab]
+            if bad:
+                raise _bad(f"token id {bad[0]} is outside 0..{self.model.config.n_vocab - 1}", param="prompt")
+        else:
+            raise _bad("'prompt' must be a string, a list with one string, or a list of token ids",
+                       param="prompt", code="invalid_type")
+        if not ids:
+            raise _bad("'prompt' is empty", param="prompt")
+        sampler, stop, max_tokens, stream, usage = self._common(body)
+        room = self.check_context(ids, "prompt")
+        return _Work(ids, min(max_tokens or 16, room), sampler, stop, stream, usage)
+
+    def _common(self, body: dict):
+        n = _integer(body, "n", 1)
+        if n != 1:
+            raise _bad("only n=1 is supported", param="n")
+        stream = _field(body, "stream", (bool,), "true or false", False)
+        options = _field(body, "stream_options", (dict,), "an object", {})
+        usage = _field(options, "include_usage", (bool,), "true or false", False)
+        return _sampler(body), _stop(body), _max_tokens(body), stream, usage
+
+    # -- running ------------------------------------------------------------------------------------
+    def _run(self, job: _Job) -> None:
+        """The model thread: restore the longest cached prefix, generate, keep the states."""
+        work, t0 = job.work, time.perf_counter()
+        try:
+            cache, reused = self.prompts.take(work.ids)
+            cache = cache if cache is not None else self.model.new_cache()
+            job.cached_tokens = job.stats.cached_tokens = reused
+            steps = self.generate_fn(work.ids[reused:], work.max_tokens, work.sampler, work.stop, cache,
+                                     job.stats, job.cancel)
+            at_prompt = len(work.ids)
+            try:
+                for token, piece in steps:
+                    if at_prompt and cache.pos == at_prompt and cache.tokens == work.ids:
+                        self.prompts.store(cache, copy=True)  # the end of the prompt: the next turn starts here
+                        at_prompt = 0
+                    if token >= 0:
+                        job.completion_tokens += 1
+                    if piece:
+                        job.emit(("text", piece))
+                    if job.cancel.is_set():
+                        break
+            finally:
+                steps.close()
+            self.prompts.store(cache, copy=False)
+            job.emit(("done", None))
+        except Exception as e:  # reported to the client; the server goes on
+            log.exception("generation failed")
+            job.emit(("error", e))
+        finally:
+            seconds = time.perf_counter() - t0
+            self.gate.mean_seconds = 0.8 * self.gate.mean_seconds + 0.2 * seconds
+
+    async def start(self, request: Request, work: _Work) -> _Job:
+        await self.gate.enter(request)
+        job = _Job(work, asyncio.get_running_loop())
+        self.jobs.add(job)
+        job.future = job.loop.run_in_executor(self.executor, self._run, job)
+        return job
+
+    async def close(self, job: _Job) -> None:
+        """Stop the job (if it still runs), wait for the model thread to let go, pass the turn on."""
+        if job.closed:
+            return
+        job.closed = True
+        job.cancel.set()
+        try:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({job.future})
+        finally:
+            self.jobs.discard(job)
+            self.gate.leave()
+
+    async def events(self, request: Request, job: _Job, check_each: bool):
+        """The job's events; stops (cancelling the job) when the client disconnects."""
+        pending = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(job.events.get())
+                done, _ = await asyncio.wait({pending}, timeout=POLL_SECONDS)
+                if (done and check_each or not done) and await request.is_disconnected():
+                    job.cancel.set()
+                    raise _ClientGone()
+                if not done:
+                    continue
+                event, pending = pending.result(), None
+                yield event
+                if event[0] != "text":
+                    return
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+
+def _finish(job: _Job, has_calls: bool) -> str:
+    reason = job.stats.finish_reason or "stop"
+    if reason == "length":
+        return "length"
+    return "tool_calls" if has_calls else "stop"
+
+
+def _usage(job: _Job) -> dict:
+    prompt = len(job.work.ids)
+    return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
+            "total_tokens": prompt + job.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+class _JobStream(StreamingResponse):
+    """An SSE response that always lets go of its job, even when the body is never iterated."""
+
+    def __init__(self, server: _Server, job: _Job, body):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.server, self.job = server, job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.server.close(self.job)
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+async def _json_body(request: Request) -> dict:
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_bytes: int | None = None,
+               generate_fn: GenerateFn | None = None) -> Starlette:
+    """The ASGI app serving `model`. `generate_fn` replaces the model's generation (tests script the
+    model's output with it; see GenerateFn)."""
+    srv = _Server(model, api_key, max_queue, cache_bytes, generate_fn)
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "model": srv.name, "busy": srv.gate.busy,
+                             "queued": len(srv.gate.waiters), "prompt_cache": {
+                                 "entries": len(srv.prompts.entries), "bytes": srv.prompts.bytes}})
+
+    def model_card() -> dict:
+        return {"id": srv.name, "object": "model", "created": srv.created, "owned_by": "localcoder",
+                "context_length": srv.model.n_ctx}
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(request: Request):
+        srv.check_model({"model": request.path_params["name"]})
+        return JSONResponse(model_card())
+
+    async def chat(request: Request):
+        body = await _json_body(request)
+        srv.check_model(body)
+        work = await anyio.to_thread.run_sync(srv.chat_work, body)
+        job = await srv.start(request, work)
+        rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+        if work.stream:
+            return _JobStream(srv, job, chat_stream(request, job, rid, created))
+        try:
+            pieces = []
+            async for event in srv.events(request, job, check_each=False):
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "error":
+                    raise event[1]
+        finally:
+            await srv.close(job)
+        text = "".join(pieces)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        calls = []
+        if work.tools is not None:
+            message["content"], calls = parse_tool_calls(work.prefill + text, work.tools)
+            if calls:
+                message["tool_calls"] = [c.to_openai() for c in calls]
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": srv.name,
+                             "choices": [{"index": 0, "message": message, "logprobs": None,
+                                          "finish_reason": _finish(job, bool(calls))}],
+                             "usage": _usage(job)})
+
+    async def chat_stream(request: Request, job: _Job, rid: str, created: int):
+        usage = job.work.include_usage
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if usage:
+                out["usage"] = None
+            return _sse(out)
+
+        def deltas(items) -> Iterator[bytes]:
+            for d in items:
+                if isinstance(d, ToolCallDelta):
+                    yield chunk({"tool_calls": [d.to_openai()]})
+                else:
+                    yield chunk({"content": d})
+
+        parser = ToolCallParser(job.work.tools) if job.work.tools is not None else None
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            if parser is not None and job.work.prefill:
+                for b in deltas(parser.feed(job.work.prefill)):
+                    yield b
+            async for event in srv.events(request, job, check_each=True):
+                if event[0] == "text":
+                    for b in deltas(parser.feed(event[1]) if parser is not None else [event[1]]):
+                        yield b
+                elif event[0] == "error":
+                    yield _sse(APIError(500, f"generation failed: {event[1]}", type="server_error").body())
+                    yield b"data: [DONE]\n\n"
+                    return
+            if parser is not None:
+                for b in deltas(parser.finish()):
+                    yield b
+            yield chunk({}, _finish(job, parser is not None and bool(parser.calls)))
+            if usage:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
+                            "choices": [], "usage": _usage(job)})
+            yield b"data: [DONE]\n\n"
+        except _ClientGone:
+            return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await srv.close(job)
+
+    async def completions(request: Request):
+        body = await _json_body(request)
+        srv.check_model(body)
+        work = await anyio.to_thread.run_sync(srv.completion_work, body)
+        job = await srv.start(request, work)
+        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def choice(text: str, finish: str | None) -> dict:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        if work.stream:
+            async def stream():
+                try:
+                    async for event in srv.events(request, job, check_each=True):
+                        if event[0] == "text":
+                            yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                        "model": srv.name, "choices": [choice(event[1], None)]})
+                        elif event[0] == "error":
+                            yield _sse(APIError(500, f"generation failed: {event[1]}", type="server_error").body())
+                            yield b"data: [DONE]\n\n"
+                            return
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
+                                "choices": [choice("", _finish(job, False))]})
+                    if work.include_usage:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                    "model": srv.name, "choices": [], "usage": _usage(job)})
+                    yield b"data: [DONE]\n\n"
+                except _ClientGone:
+                    return
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await srv.close(job)
+
+            return _JobStream(srv, job, stream())
+        try:
+            pieces = []
+            async for event in srv.events(request, job, check_each=False):
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "error":
+                    raise event[1]
+        finally:
+            await srv.close(job)
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
+                             "choices": [choice("".join(pieces), _finish(job, False))], "usage": _usage(job)})
+
+    async def on_api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    async def on_http_error(request: Request, exc: HTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                        headers=exc.headers).response()
+
+    async def on_client_gone(request: Request, exc: _ClientGone):
+        return Response(status_code=499)
+
+    async def on_error(request: Request, exc: Exception):
+        log.error("request failed: %s", exc, exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        for job in list(srv.jobs):
+            job.cancel.set()
+        srv.executor.shutdown(wait=False, cancel_futures=True)
+
+    routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{name:path}", one_model),
+              Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        APIError: on_api_error, HTTPException: on_http_error, _ClientGone: on_client_gone, Exception: on_error})
+    app.add_middleware(_BearerAuth, api_key=api_key)
+    app.state.server = srv
+    return app
+
+
+class _BearerAuth:
+    """Every path but /health wants `Authorization: Bearer KEY` when a key is set."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if self.expected is not None and scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the key the "
+                                    "server was started with (--api-key)", type="invalid_request_error",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          n_ctx: int | None = None, backend: str = "auto", max_queue: int = 16, cache_bytes: int | None = None,
+          log_level: str = "info") -> None:
+    """Load the model and serve it until interrupted."""
+    import uvicorn
+
+    from .model import load
+
+    model = load(model_path, backend=backend, n_ctx=n_ctx)
+    app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
+    if host not in _LOOPBACK and not api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
