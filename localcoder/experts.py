@@ -1,12 +1,27 @@
-"""Routed experts of one MoE layer: each expert is one contiguous byte range of each `*_exps` tensor.
+"""Routed experts: residency, streaming from disk, counters.
 
+Each `*_exps` tensor stores one expert as one contiguous byte range, so an expert is a slice of the file.
 Files store the gate and up projections either as two tensors (`ffn_gate_exps`, `ffn_up_exps`) or fused
-(`ffn_gate_up_exps`, gate rows first); `expert(e)` hides the difference.
+(`ffn_gate_up_exps`, gate rows first); `ExpertSet` hides the difference.
+
+Two modes, chosen by the byte budget:
+- resident: the budget holds every expert, so the memory map is used directly (zero copy, the OS pages it);
+- streaming: each layer owns a few slots (expert-sized buffers); a routed expert that is not in a slot is read
+  with pread (readahead off, page cache dropped after the read) into a victim slot chosen by the policy.
+Kernels see the same thing in both modes: arrays of expert rows (slots, rows, row_bytes) and, for each
+routed expert, the index of its slot. Results are bit-identical for every budget: only residency changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .gguf_file import QTensor
 
@@ -18,6 +33,7 @@ class ExpertSet:
     gate: QTensor | None = None  # (E, F, D)
     up: QTensor | None = None  # (E, F, D)
     gate_up: QTensor | None = None  # (E, 2F, D): [gate | up]
+    store: "ExpertStore | None" = field(default=None, compare=False)
 
     @property
     def n_expert(self) -> int:
@@ -27,14 +43,254 @@ class ExpertSet:
     def n_ff(self) -> int:
         return self.down.shape[2]
 
-    def expert(self, e: int) -> tuple[QTensor, QTensor, QTensor]:
-        """(gate (F, D), up (F, D), down (D, F)) of expert e, as views of the file."""
-        if self.gate_up is not None:
-            both = self.gate_up[e]
-            return both.rows(0, self.n_ff), both.rows(self.n_ff, 2 * self.n_ff), self.down[e]
-        return self.gate[e], self.up[e], self.down[e]
+    @property
+    def tensors(self) -> list[QTensor]:
+        return ([self.gate_up] if self.gate_up is not None else [self.gate, self.up]) + [self.down]
 
     def expert_nbytes(self) -> int:
         """Bytes one expert occupies across its tensors."""
-        tensors = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
-        return sum(t.nbytes // t.shape[0] for t in tensors + [self.down])
+        return sum(t.nbytes // t.shape[0] for t in self.tensors)
+
+    def fetch(self, ids):
+        """The routed experts `ids` (unique) as batches (arrays, ids, slots) that fit the cache: arrays are
+        (slots, rows, row_bytes) per tensor and ids[i] lives in slots[i]. Consume each batch before the next."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.store is None:
+            return iter([(tuple(t.data for t in self.tensors), ids, ids)])
+        return self.store.fetch(self, ids)
+
+    def prefetch(self, ids) -> None:
+        if self.store is not None:
+            self.store.prefetch(self, np.asarray(ids, dtype=np.int64))
+
+    def split(self, arrays: tuple[np.ndarray, ...], slot: int) -> tuple[QTensor, QTensor, QTensor]:
+        """(gate (F, D), up (F, D), down (D, F)) of the expert in `slot` of `arrays` (from fetch)."""
+        tensors = self.tensors
+        views = [QTensor(f"{t.name}[slot {slot}]", t.ggml_type, t.shape[1:], a[slot], -1, t.path)
+                 for t, a in zip(tensors, arrays)]
+        if self.gate_up is not None:
+            both, down = views
+            return both.rows(0, self.n_ff), both.rows(self.n_ff, 2 * self.n_ff), down
+        return views[0], views[1], views[2]
+
+    def expert(self, e: int) -> tuple[QTensor, QTensor, QTensor]:
+        """(gate, up, down) of expert e, as views of the file."""
+        return self.split(tuple(t.data for t in self.tensors), e)
+
+
+# ---- replacement policies -------------------------------------------------------------------------------
+
+class LRU:
+    """Least recently used, per layer (the baseline of Eliseev & Mazur's expert offloading)."""
+
+    name = "lru"
+
+    def __init__(self):
+        self.order: OrderedDict[int, None] = OrderedDict()
+
+    def touch(self, e: int) -> None:
+        self.order.pop(e, None)
+        self.order[e] = None
+
+    def victim(self, pinned: set[int]) -> int:
+        for e in self.order:
+            if e not in pinned:
+                return e
+        raise RuntimeError("every resident expert is pinned")
+
+    def remove(self, e: int) -> None:
+        self.order.pop(e, None)
+
+
+class LFUDecay(LRU):
+    """Frequency-aware: evict the lowest exponentially decayed use count (ties: least recent).
+    A half-life of ~64 uses keeps popular experts while letting the working set drift."""
+
+    name = "lfu"
+
+    def __init__(self, decay: float = 0.989):
+        super().__init__()
+        self.decay = decay
+        self.score: dict[int, float] = {}
+        self.clock = 0
+
+    def touch(self, e: int) -> None:
+        super().touch(e)
+        self.clock += 1
+        # scores are kept in units of decay**-clock so that old scores need no update
+        self.score[e] = self.score.get(e, 0.0) + self.decay ** -self.clock
+
+    def victim(self, pinned: set[int]) -> int:
+        cands = [e for e in self.order if e not in pinned]
+        if not cands:
+            raise RuntimeError("every resident expert is pinned")
+        return min(cands, key=lambda e: self.score.get(e, 0.0))
+
+    def remove(self, e: int) -> None:
+        super().remove(e)
+
+
+POLICIES = {"lru": LRU, "lfu": LFUDecay}
+
+
+# ---- the store ------------------------------------------------------------------------------------------
+
+@dataclass
+class ExpertCounters:
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0  # hits on experts that a speculative prefetch brought in
+    prefetches: int = 0  # experts read speculatively
+    bytes_read: int = 0
+    io_wait_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _LayerSlots:
+    def __init__(self, es: ExpertSet, n_slots: int, policy):
+        self.es = es
+        self.n_slots = n_slots
+        self.arrays = tuple(np.empty((n_slots, *t.data.shape[1:]), dtype=np.uint8) for t in es.tensors)
+        self.slot_of: dict[int, int] = {}
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.policy = policy
+        self.pending: dict[int, object] = {}  # expert -> future of a prefetch read
+        self.prefetched: set[int] = set()
+        self.lock = threading.Lock()
+
+
+class ExpertStore:
+    """Routed experts in a byte budget, streamed from the file on a miss (see the module docstring)."""
+
+    def __init__(self, expert_sets: list[ExpertSet], budget_bytes: int, policy: str = "lru", io_threads: int = 4,
+                 trace: list | None = None):
+        self.sets = expert_sets
+        per_expert = max(es.expert_nbytes() for es in expert_sets)
+        n_layers = len(expert_sets)
+        slots = max(int(budget_bytes // (per_expert * n_layers)), 1)
+        self.n_slots = min(slots, max(es.n_expert for es in expert_sets))
+        self.budget_bytes = self.n_slots * per_expert * n_layers
+        self.policy_name = policy
+        self.layers: dict[int, _LayerSlots] = {}
+        self.counters = ExpertCounters()
+        self.trace = trace  # when a list: (layer, expert ids) per fetch, for --expert-stats
+        self._fds: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
+        self._mutex = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead into neighbouring experts
+        return fd
+
+    def _slots(self, es: ExpertSet) -> _LayerSlots:
+        ls = self.layers.get(es.layer)
+        if ls is None:
+            ls = self.layers[es.layer] = _LayerSlots(es, self.n_slots, POLICIES[self.policy_name]())
+        return ls
+
+    def _read(self, ls: _LayerSlots, e: int, slot: int) -> int:
+        """Read expert e's bytes into `slot`; returns bytes read."""
+        total = 0
+        for t, arr in zip(ls.es.tensors, ls.arrays):
+            n = arr[slot].nbytes
+            offset = t.file_offset + e * n
+            fd = self._fd(t.path)
+            view = memoryview(arr[slot].reshape(-1))
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], offset + got)
+                if k <= 0:
+                    raise OSError(f"short read of expert {e} in {t.name}")
+                got += k
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)  # the slot is the copy we keep
+            total += n
+        with self._mutex:
+            self.counters.bytes_read += total
+        return total
+
+    def _reap(self, ls: _LayerSlots) -> None:
+        """Forget finished prefetch reads (their experts stay resident and marked as prefetched)."""
+        for e in [e for e, fut in ls.pending.items() if fut.done()]:
+            fut = ls.pending.pop(e)
+            if fut.exception() is not None:  # a failed speculative read: free the slot
+                ls.free.append(ls.slot_of.pop(e))
+                ls.policy.remove(e)
+                ls.prefetched.discard(e)
+
+    def _claim(self, ls: _LayerSlots, e: int, pinned: set[int]) -> int:
+        """A slot for e: a free one, or the policy's victim (not pinned)."""
+        if ls.free:
+            slot = ls.free.pop()
+        else:
+            victim = ls.policy.victim(pinned | set(ls.pending))
+            slot = ls.slot_of.pop(victim)
+            ls.policy.remove(victim)
+            ls.prefetched.discard(victim)
+        ls.slot_of[e] = slot
+        return slot
+
+    def fetch(self, es: ExpertSet, ids: np.ndarray):
+        """Yields (arrays, ids, slots) batches of at most n_slots experts. Lazy: a batch's slots may be reused
+        by the next batch, so each must be consumed before asking for the next."""
+        ls = self._slots(es)
+        if self.trace is not None:
+            self.trace.append((es.layer, ids.tolist()))
+        t0 = time.perf_counter()
+        for fut in list(ls.pending.values()):  # speculative reads for this layer, started a layer ago
+            fut.exception()
+        self.counters.io_wait_s += time.perf_counter() - t0
+        for start in range(0, len(ids), ls.n_slots):
+            chunk = ids[start:start + ls.n_slots]
+            pinned = set(int(e) for e in chunk)
+            jobs = []
+            with ls.lock:
+                self._reap(ls)
+                for e in pinned:
+                    if e in ls.slot_of:
+                        self.counters.hits += 1
+                        if e in ls.prefetched:
+                            self.counters.prefetch_hits += 1
+                            ls.prefetched.discard(e)
+                    else:
+                        self.counters.misses += 1
+                        slot = self._claim(ls, e, pinned)
+                        jobs.append(self._pool.submit(self._read, ls, e, slot))
+                    ls.policy.touch(e)
+            t0 = time.perf_counter()
+            for job in jobs:
+                job.result()
+            self.counters.io_wait_s += time.perf_counter() - t0
+            slots = np.array([ls.slot_of[int(e)] for e in chunk], dtype=np.int64)
+            yield ls.arrays, chunk, slots
+
+    def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
+        """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""
+        ls = self._slots(es)
+        with ls.lock:
+            self._reap(ls)
+            want = [int(e) for e in ids if int(e) not in ls.slot_of and int(e) not in ls.pending]
+            for e in want[: max(ls.n_slots - len(ls.pending) - 1, 0)]:
+                try:
+                    slot = self._claim(ls, e, set(int(x) for x in ids))
+                except RuntimeError:
+                    break
+                self.counters.prefetches += 1
+                ls.prefetched.add(e)
+                ls.policy.touch(e)
+                ls.pending[e] = self._pool.submit(self._read, ls, e, slot)
+
+    def resident_bytes(self) -> int:
+        return sum(sum(a.nbytes for a in ls.arrays) for ls in self.layers.values())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

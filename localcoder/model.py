@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -13,6 +15,7 @@ from .cache import ModelCache, make_cache
 from .chat_template import template_from_metadata
 from .config import ModelConfig
 from .errors import LocalcoderError
+from .experts import ExpertStore
 from .gguf_file import GGUFFile
 from .models import qwen3next
 from .tokenizer import Tokenizer
@@ -23,7 +26,8 @@ DEFAULT_CTX = 32768
 class Model:
     """A loaded qwen3next GGUF: config, tokenizer, chat template, weights (mmapped) and a backend."""
 
-    def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None):
+    def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
+                 expert_policy: str = "lru", expert_trace: bool = False):
         self.file = file
         embd = file.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
@@ -38,6 +42,26 @@ class Model:
                                   "trained context; choose a --ctx in that range")
         self.n_ctx = n_ctx
         self.forward_tokens = 0  # tokens run through the forward pass, for tests and stats
+        self.expert_store = self._expert_store(expert_cache, expert_policy, expert_trace)
+
+    def _expert_store(self, expert_cache, policy: str, trace: bool) -> ExpertStore | None:
+        """Stream experts when the budget cannot hold them all (default budget: available RAM less the dense
+        weights and 1.5 GB for the rest); otherwise use the memory map directly."""
+        sets = [layer.experts for layer in self.weights.layers]
+        expert_bytes = sum(t.nbytes for es in sets for t in es.tensors)
+        if expert_cache is None:
+            dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes
+            budget = available_memory() - dense - int(1.5e9)
+        else:
+            budget = parse_size(expert_cache)
+        if budget >= expert_bytes and not trace:
+            return None
+        if policy not in ("lru", "lfu"):
+            raise LocalcoderError(f"unknown expert cache policy {policy!r}; choose lru or lfu")
+        store = ExpertStore(sets, max(budget, 0), policy=policy, trace=[] if trace else None)
+        layers = tuple(replace(layer, experts=replace(layer.experts, store=store)) for layer in self.weights.layers)
+        self.weights = replace(self.weights, layers=layers)
+        return store
 
     @property
     def path(self):
@@ -83,6 +107,32 @@ class Model:
         return self.tokenizer.encode(text, parse_special=True)
 
 
-def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None) -> Model:
-    """Open and validate a qwen3next GGUF (nothing but its header is read here)."""
-    return Model(GGUFFile(path), backend=backend, n_ctx=n_ctx)
+def parse_size(size) -> int:
+    """Bytes from an int or a string like 12G, 512M, 1.5GB."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", str(size))
+    if not m:
+        raise LocalcoderError(f"cannot read size {size!r}; write it like 12G or 512M")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None, expert_cache=None,
+         expert_policy: str = "lru", expert_trace: bool = False) -> Model:
+    """Open and validate a qwen3next GGUF (nothing but its header is read here).
+
+    expert_cache: byte budget for routed experts (int or "12G"); when it cannot hold them all, experts are
+    streamed from disk (see localcoder.experts). Default: from available RAM."""
+    return Model(GGUFFile(path), backend=backend, n_ctx=n_ctx, expert_cache=expert_cache,
+                 expert_policy=expert_policy, expert_trace=expert_trace)

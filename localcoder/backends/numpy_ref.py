@@ -179,12 +179,15 @@ class NumpyBackend:
         return self.matmul(silu(self.matmul(x, gate)) * self.matmul(x, up), down)
 
     def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray) -> np.ndarray:
-        """Routed experts' SwiGLU. x (T, D); expert_ids, expert_weights (T, k)."""
-        out = np.zeros_like(x)
-        for e in np.unique(expert_ids):
-            tok, slot = np.nonzero(expert_ids == e)
-            gate, up, down = experts.expert(int(e))
-            h = silu(x[tok] @ gate.dequantize().T) * (x[tok] @ up.dequantize().T)
-            y = h @ down.dequantize().T
-            np.add.at(out, tok, y * expert_weights[tok, slot][:, None])
-        return out
+        """Routed experts' SwiGLU. x (T, D); expert_ids, expert_weights (T, k). Each (token, slot) result is
+        kept apart and the k results are summed in routing order, so the answer does not depend on which
+        experts were resident together (expert streaming changes speed, never results)."""
+        T, k = expert_ids.shape
+        y = np.zeros((T, k, x.shape[1]), dtype=np.float32)
+        for arrays, ids, slots in experts.fetch(np.unique(expert_ids)):
+            for e, slot in zip(ids, slots):
+                tok, kk = np.nonzero(expert_ids == e)
+                gate, up, down = experts.split(arrays, int(slot))
+                h = silu(x[tok] @ gate.dequantize().T) * (x[tok] @ up.dequantize().T)
+                y[tok, kk] = (h @ down.dequantize().T) * expert_weights[tok, kk][:, None]
+        return y.sum(axis=1)

@@ -162,8 +162,13 @@ def route(be, cfg: ModelConfig, w: Layer, x):
     return ids, weights / weights.sum(axis=-1, keepdims=True)
 
 
-def moe(be, cfg: ModelConfig, w: Layer, x):
+def moe(be, cfg: ModelConfig, w: Layer, x, next_layer: Layer | None = None):
     ids, weights = route(be, cfg, w, x)
+    if next_layer is not None and next_layer.experts.store is not None:
+        # streaming: guess the next layer's experts by applying its router to this layer's input, and start
+        # reading them now (Eliseev & Mazur); a wrong guess costs bandwidth, never correctness
+        guess, _ = route(be, cfg, next_layer, x)
+        next_layer.experts.prefetch(np.unique(np.asarray(guess)))
     y = be.moe(x, w.experts, ids, weights)
     if w.ffn_gate_shexp is not None:
         shared = be.swiglu(x, w.ffn_gate_shexp, w.ffn_up_shexp, w.ffn_down_shexp)
@@ -179,13 +184,14 @@ def forward(be, cfg: ModelConfig, weights: Weights, tokens, cache: ModelCache, a
     T = len(tokens)
     positions = xp.arange(cache.pos, cache.pos + T)
     x = be.embed(xp.asarray(tokens), weights.token_embd)  # (T, D)
-    for layer, state in zip(weights.layers, cache.layers):
+    for i, (layer, state) in enumerate(zip(weights.layers, cache.layers)):
         h = be.rms_norm(x, be.vector(layer.attn_norm), cfg.rms_eps)
         if cfg.is_recurrent(layer.index):
             x = x + gated_deltanet(be, cfg, layer, h, state)
         else:
             x = x + gated_attention(be, cfg, layer, h, positions, state)
-        x = x + moe(be, cfg, layer, be.rms_norm(x, be.vector(layer.post_attention_norm), cfg.rms_eps))
+        h = be.rms_norm(x, be.vector(layer.post_attention_norm), cfg.rms_eps)
+        x = x + moe(be, cfg, layer, h, weights.layers[i + 1] if i + 1 < len(weights.layers) else None)
         if layer_out is not None:
             layer_out.append(x)
     cache.pos += T
