@@ -22,18 +22,15 @@ ModelOpt = typer.Option(None, "-m", "--model", help="GGUF model file (default: l
                         "~/.localcoder/models)")
 BackendOpt = typer.Option("auto", "--backend", help="auto, numpy, numba or mlx")
 CtxOpt = typer.Option(None, "--ctx", help="context size in tokens (default 32768, at most the model's)")
+ExpertCacheOpt = typer.Option(None, "--expert-cache", help="memory for routed experts, e.g. 12G; experts that do "
+                              "not fit are streamed from disk (default: from available RAM)")
+ExpertPolicyOpt = typer.Option("lru", "--expert-policy", help="expert cache policy: lru or lfu")
+ExpertStatsOpt = typer.Option(None, "--expert-stats", help="write the per-layer routing trace (JSON lines) here")
 
 
 def _err(msg: str) -> None:
     sys.stderr.write(msg + "\n")
     sys.stderr.flush()
-
-
-def _load(model: Optional[Path], backend: str, ctx: Optional[int]):
-    from .model import load
-    from .paths import resolve_model
-
-    return load(resolve_model(model), backend=backend, n_ctx=ctx)
 
 
 @app.command()
@@ -95,13 +92,16 @@ def run(
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     backend: str = BackendOpt,
     ctx: Optional[int] = CtxOpt,
+    expert_cache: Optional[str] = ExpertCacheOpt,
+    expert_policy: str = ExpertPolicyOpt,
+    expert_stats: Optional[Path] = ExpertStatsOpt,
 ):
     """Generate text from a prompt, streamed to stdout; speed goes to stderr."""
     from .generate import GenerationStats
     from .sampling import make_sampler
 
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
-    m = _load(model, backend, ctx)
+    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = m.encode_chat(messages)
@@ -120,6 +120,7 @@ def run(
     _err(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_s:.1f} tokens/s | "
          f"generation: {stats.generated_tokens} tokens, {stats.generate_tokens_per_s:.1f} tokens/s | "
          f"finish: {stats.finish_reason}")
+    _finish_experts(m, expert_stats)
 
 
 @app.command()
@@ -161,7 +162,29 @@ def demo(
                   "~/.localcoder/models/, then run `localcoder chat` (or `localcoder run -m FILE -p TEXT`).")
 
 
-def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int]):
+def _finish_experts(m, trace_path: Optional[Path]) -> None:
+    """Print the expert-cache counters (when streaming) and write the routing trace."""
+    store = m.expert_store
+    if store is None:
+        return
+    c = store.counters
+    _err(f"experts: {c.hits} hits, {c.misses} misses, {c.prefetch_hits} prefetch hits ({c.prefetches} prefetched), "
+         f"{c.bytes_read / 1e9:.2f} GB read, {c.io_wait_s:.2f} s waiting for I/O, "
+         f"cache {store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer, {store.policy_name})")
+    if trace_path is not None and store.trace is not None:
+        import json
+        import os
+
+        tmp = Path(str(trace_path) + ".tmp")
+        with open(tmp, "w") as f:
+            for layer, ids in store.trace:
+                f.write(json.dumps({"layer": layer, "experts": ids}) + "\n")
+        os.replace(tmp, trace_path)
+        _err(f"routing trace: {len(store.trace)} steps written to {trace_path}")
+
+
+def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int], expert_cache=None,
+                        expert_policy: str = "lru", expert_stats: Optional[Path] = None):
     """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -176,7 +199,8 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int])
         task = progress.add_task(f"opening {path.name}", total=2)
         file = GGUFFile(path)
         progress.update(task, advance=1, description="tokenizer, template, weights (memory-mapped)")
-        m = Model(file, backend=backend, n_ctx=ctx)
+        m = Model(file, backend=backend, n_ctx=ctx, expert_cache=expert_cache, expert_policy=expert_policy,
+                  expert_trace=expert_stats is not None)
         progress.update(task, advance=1)
     _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
                             f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
@@ -190,12 +214,13 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed):
+def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
+             expert_cache=None, expert_policy="lru"):
     from .chat import ChatSession
     from .sampling import make_sampler
 
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
-    m = _load_with_progress(model, backend, ctx)
+    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy)
     return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler)
 
 
@@ -217,12 +242,15 @@ def chat(
     history_dir: Optional[Path] = typer.Option(None, "--history-dir", help="where transcripts are saved on exit "
                                                "(default ~/.localcoder/history)"),
     no_history: bool = typer.Option(False, "--no-history", help="do not save the transcript on exit"),
+    expert_cache: Optional[str] = ExpertCacheOpt,
+    expert_policy: str = ExpertPolicyOpt,
 ):
     """Interactive, offline code Q&A in the terminal."""
     from .paths import HOME
     from .repl import Repl, history_file
 
-    session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
+    session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
+                       expert_cache, expert_policy)
     console = _stderr_console()
     if file:
         for f in session.add_files(file):
@@ -249,11 +277,14 @@ def ask(
     backend: str = BackendOpt,
     ctx: int = typer.Option(32768, "--ctx"),
     as_json: bool = typer.Option(False, "--json", help="print the answer with token counts and timings as JSON"),
+    expert_cache: Optional[str] = ExpertCacheOpt,
+    expert_policy: str = ExpertPolicyOpt,
 ):
     """One question, one answer, for scripts: `git diff | localcoder ask "review this"`."""
     from .repl import answer_json
 
-    session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
+    session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
+                       expert_cache, expert_policy)
     if file:
         session.add_files(file)
     if not sys.stdin.isatty():

@@ -176,9 +176,14 @@ class Repl:
             f"{len(self.s.prefix.checkpoints)} checkpoints\n"
             f"memory: peak RSS {rss / 1e9:.2f} GB; model file {m.file.file_size / 1e9:.2f} GB (memory-mapped)\n"
             f"backend: {m.backend.name}", highlight=False)
-        store = getattr(m.backend, "expert_stats", None)
-        if callable(store):
-            self.console.print(store(), highlight=False)
+        store = m.expert_store
+        if store is not None:
+            e = store.counters
+            self.console.print(f"experts: {e.hits:,} hits, {e.misses:,} misses, {e.prefetch_hits:,} prefetch hits, "
+                               f"{e.bytes_read / 1e9:.2f} GB read from disk, {e.io_wait_s:.1f} s I/O wait; cache "
+                               f"{store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer)", highlight=False)
+        else:
+            self.console.print("experts: all resident (memory-mapped)", highlight=False)
 
     def save_history(self) -> None:
         if self.history_path is None or not self.s.history:
