@@ -336,6 +336,10 @@ def main() -> None:
     except LocalcoderError as e:
         _err(f"error: {e}")
         sys.exit(2)
+    except OSError as e:  # a path the user gave cannot be read or written
+        where = f" ({e.filename})" if e.filename else ""
+        _err(f"error: {e.strerror or e}{where}; check the path, permissions and free disk space")
+        sys.exit(2)
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(130)

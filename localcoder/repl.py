@@ -214,6 +214,8 @@ class Repl:
                         self.stream(self.s.send(line))
                 except LocalcoderError as e:
                     c.print(f"[red]error:[/red] {e}", highlight=False)
+                except OSError as e:
+                    c.print(f"[red]error:[/red] {e.strerror or e} ({e.filename}); check the path", highlight=False)
                 except KeyboardInterrupt:
                     c.print("[yellow][interrupted][/yellow]")
         finally:
