@@ -1,0 +1,779 @@
+"""Numba quantizers: float32 rows -> GGML block bytes, bit-exact with ggml's reference quantizers.
+
+Each routine follows one `ggml-quants.c` reference function, the ones `llama-quantize` runs when it has
+no importance matrix: `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, `quantize_row_q4_K_ref` and
+`quantize_row_q5_K_ref` (per 32-weight sub-block `make_qkx2_quants`: a min/scale fit searched over 16-21
+trial scales), `quantize_row_q6_K_ref` (per 16-weight sub-block `make_qx_quants`, 19 trial scales).
+"Bit-exact" means the same float32 operations in the same order: ggml-base is built without -mfma and
+-ffast-math, so every product and sum is rounded to float32 on its own and sums run front to back; Numba
+without fastmath does the same (it never contracts a*b+c and never reorders a reduction). Integer
+constants are converted to float32 where C converts them, `nearest_int` is ggml's add-1.5*2^23 bit
+trick (round half to even, and the same garbage as C if a value is ever out of its range), and
+GGML_FP32_TO_FP16 rounds to nearest even.
+
+Two versions of each K-quant:
+    *_ref  scalar ports that read like the C: one super-block, one sub-block, one trial scale at a time.
+    fast   the same operations with the sub-blocks of several rows side by side ("lanes"): arrays are
+           transposed to (weight-in-sub-block, lane) so that every inner loop runs over lanes. Each lane
+           still performs its own sub-block's C operation sequence, so results are bit-identical to the
+           scalar port, but the loops vectorise (the scalar search is a chain of dependent float adds).
+The tests check fast == ref on random and adversarial data and both against llama.cpp's fixture files.
+
+Conventions: x is float32 (rows, K), K a whole number of blocks; the result is uint8 (rows, row_bytes)
+in the GGUF block layout (see formats.py). Threads: Numba's (numba.set_num_threads), rows are split
+into tasks of a few rows each.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from numba import njit, prange
+
+f32 = np.float32
+QK_K = 256
+MAGIC = f32(12582912.0)      # 1.5 * 2**23: adding it rounds a float32 to an integer (nearest_int)
+GROUP_MAX_EPS = f32(1e-15)
+NJ = dict(cache=True, error_model="numpy")  # IEEE division (inf/nan), never a ZeroDivisionError
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scalar helpers. `tb` is a float32 scratch array and `ib` its int32 view: numba cannot bit-cast a scalar.
+# ---------------------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _nearest(v, tb, ib):
+    """ggml's nearest_int(v): round half to even via the float32 add, then read the mantissa bits."""
+    tb[0] = v + MAGIC
+    return (np.int64(ib[0]) & 0x7FFFFF) - 0x400000
+
+
+@njit(inline="always")
+def _f16_bits(v, tb, ib):
+    """float32 -> IEEE half bits, round to nearest even (GGML_FP32_TO_FP16 / F16C's vcvtps2ph)."""
+    tb[0] = v
+    w = np.int64(ib[0]) & 0xFFFFFFFF
+    sign = (w >> 16) & 0x8000
+    a = w & 0x7FFFFFFF
+    if a > 0x7F800000:                               # NaN -> quiet NaN
+        return sign | 0x7E00
+    if a >= 0x47800000:                              # >= 65536 (or inf) -> inf
+        return sign | 0x7C00
+    e = a >> 23
+    m = (a & 0x7FFFFF) | 0x800000
+    if e >= 113:                                     # a normal half: keep 10 of 23 mantissa bits
+        q = (a & 0x7FFFFF) >> 13
+        r = a & 0x1FFF
+        q += (e - 112) << 10
+        if r > 0x1000 or (r == 0x1000 and (q & 1)):
+            q += 1                                   # a carry into the exponent is right (up to inf)
+        return sign | q
+    shift = 126 - e                                  # a subnormal half: value / 2**-24, rounded
+    if shift > 24:
+        return sign
+    q = m >> shift
+    r = m & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if r > half or (r == half and (q & 1)):
+        q += 1
+    return sign | q
+
+
+@njit(inline="always")
+def _f16_value(h):
+    """IEEE half bits -> float32 (exact)."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = np.ldexp(np.float64(m), -24)
+    elif e == 31:
+        v = np.inf if m == 0 else np.nan
+    else:
+        v = np.ldexp(np.float64(m + 1024), e - 25)
+    return f32(-v if h & 0x8000 else v)
+
+
+@njit(inline="always")
+def _put_f16(row, o, h):
+    row[o] = h & 0xFF
+    row[o + 1] = (h >> 8) & 0xFF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q8_0 and Q4_0: 32-weight blocks with one f16 scale
+# ---------------------------------------------------------------------------------------------------------
+
+@njit(**NJ)
+def _q8_0_row(x, row, tb, ib):
+    for b in range(x.shape[0] // 32):
+        xb = x[32 * b:32 * b + 32]
+        amax = f32(0.0)
+        for j in range(32):
+            a = abs(xb[j])
+            amax = amax if amax > a else a          # MAX(amax, fabsf(v))
+        d = amax / f32(127.0)
+        idv = f32(1.0) / d if d != 0 else f32(0.0)
+        o = 34 * b
+        _put_f16(row, o, _f16_bits(d, tb, ib))
+        for j in range(32):
+            v = xb[j] * idv
+            r = np.floor(np.float64(abs(v)) + 0.5)  # roundf: half away from zero (exact in float64)
+            q = np.int64(r) if v >= 0 else -np.int64(r)
+            row[o + 2 + j] = q & 0xFF
+
+
+@njit(**NJ)
+def _q4_0_row(x, row, tb, ib):
+    for b in range(x.shape[0] // 32):
+        xb = x[32 * b:32 * b + 32]
+        amax = f32(0.0)
+        vmax = f32(0.0)
+        for j in range(32):
+            if amax < abs(xb[j]):
+                amax = abs(xb[j])
+                vmax = xb[j]
+        d = vmax / f32(-8.0)
+        idv = f32(1.0) / d if d != 0 else f32(0.0)
+        o = 18 * b
+        _put_f16(row, o, _f16_bits(d, tb, ib))
+        for j in range(16):
+            q0 = min(15, np.int64(xb[j] * idv + f32(8.5)))       # (int8_t) truncates toward zero
+            q1 = min(15, np.int64(xb[j + 16] * idv + f32(8.5)))
+            row[o + 2 + j] = (q0 & 0xFF) | ((q1 << 4) & 0xFF)
+
+
+@njit(parallel=True, **NJ)
+def _rows_32(code, x, out):
+    """Q8_0 (code 0) or Q4_0 (code 1), rows in parallel."""
+    for r in prange(x.shape[0]):
+        tb = np.empty(1, f32)
+        ib = tb.view(np.int32)
+        if code == 0:
+            _q8_0_row(x[r], out[r], tb, ib)
+        else:
+            _q4_0_row(x[r], out[r], tb, ib)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# make_qkx2_quants and make_qx_quants: scalar ports (the readable versions)
+# ---------------------------------------------------------------------------------------------------------
+
+@njit(**NJ)
+def make_qkx2_quants_ref(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, tb, ib):
+    """-> (scale, the_min). L[:n] gets the levels 0..nmax; weights are the fit's per-weight weights."""
+    fnmax = f32(nmax)
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > 0:
+        mn = f32(0.0)
+    if mx == mn:
+        L[:n] = 0
+        return f32(0.0), -mn
+    iscale = fnmax / (mx - mn)
+    scale = f32(1.0) / iscale
+    best_error = f32(0.0)
+    for i in range(n):
+        l = min(max(_nearest(iscale * (x[i] - mn), tb, ib), 0), nmax)
+        L[i] = l
+        diff = scale * f32(l) + mn - x[i]
+        best_error += weights[i] * (diff * diff)
+    for s in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(s) + fnmax) / (mx - mn)
+        sum_l = f32(0.0)
+        sum_l2 = f32(0.0)
+        sum_xl = f32(0.0)
+        for i in range(n):
+            l = min(max(_nearest(iscale * (x[i] - mn), tb, ib), 0), nmax)
+            Laux[i] = l
+            w = weights[i]
+            fl = f32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = f32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur_error = f32(0.0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                cur_error += weights[i] * (diff * diff)
+            if cur_error < best_error:
+                L[:n] = Laux[:n]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(**NJ)
+def make_qx_quants_ref(n, nmax, x, L, tb, ib):
+    """make_qx_quants with rmse_type 1 and no importance weights (w = x*x). L gets l + nmax."""
+    amax = f32(0.0)
+    vmax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        L[:n] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / vmax
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _nearest(iscale * x[i], tb, ib)))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        sumlx += w * x[i] * f32(l)
+        suml2 += w * f32(l) * f32(l)
+    scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
+    best = scale * sumlx
+    for s in range(-9, 10):
+        if s == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(s)) / vmax
+        sumlx = f32(0.0)
+        suml2 = f32(0.0)
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, _nearest(iscale * x[i], tb, ib)))
+            w = x[i] * x[i]
+            sumlx += w * x[i] * f32(l)
+            suml2 += w * f32(l) * f32(l)
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, _nearest(iscale * x[i], tb, ib)))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block packing shared by both versions
+# ---------------------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _pack_scales_k4(row, o, ls, lm):
+    """Q4_K/Q5_K: eight 6-bit scales and mins into 12 bytes at row[o:o+12]."""
+    for j in range(8):
+        if j < 4:
+            row[o + j] = ls[j]
+            row[o + j + 4] = lm[j]
+        else:
+            row[o + j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            row[o + j - 4] |= (ls[j] >> 4) << 6
+            row[o + j] |= (lm[j] >> 4) << 6
+
+
+@njit(inline="always")
+def _pack_q4k(row, o, L):
+    for g in range(4):
+        for l in range(32):
+            row[o + 16 + 32 * g + l] = L[64 * g + l] | (L[64 * g + l + 32] << 4)
+
+
+@njit(inline="always")
+def _pack_q5k(row, o, L):
+    for j in range(32):
+        row[o + 16 + j] = 0
+    m1, m2 = 1, 2
+    for g in range(4):
+        for j in range(32):
+            l1 = L[64 * g + j]
+            if l1 > 15:
+                l1 -= 16
+                row[o + 16 + j] |= m1
+            l2 = L[64 * g + j + 32]
+            if l2 > 15:
+                l2 -= 16
+                row[o + 16 + j] |= m2
+            row[o + 48 + 32 * g + j] = l1 | (l2 << 4)
+        m1 <<= 2
+        m2 <<= 2
+
+
+@njit(inline="always")
+def _pack_q6k(row, o, L):
+    for h in range(2):
+        j = 128 * h
+        for l in range(32):
+            a, b, c, e = L[j + l], L[j + l + 32], L[j + l + 64], L[j + l + 96]
+            row[o + 64 * h + l] = (a & 0xF) | ((c & 0xF) << 4)
+            row[o + 64 * h + l + 32] = (b & 0xF) | ((e & 0xF) << 4)
+            row[o + 128 + 32 * h + l] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6)
+
+
+@njit(inline="always")
+def _k4_block_scales(scales, mins, ls, lm, tb, ib):
+    """The super-block part of Q4_K/Q5_K: 6-bit sub-scales against the largest -> (d bits, dmin bits)."""
+    max_scale = f32(0.0)
+    max_min = f32(0.0)
+    for j in range(8):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
+    inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
+    for j in range(8):
+        ls[j] = min(63, _nearest(inv_scale * scales[j], tb, ib) & 0xFF)   # uint8_t, then MIN(63, .)
+        lm[j] = min(63, _nearest(inv_min * mins[j], tb, ib) & 0xFF)
+    return _f16_bits(max_scale / f32(63.0), tb, ib), _f16_bits(max_min / f32(63.0), tb, ib)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q4_K / Q5_K / Q6_K: scalar ports, one row at a time
+# ---------------------------------------------------------------------------------------------------------
+
+@njit(**NJ)
+def _qk45_row_ref(x, row, five, tb, ib):
+    nmax = 31 if five else 15
+    rmin, rdelta, nstep = (f32(-0.5), f32(0.1), 15) if five else (f32(-1.0), f32(0.1), 20)
+    bs = 176 if five else 144
+    L = np.zeros(QK_K, np.int64)
+    Laux = np.zeros(32, np.int64)
+    weights = np.empty(32, f32)
+    scales = np.empty(8, f32)
+    mins = np.empty(8, f32)
+    ls = np.empty(8, np.int64)
+    lm = np.empty(8, np.int64)
+    for b in range(x.shape[0] // QK_K):
+        xb = x[QK_K * b:QK_K * (b + 1)]
+        o = bs * b
+        for j in range(8):
+            xs = xb[32 * j:32 * j + 32]
+            sum_x2 = f32(0.0)
+            for l in range(32):
+                sum_x2 += xs[l] * xs[l]
+            av_x = np.sqrt(sum_x2 / f32(32.0))
+            for l in range(32):
+                weights[l] = av_x + abs(xs[l])
+            scales[j], mins[j] = make_qkx2_quants_ref(32, nmax, xs, weights, L[32 * j:], Laux, rmin, rdelta,
+                                                      nstep, tb, ib)
+        dh, dmh = _k4_block_scales(scales, mins, ls, lm, tb, ib)
+        _put_f16(row, o, dh)
+        _put_f16(row, o + 2, dmh)
+        _pack_scales_k4(row, o + 4, ls, lm)
+        for j in range(8):
+            d = _f16_value(dh) * f32(ls[j])
+            if d == 0:
+                continue
+            dm = _f16_value(dmh) * f32(lm[j])
+            for ii in range(32):
+                L[32 * j + ii] = min(max(_nearest((xb[32 * j + ii] + dm) / d, tb, ib), 0), nmax)
+        if five:
+            _pack_q5k(row, o, L)
+        else:
+            _pack_q4k(row, o, L)
+
+
+@njit(**NJ)
+def _q6k_block_tail(xb, row, o, scales, L, bisc, zero, tb, ib):
+    """Q6_K after the sub-block fits: int8 sub-scales, requantize, pack. Where a sub-scale rounds to 0
+    the sub-block keeps make_qx_quants' levels: L as given if bisc is empty (the scalar port), else
+    recomputed from the lanes' best iscale (0 for an all-zero sub-block)."""
+    max_scale = f32(0.0)
+    max_abs_scale = f32(0.0)
+    for s in range(16):
+        if abs(scales[s]) > max_abs_scale:
+            max_abs_scale = abs(scales[s])
+            max_scale = scales[s]
+    if max_abs_scale < GROUP_MAX_EPS:
+        row[o:o + 210] = 0
+        return
+    iscale = f32(-128.0) / max_scale
+    dh = _f16_bits(f32(1.0) / iscale, tb, ib)
+    _put_f16(row, o + 208, dh)
+    dv = _f16_value(dh)
+    for s in range(16):
+        sc = min(127, _nearest(iscale * scales[s], tb, ib)) & 0xFF
+        row[o + 192 + s] = sc
+        d = dv * f32(sc - 256 if sc >= 128 else sc)
+        if d == 0:
+            if bisc.shape[0]:
+                for ii in range(16):
+                    q = max(-32, min(31, _nearest(bisc[s] * xb[16 * s + ii], tb, ib))) + 32
+                    L[16 * s + ii] = 0 if zero[s] else q
+            continue
+        for ii in range(16):
+            L[16 * s + ii] = max(-32, min(31, _nearest(xb[16 * s + ii] / d, tb, ib))) + 32
+    _pack_q6k(row, o, L)
+
+
+@njit(**NJ)
+def _q6k_row_ref(x, row, tb, ib):
+    L = np.zeros(QK_K, np.int64)
+    scales = np.empty(16, f32)
+    for b in range(x.shape[0] // QK_K):
+        xb = x[QK_K * b:QK_K * (b + 1)]
+        for s in range(16):
+            scales[s] = make_qx_quants_ref(16, 32, xb[16 * s:16 * s + 16], L[16 * s:], tb, ib)
+        _q6k_block_tail(xb, row, 210 * b, scales, L, scales[:0], np.zeros(0, np.bool_), tb, ib)
+
+
+@njit(**NJ)
+def _rows_ref(code, x, out):
+    tb = np.empty(1, f32)
+    ib = tb.view(np.int32)
+    for r in range(x.shape[0]):
+        if code == 0:
+            _q8_0_row(x[r], out[r], tb, ib)
+        elif code == 1:
+            _q4_0_row(x[r], out[r], tb, ib)
+        elif code == 2:
+            _qk45_row_ref(x[r], out[r], False, tb, ib)
+        elif code == 3:
+            _qk45_row_ref(x[r], out[r], True, tb, ib)
+        else:
+            _q6k_row_ref(x[r], out[r], tb, ib)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast K-quants: sub-blocks of a task's rows as lanes. xt[i, k] = weight i of sub-block k.
+# ---------------------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _nearest_lanes(v, tb, ib, n, lo, hi, out):
+    """out[k] = clamp(nearest_int(v[k]), lo, hi) for k < n; v may be tb itself."""
+    for k in range(n):
+        tb[k] = v[k] + MAGIC
+    for k in range(n):
+        out[k] = min(max((np.int64(ib[k]) & 0x7FFFFF) - 0x400000, lo), hi)
+
+
+@njit(**NJ)
+def _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, best_isc, best_mn):
+    """make_qkx2_quants for every lane k of xt/wt (32, n) at once. Results per lane: scale, the_min, and
+    (best_isc, best_mn) with which the best levels are clamp(nearest(best_isc * (x - best_mn)), 0, nmax)."""
+    n = xt.shape[1]
+    fnmax = f32(nmax)
+    mn = xt[0].copy()
+    mx = xt[0].copy()
+    sum_w = wt[0].copy()
+    sum_x = np.empty(n, f32)
+    for k in range(n):
+        sum_x[k] = sum_w[k] * xt[0, k]
+    for i in range(1, 32):
+        xi = xt[i]
+        wi = wt[i]
+        for k in range(n):
+            v = xi[k]
+            mn[k] = v if v < mn[k] else mn[k]
+            mx[k] = v if v > mx[k] else mx[k]
+            sum_w[k] += wi[k]
+            sum_x[k] += wi[k] * v
+    isc = np.empty(n, f32)
+    best = np.zeros(n, f32)
+    flat = np.empty(n, np.bool_)
+    for k in range(n):
+        mn[k] = f32(0.0) if mn[k] > 0 else mn[k]
+        flat[k] = mx[k] == mn[k]
+        isc[k] = fnmax / (mx[k] - mn[k])
+        scale[k] = f32(1.0) / isc[k]
+    tb = np.empty(n, f32)
+    ib = tb.view(np.int32)
+    lv = np.empty(n, np.int64)
+    for i in range(32):
+        xi = xt[i]
+        wi = wt[i]
+        for k in range(n):
+            tb[k] = isc[k] * (xi[k] - mn[k])
+        _nearest_lanes(tb, tb, ib, n, 0, nmax, lv)
+        for k in range(n):
+            diff = scale[k] * f32(lv[k]) + mn[k] - xi[k]
+            best[k] += wi[k] * (diff * diff)
+    best_isc[:] = isc
+    best_mn[:] = mn
+    mn0 = mn.copy()
+    la = np.empty((32, n), f32)
+    sl = np.empty(n, f32)
+    sl2 = np.empty(n, f32)
+    sxl = np.empty(n, f32)
+    ts = np.empty(n, f32)
+    tm = np.empty(n, f32)
+    ok = np.empty(n, np.bool_)
+    cur = np.empty(n, f32)
+    for s in range(nstep + 1):
+        f = rmin + rdelta * f32(s) + fnmax
+        for k in range(n):
+            isc[k] = f / (mx[k] - mn[k])
+            sl[k] = f32(0.0)
+            sl2[k] = f32(0.0)
+            sxl[k] = f32(0.0)
+        for i in range(32):
+            xi = xt[i]
+            wi = wt[i]
+            lai = la[i]
+            for k in range(n):
+                tb[k] = isc[k] * (xi[k] - mn[k])
+            _nearest_lanes(tb, tb, ib, n, 0, nmax, lv)
+            for k in range(n):
+                fl = f32(lv[k])
+                lai[k] = fl
+                wl = wi[k] * fl
+                sl[k] += wl
+                sl2[k] += wl * fl
+                sxl[k] += wl * xi[k]
+        for k in range(n):
+            D = sum_w[k] * sl2[k] - sl[k] * sl[k]
+            a = (sum_w[k] * sxl[k] - sum_x[k] * sl[k]) / D
+            b = (sl2[k] * sum_x[k] - sl[k] * sxl[k]) / D
+            pos = b > 0
+            ts[k] = sxl[k] / sl2[k] if pos else a
+            tm[k] = f32(0.0) if pos else b
+            ok[k] = D > 0
+            cur[k] = f32(0.0)
+        for i in range(32):
+            xi = xt[i]
+            wi = wt[i]
+            lai = la[i]
+            for k in range(n):
+                diff = ts[k] * lai[k] + tm[k] - xi[k]
+                cur[k] += wi[k] * (diff * diff)
+        for k in range(n):
+            if ok[k] and cur[k] < best[k]:
+                best[k] = cur[k]
+                scale[k] = ts[k]
+                best_isc[k] = isc[k]
+                best_mn[k] = mn[k]
+                mn[k] = tm[k]
+    for k in range(n):
+        if flat[k]:  # C returns before the search: levels 0, scale 0
+            scale[k] = f32(0.0)
+            best_isc[k] = f32(0.0)
+            mn[k] = mn0[k]
+        the_min[k] = -mn[k]
+
+
+@njit(**NJ)
+def _qx_lanes(xt, scale, best_isc, zero):
+    """make_qx_quants(16, 32, x, L, 1, NULL) for every lane of xt (16, n). The best levels are
+    32 + clamp(nearest(best_isc * x), -32, 31), or 0 where zero[k] (an all-zero sub-block)."""
+    n = xt.shape[1]
+    amax = np.zeros(n, f32)
+    vmax = np.zeros(n, f32)
+    for i in range(16):
+        xi = xt[i]
+        for k in range(n):
+            ax = abs(xi[k])
+            up = ax > amax[k]
+            amax[k] = ax if up else amax[k]
+            vmax[k] = xi[k] if up else vmax[k]
+    isc = np.empty(n, f32)
+    sumlx = np.zeros(n, f32)
+    suml2 = np.zeros(n, f32)
+    best = np.empty(n, f32)
+    tb = np.empty(n, f32)
+    ib = tb.view(np.int32)
+    lv = np.empty(n, np.int64)
+    for k in range(n):
+        zero[k] = amax[k] < GROUP_MAX_EPS
+        isc[k] = f32(-32.0) / vmax[k]
+    for i in range(16):
+        xi = xt[i]
+        for k in range(n):
+            tb[k] = isc[k] * xi[k]
+        _nearest_lanes(tb, tb, ib, n, -32, 31, lv)
+        for k in range(n):
+            fl = f32(lv[k])
+            w = xi[k] * xi[k]
+            sumlx[k] += w * xi[k] * fl
+            suml2[k] += w * fl * fl
+    for k in range(n):
+        scale[k] = sumlx[k] / suml2[k] if suml2[k] != 0 else f32(0.0)
+        best[k] = scale[k] * sumlx[k]
+        best_isc[k] = isc[k]
+    for s in range(-9, 10):
+        if s == 0:
+            continue
+        f = -(f32(32.0) + f32(0.1) * f32(s))
+        for k in range(n):
+            isc[k] = f / vmax[k]
+            sumlx[k] = f32(0.0)
+            suml2[k] = f32(0.0)
+        for i in range(16):
+            xi = xt[i]
+            for k in range(n):
+                tb[k] = isc[k] * xi[k]
+            _nearest_lanes(tb, tb, ib, n, -32, 31, lv)
+            for k in range(n):
+                fl = f32(lv[k])
+                w = xi[k] * xi[k]
+                sumlx[k] += w * xi[k] * fl
+                suml2[k] += w * fl * fl
+        for k in range(n):
+            if suml2[k] > 0 and sumlx[k] * sumlx[k] > best[k] * suml2[k]:
+                best_isc[k] = isc[k]
+                scale[k] = sumlx[k] / suml2[k]
+                best[k] = scale[k] * sumlx[k]
+    for k in range(n):
+        if zero[k]:
+            scale[k] = f32(0.0)
+
+
+@njit(**NJ)
+def _transpose(x, r0, r1, m):
+    """Rows r0..r1 of x as (m, n): column k = the k-th m-weight sub-block of those rows."""
+    K = x.shape[1]
+    per_row = K // m
+    xt = np.empty((m, (r1 - r0) * per_row), f32)
+    for r in range(r0, r1):
+        xr = x[r]
+        for sb in range(per_row):
+            k = (r - r0) * per_row + sb
+            for i in range(m):
+                xt[i, k] = xr[m * sb + i]
+    return xt
+
+
+@njit(**NJ)
+def _qk45_task(x, out, r0, r1, five):
+    nmax = 31 if five else 15
+    rmin, rdelta, nstep = (f32(-0.5), f32(0.1), 15) if five else (f32(-1.0), f32(0.1), 20)
+    bs = 176 if five else 144
+    xt = _transpose(x, r0, r1, 32)
+    n = xt.shape[1]
+    sum_x2 = np.zeros(n, f32)
+    for i in range(32):
+        xi = xt[i]
+        for k in range(n):
+            sum_x2[k] += xi[k] * xi[k]
+    for k in range(n):
+        sum_x2[k] = np.sqrt(sum_x2[k] / f32(32.0))          # av_x
+    wt = np.empty((32, n), f32)
+    for i in range(32):
+        for k in range(n):
+            wt[i, k] = sum_x2[k] + abs(xt[i, k])
+    scale = np.empty(n, f32)
+    the_min = np.empty(n, f32)
+    bisc = np.empty(n, f32)
+    bmn = np.empty(n, f32)
+    _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, bisc, bmn)
+
+    tb = np.empty(1, f32)
+    ib = tb.view(np.int32)
+    L = np.zeros(QK_K, np.int64)
+    ls = np.empty(8, np.int64)
+    lm = np.empty(8, np.int64)
+    per_row = x.shape[1] // 32
+    for r in range(r0, r1):
+        xr = x[r]
+        row = out[r]
+        for b in range(x.shape[1] // QK_K):
+            k0 = (r - r0) * per_row + 8 * b
+            o = bs * b
+            dh, dmh = _k4_block_scales(scale[k0:k0 + 8], the_min[k0:k0 + 8], ls, lm, tb, ib)
+            _put_f16(row, o, dh)
+            _put_f16(row, o + 2, dmh)
+            _pack_scales_k4(row, o + 4, ls, lm)
+            for j in range(8):
+                xs = xr[QK_K * b + 32 * j:QK_K * b + 32 * j + 32]
+                d = _f16_value(dh) * f32(ls[j])
+                if d == 0:  # keep make_qkx2_quants' levels
+                    for ii in range(32):
+                        L[32 * j + ii] = min(max(_nearest(bisc[k0 + j] * (xs[ii] - bmn[k0 + j]), tb, ib), 0), nmax)
+                    continue
+                dm = _f16_value(dmh) * f32(lm[j])
+                for ii in range(32):
+                    L[32 * j + ii] = min(max(_nearest((xs[ii] + dm) / d, tb, ib), 0), nmax)
+            if five:
+                _pack_q5k(row, o, L)
+            else:
+                _pack_q4k(row, o, L)
+
+
+@njit(**NJ)
+def _q6k_task(x, out, r0, r1):
+    xt = _transpose(x, r0, r1, 16)
+    n = xt.shape[1]
+    scale = np.empty(n, f32)
+    bisc = np.empty(n, f32)
+    zero = np.empty(n, np.bool_)
+    _qx_lanes(xt, scale, bisc, zero)
+    tb = np.empty(1, f32)
+    ib = tb.view(np.int32)
+    L = np.zeros(QK_K, np.int64)
+    per_row = x.shape[1] // 16
+    for r in range(r0, r1):
+        xr = x[r]
+        for b in range(x.shape[1] // QK_K):
+            xb = xr[QK_K * b:QK_K * (b + 1)]
+            k0 = (r - r0) * per_row + 16 * b
+            _q6k_block_tail(xb, out[r], 210 * b, scale[k0:k0 + 16], L, bisc[k0:k0 + 16], zero[k0:k0 + 16], tb, ib)
+
+
+@njit(parallel=True, **NJ)
+def _rows_k(code, x, out, rows_per_task):
+    nrows = x.shape[0]
+    ntask = (nrows + rows_per_task - 1) // rows_per_task
+    for t in prange(ntask):
+        r0 = t * rows_per_task
+        r1 = min(nrows, r0 + rows_per_task)
+        if code == 4:
+            _q6k_task(x, out, r0, r1)
+        else:
+            _qk45_task(x, out, r0, r1, code == 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python entry points
+# ---------------------------------------------------------------------------------------------------------
+
+# type -> (kernel code, weights per block, bytes per block)
+TYPES: dict[QT, tuple[int, int, int]] = {
+    QT.Q8_0: (0, 32, 34), QT.Q4_0: (1, 32, 18), QT.Q4_K: (2, QK_K, 144), QT.Q5_K: (3, QK_K, 176),
+    QT.Q6_K: (4, QK_K, 210),
+}
+TASK_WEIGHTS = 1 << 14  # weights per parallel task of the K-quants (lanes = this / sub-block size)
+
+
+def _prepare(x: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, int]:
+    code, block, size = TYPES[QT(qtype)]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+    if x.shape[1] % block:
+        raise ValueError(f"{QT(qtype).name} needs rows of a multiple of {block} weights, got {x.shape[1]}")
+    return x, np.empty((x.shape[0], x.shape[1] // block * size), np.uint8), code
+
+
+def quantize(x: np.ndarray, qtype) -> np.ndarray:
+    """float32 (..., K) -> uint8 (rows, K / block * type_size) in qtype (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)."""
+    x, out, code = _prepare(x, qtype)
+    if x.shape[0] == 0:
+        return out
+    if code < 2:
+        _rows_32(code, x, out)
+    else:
+        import numba
+
+        per_task = max(1, min(TASK_WEIGHTS // x.shape[1], -(-x.shape[0] // numba.get_num_threads())))
+        _rows_k(code, x, out, per_task)
+    return out
+
+
+def quantize_ref(x: np.ndarray, qtype) -> np.ndarray:
+    """The scalar ports (one thread, slow): the readable version `quantize` is tested against."""
+    x, out, code = _prepare(x, qtype)
+    _rows_ref(code, x, out)
+    return out
+
+
+QUANTIZERS: dict[QT, Callable[[np.ndarray], np.ndarray]] = {
+    t: (lambda x, t=t: quantize(x, t)) for t in TYPES
+}
