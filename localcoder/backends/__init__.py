@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 from ..errors import LocalcoderError
 
 BACKENDS = ("auto", "numpy", "numba", "mlx")
 
 
-def get_backend(name: str = "auto"):
-    """The backend called `name`; "auto" picks the fastest one installed for this machine."""
+def _numba_backend(threads: int | None = None):
+    from .numba_cpu import NumbaBackend
+    return NumbaBackend(threads)
+
+
+def get_backend(name: str = "auto", threads: int | None = None):
+    """The backend called `name`; "auto" picks the fastest one installed for this machine (Numba on x86)."""
     if name not in BACKENDS:
         raise LocalcoderError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "numba":
+        try:
+            return _numba_backend(threads)
+        except ImportError as e:
+            raise LocalcoderError(f"backend 'numba' needs the numba package ({e}); pip install numba, "
+                                  "or use --backend numpy") from e
+    if name == "auto" and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        try:
+            return _numba_backend(threads)
+        except ImportError as e:
+            print(f"localcoder: numba is not importable ({e}); using the slow NumPy backend "
+                  "(pip install numba for the fast one)", file=sys.stderr)
     if name in ("auto", "numpy"):
         from .numpy_ref import NumpyBackend
         return NumpyBackend()

@@ -1,0 +1,327 @@
+"""The Numba CPU backend: threaded kernels over raw GGUF blocks.
+
+Weights are never dequantized into a kept copy: matrix-vector products (decode) decode each block inside
+the dot product (localcoder.quant.kernels); small matrix-matrix products decode each row once for all
+tokens; long prompts decode a tile of rows into a scratch buffer and hand it to BLAS (the tile is
+discarded). The routed experts of a step run in one kernel (gate, up, SiLU*mul, down). DeltaNet, the
+causal conv and attention over the KV cache are Numba kernels here; the trivial ops are the NumPy
+reference's (they are tiny and already vectorised).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ..gguf_file import QTensor
+from ..quant import kernels as K
+from . import numpy_ref
+from .numpy_ref import NumpyBackend
+
+f32 = np.float32
+BLAS_MIN_TOKENS = 16  # from this many tokens a matmul dequantizes row tiles and uses BLAS
+TILE_BYTES = 4 << 20  # float32 scratch per BLAS tile
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeltaNet
+
+@njit(cache=True, parallel=True, fastmath=True)
+def gated_delta_recurrent(q, k, v, g, beta, state, out):
+    """Token by token, in place on state (Hv, Dk, Dv). q, k (T, Hv, Dk); v, out (T, Hv, Dv); g, beta (T, Hv).
+    Per head: S <- S*exp(g); S <- S + k (x) beta (v - S^T k); o = S^T q. One read pass (S^T k and S^T q of
+    the decayed state) and one update pass per token, head by head so the 64 KiB state stays in cache:
+    o = exp(g) S^T q + delta (k . q)."""
+    T, H, Dk = q.shape
+    Dv = v.shape[2]
+    for h in prange(H):
+        S = state[h]
+        kv = np.empty(Dv, np.float32)
+        sq = np.empty(Dv, np.float32)
+        for t in range(T):
+            decay = np.exp(g[t, h])
+            kt, qt = k[t, h], q[t, h]
+            kv[:] = 0
+            sq[:] = 0
+            kq = f32(0)
+            for i in range(Dk):
+                ki, qi = kt[i], qt[i]
+                kq += ki * qi
+                for j in range(Dv):
+                    kv[j] += S[i, j] * ki
+                    sq[j] += S[i, j] * qi
+            bt = beta[t, h]
+            for j in range(Dv):
+                kv[j] = (v[t, h, j] - decay * kv[j]) * bt  # delta
+                out[t, h, j] = decay * sq[j] + kv[j] * kq
+            for i in range(Dk):
+                ki = kt[i]
+                for j in range(Dv):
+                    S[i, j] = decay * S[i, j] + ki * kv[j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _solve_unit_lower(a, b):
+    """x with a x = b, a (H, N, C, C) unit lower triangular (the diagonal is not read), b (H, N, C, D)."""
+    H, N, C, D = b.shape
+    x = np.empty_like(b)
+    for hn in prange(H * N):
+        h, n = hn // N, hn % N
+        for i in range(C):
+            row = b[h, n, i].copy()
+            for j in range(i):
+                aij = a[h, n, i, j]
+                for d in range(D):
+                    row[d] -= aij * x[h, n, j, d]
+            x[h, n, i] = row
+    return x
+
+
+def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = numpy_ref.CHUNK):
+    """The chunked (WY) form of numpy_ref.gated_delta_chunked with batched BLAS matmuls and a Numba
+    triangular solve; returns (out, new state)."""
+    T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    pad = (-T) % chunk
+
+    def chunks(x):  # (T, H, ...) -> (H, N, C, ...)
+        x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return np.ascontiguousarray(np.moveaxis(x, 0, 1).reshape(H, -1, chunk, *x.shape[2:]))
+
+    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    k_beta = k * beta[..., None]
+    decay = np.cumsum(g, axis=-1)  # (H, N, C)
+    lower = np.tril(np.ones((chunk, chunk), dtype=bool))
+    pair = np.exp(np.where(lower, decay[..., :, None] - decay[..., None, :], -np.inf)).astype(np.float32)
+    kk = k @ np.swapaxes(k, -1, -2)
+    a = kk * beta[..., :, None] * pair  # strictly-lower part is used by the solve
+    ed = np.exp(decay)[..., None]
+    uw = _solve_unit_lower(a, np.concatenate([v * beta[..., None], k_beta * ed], axis=-1))
+    u, w = uw[..., :Dv], uw[..., Dv:]
+    attn = (q @ np.swapaxes(k, -1, -2)) * pair
+    q_dec = q * ed
+    k_dec = k * np.exp(decay[..., -1:] - decay)[..., None]
+    chunk_decay = np.exp(decay[..., -1])
+    state = np.array(state, dtype=np.float32, copy=True)
+    out = np.empty((H, q.shape[1], chunk, Dv), dtype=np.float32)
+    for n in range(q.shape[1]):
+        v_new = u[:, n] - w[:, n] @ state  # (H, C, Dv)
+        out[:, n] = q_dec[:, n] @ state + attn[:, n] @ v_new
+        state = state * chunk_decay[:, n, None, None] + np.swapaxes(k_dec[:, n], -1, -2) @ v_new
+    out = np.moveaxis(out.reshape(H, -1, Dv), 0, 1)[:T]
+    return np.ascontiguousarray(out), state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# causal conv, attention
+
+@njit(cache=True, parallel=True, fastmath=True)
+def conv1d_silu(x, w, conv_state, out):
+    """out[t, c] = silu(sum_j full[t + j, c] w[c, j]) with full = [conv_state; x]. x (T, C), w (C, Kc),
+    conv_state (Kc-1, C)."""
+    T, C = x.shape
+    Kc = w.shape[1]
+    nc = min(C // 64, 64) if C >= 64 else 1
+    step = (C + nc - 1) // nc
+    for cc in prange(nc):
+        for c in range(cc * step, min(C, (cc + 1) * step)):
+            for t in range(T):
+                acc = f32(0)
+                for j in range(Kc):
+                    s = t + j - (Kc - 1)
+                    acc += (conv_state[Kc - 1 + s, c] if s < 0 else x[s, c]) * w[c, j]
+                out[t, c] = acc / (f32(1) + np.exp(-acc))
+
+
+def _load(a, i, lut):
+    """a[i] as float32; a float16 cache arrives as its uint16 bit patterns (Numba has no float16 arrays)."""
+
+
+@overload(_load, inline="always")
+def _load_impl(a, i, lut):
+    if a.dtype == types.uint16:
+        return lambda a, i, lut: lut[a[i]]
+    return lambda a, i, lut: f32(a[i])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_kernel(q, kc, vc, positions, scale, lut, out):
+    """Causal softmax attention with GQA. q (T, Hq, D); kc, vc (S, Hkv, D) float32, or float16 passed as
+    uint16 bit patterns and converted through lut; out (T, Hq, D). One task per (token, kv head): the group's query heads read
+    each cached key and value row once. Scores live in a (G, S) buffer; softmax in float32."""
+    T, Hq, D = q.shape
+    S, Hkv = kc.shape[0], kc.shape[1]
+    G = Hq // Hkv
+    for job in prange(T * Hkv):
+        t, hk = job // Hkv, job % Hkv
+        n = min(positions[t] + 1, S)
+        sc = np.empty((G, n), np.float32)
+        for s in range(n):
+            krow = kc[s, hk]
+            for gi in range(G):
+                qrow = q[t, hk * G + gi]
+                acc = f32(0)
+                for d in range(D):
+                    acc += qrow[d] * _load(krow, d, lut)
+                sc[gi, s] = acc * scale
+        for gi in range(G):
+            m = sc[gi].max()
+            tot = f32(0)
+            for s in range(n):
+                e = np.exp(sc[gi, s] - m)
+                sc[gi, s] = e
+                tot += e
+            inv = f32(1) / tot
+            for s in range(n):
+                sc[gi, s] *= inv
+        acc = np.zeros((G, D), np.float32)
+        for s in range(n):
+            vrow = vc[s, hk]
+            for gi in range(G):
+                p = sc[gi, s]
+                for d in range(D):
+                    acc[gi, d] += p * _load(vrow, d, lut)
+        for gi in range(G):
+            out[t, hk * G + gi] = acc[gi]
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+class NumbaBackend(NumpyBackend):
+    """Float32 activations, weights read as stored. `threads` sets Numba's thread count."""
+
+    name = "numba"
+    xp = np
+
+    def __init__(self, threads: int | None = None):
+        super().__init__()
+        if threads:
+            numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+        self.threads = numba.get_num_threads()
+        self.nchunks = 4 * self.threads
+        self._vectors: dict[str, np.ndarray] = {}
+
+    # weights ------------------------------------------------------------------------------------------
+    def prepare(self, w: QTensor) -> QTensor:
+        """Weights are used as stored; only checks that a kernel exists for the type."""
+        K.kernel_for(w.ggml_type)
+        return w
+
+    def vector(self, w: QTensor) -> np.ndarray:
+        v = self._vectors.get(w.name)
+        if v is None:
+            v = self._vectors[w.name] = w.dequantize().astype(np.float32, copy=False)
+        return v
+
+    def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """x (T, K) float32, w (N, K) -> (T, N)."""
+        kern = K.kernel_for(w.ggml_type)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        data = np.ascontiguousarray(w.data)
+        T, N = x.shape[0], w.shape[0]
+        if T == 1:
+            out = np.empty(N, np.float32)
+            K.matvec(kern.code, data, x[0], K.F16_LUT, out, self.nchunks)
+            return out[None]
+        out = np.empty((T, N), np.float32)
+        if T < BLAS_MIN_TOKENS:
+            K.matmul_rows(kern.code, data, x, K.F16_LUT, out, self.nchunks)
+            return out
+        rows = max(1, min(N, TILE_BYTES // (4 * w.shape[1])))
+        tile = np.empty((rows, w.shape[1]), np.float32)
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            K.dequant_rows(kern.code, data[n0:n1], K.F16_LUT, tile[:n1 - n0], self.nchunks)
+            np.matmul(x, tile[:n1 - n0].T, out=out[:, n0:n1])
+        return out
+
+    def embed(self, ids: np.ndarray, w: QTensor) -> np.ndarray:
+        kern = K.kernel_for(w.ggml_type)
+        out = np.empty((len(ids), w.shape[1]), np.float32)
+        K.dequant_rows(kern.code, np.ascontiguousarray(w.data[np.asarray(ids)]), K.F16_LUT, out, self.nchunks)
+        return out
+
+    # mixers -------------------------------------------------------------------------------------------
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        out = np.empty(q.shape, np.float32)
+        if k.dtype == np.float16:
+            k, v = k.view(np.uint16), v.view(np.uint16)
+        attention_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, np.asarray(positions, np.int64),
+                         f32(q.shape[-1] ** -0.5), K.F16_LUT, out)
+        return out
+
+    def conv1d(self, x: np.ndarray, w: np.ndarray, conv_state: np.ndarray):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        conv1d_silu(x, np.ascontiguousarray(w, dtype=np.float32), conv_state, out)
+        Kc = w.shape[1]
+        new_state = np.concatenate([conv_state, x], axis=0)[-(Kc - 1):].copy()
+        return out, new_state
+
+    def gated_delta(self, q, k, v, g, beta, state):
+        if q.shape[0] >= numpy_ref.CHUNK:
+            return gated_delta_chunked(q, k, v, g, beta, state)
+        state = np.array(state, dtype=np.float32, copy=True)  # callers keep their snapshot intact
+        out = np.empty(v.shape, np.float32)
+        c = np.ascontiguousarray
+        gated_delta_recurrent(c(q, dtype=f32), c(k, dtype=f32), c(v, dtype=f32), c(g, dtype=f32),
+                              c(beta, dtype=f32), state, out)
+        return out, state
+
+    # feed-forward -------------------------------------------------------------------------------------
+    def swiglu(self, x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
+        return self.matmul(numpy_ref.silu(self.matmul(x, gate)) * self.matmul(x, up), down)
+
+    def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray) -> np.ndarray:
+        """Routed experts' SwiGLU. x (T, D); expert_ids, expert_weights (T, k). Tokens are grouped by
+        expert so each routed expert's bytes are read once per step."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        T, D = x.shape
+        flat = expert_ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        uniq, counts = np.unique(flat[order], return_counts=True)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        tokens = (order // expert_ids.shape[1]).astype(np.int64)
+        weights = expert_weights.reshape(-1)[order].astype(np.float32)
+        F = experts.n_ff
+        if experts.gate_up is not None:
+            gate = up = experts.gate_up
+            up_off = F
+        else:
+            gate, up, up_off = experts.gate, experts.up, 0
+        out = np.zeros((T, D), np.float32)
+        K.moe_experts(K.kernel_for(gate.ggml_type).code, K.kernel_for(up.ggml_type).code,
+                      K.kernel_for(experts.down.ggml_type).code, gate.data, up.data, up_off, experts.down.data,
+                      F, uniq.astype(np.int64), starts, tokens, weights, x, K.F16_LUT, out, self.nchunks)
+        return out
+
+
+def warmup(progress=None) -> None:
+    """Compile (or load from Numba's cache) every kernel signature the backend uses, on tiny inputs."""
+    be = NumbaBackend()
+    rng = np.random.default_rng(0)
+    f16 = K.F16_LUT
+    for qtype, kern in K.KERNELS.items():
+        if progress:
+            progress(qtype.name)
+        w = np.zeros((2, 256 // kern.block * kern.size), np.uint8)
+        x = rng.standard_normal((3, 256)).astype(np.float32)
+        K.matvec(kern.code, w, x[0], f16, np.empty(2, np.float32), be.nchunks)
+        K.matmul_rows(kern.code, w, x, f16, np.empty((3, 2), np.float32), be.nchunks)
+        K.dequant_rows(kern.code, w, f16, np.empty((2, 256), np.float32), be.nchunks)
+        break  # the drivers take the type as a runtime code: one compilation covers every type
+    w3 = np.zeros((2, 64, 144), np.uint8)
+    d3 = np.zeros((2, 256, 36), np.uint8)
+    one = np.ones(1, np.float32)
+    K.moe_experts(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_0].code, w3, w3, 0, d3, 64,
+                  np.zeros(1, np.int64), np.array([0, 1], np.int64), np.zeros(1, np.int64), one,
+                  np.zeros((1, 256), np.float32), f16, np.zeros((1, 256), np.float32), be.nchunks)
+    q = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    be.gated_delta(q, q, q, -np.ones((2, 4), np.float32), np.ones((2, 4), np.float32), np.zeros((4, 8, 8), np.float32))
+    _solve_unit_lower(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 3), np.float32))
+    be.conv1d(q.reshape(2, 32), np.ones((32, 4), np.float32), np.zeros((3, 32), np.float32))
+    for dt in (np.float32, np.float16):
+        kv = np.zeros((3, 2, 8), dt)
+        be.attention(rng.standard_normal((1, 4, 8)).astype(np.float32), kv, kv, np.array([2]))

@@ -1,0 +1,175 @@
+"""Numba kernels against the NumPy reference on random data.
+
+Every quant type; row counts that are not multiples of the thread count or the chunking; K of 256, 512 and
+2048; T = 1 (matvec), 3 (row-decoded matmul) and 64 (tiles + BLAS); 1 and 2 threads. Activations are float32
+on every path, so the bound is 1e-5 relative (max |delta| / max |reference|).
+"""
+
+import gguf
+import numba
+import numpy as np
+import pytest
+
+from localcoder.backends import numpy_ref
+from localcoder.backends.numba_cpu import NumbaBackend, gated_delta_chunked
+from localcoder.backends.numpy_ref import NumpyBackend
+from localcoder.experts import ExpertSet
+from localcoder.gguf_file import QTensor
+from localcoder.quant import kernels as K
+from localcoder.quant.formats import get_format
+
+Q = gguf.GGMLQuantizationType
+REL = 1e-5
+TYPES = list(K.KERNELS)
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def random_rows(qtype, shape, rng):
+    """Raw rows (*shape[:-1], row_bytes) of random blocks with finite, model-like scales."""
+    n = int(np.prod(shape))
+    if qtype == Q.F32:
+        return rng.standard_normal(n).astype(np.float32).view(np.uint8).reshape(*shape[:-1], -1)
+    if qtype == Q.F16:
+        return rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(*shape[:-1], -1)
+    if qtype == Q.BF16:
+        bits = (rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8).reshape(*shape[:-1], -1)
+    kern = K.KERNELS[qtype]
+    nb = n // kern.block
+    raw = rng.integers(0, 256, (nb, kern.size), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, nb) * 0.01).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if qtype == Q.MXFP4:
+        raw[:, 0] = rng.integers(118, 124, nb)
+    elif qtype == Q.Q6_K:
+        raw[:, 208:210] = d
+    else:
+        raw[:, 0:2] = d
+        if qtype in (Q.Q4_K, Q.Q5_K):
+            raw[:, 2:4] = d
+    return raw.reshape(*shape[:-1], -1)
+
+
+def qtensor(name, qtype, shape, rng):
+    return QTensor(name, qtype, tuple(shape), random_rows(qtype, shape, rng), 0, "test")
+
+
+def dense(t: QTensor):
+    fmt = get_format(t.ggml_type)
+    return fmt.dequantize_blocks(np.ascontiguousarray(t.data).reshape(-1, fmt.type_size)).reshape(t.shape)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def backend(request):
+    be = NumbaBackend(threads=request.param)
+    yield be
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_dequant_rows_bit_exact(qtype):
+    rng = np.random.default_rng(int(qtype))
+    w = qtensor("w", qtype, (37, 512), rng)
+    out = np.empty((37, 512), np.float32)
+    K.dequant_rows(K.KERNELS[qtype].code, w.data, K.F16_LUT, out, 8)
+    np.testing.assert_array_equal(out, dense(w))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_matmul_all_paths(qtype, backend):
+    rng = np.random.default_rng(1 + int(qtype))
+    for N, Kd in ((37, 256), (131, 512), (67, 2048)):
+        w = qtensor("w", qtype, (N, Kd), rng)
+        ref = dense(w).astype(np.float64)
+        for T in (1, 3, 64):
+            x = rng.standard_normal((T, Kd)).astype(np.float32)
+            got = backend.matmul(x, w)
+            assert got.shape == (T, N) and got.dtype == np.float32
+            err = rel_err(got, x.astype(np.float64) @ ref.T)
+            assert err <= REL, f"{qtype.name} N={N} K={Kd} T={T}: {err:.3g}"
+
+
+def test_embed(backend):
+    rng = np.random.default_rng(3)
+    for qtype in (Q.Q4_K, Q.Q6_K, Q.F16):
+        w = qtensor("tok", qtype, (50, 256), rng)
+        ids = np.array([3, 0, 49, 3])
+        np.testing.assert_array_equal(backend.embed(ids, w), NumpyBackend().embed(ids, w))
+
+
+def _delta_inputs(T, H=4, Dk=16, Dv=8, seed=0):
+    rng = np.random.default_rng(seed)
+    be = NumpyBackend()
+    q = be.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6) * np.float32(Dk ** -0.5)
+    k = be.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6)
+    v = rng.standard_normal((T, H, Dv)).astype(np.float32)
+    g = -rng.uniform(0.01, 2, (T, H)).astype(np.float32)
+    beta = rng.uniform(0, 1, (T, H)).astype(np.float32)
+    state = rng.standard_normal((H, Dk, Dv)).astype(np.float32)
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("T", [1, 3, 64, 100])
+def test_gated_delta(T, backend):
+    q, k, v, g, beta, state = _delta_inputs(T)
+    ref_o, ref_s = numpy_ref.gated_delta_recurrent(q, k, v, g, beta, state)
+    before = state.copy()
+    o, s = backend.gated_delta(q, k, v, g, beta, state)
+    np.testing.assert_array_equal(state, before)  # the caller's state is not modified
+    assert rel_err(o, ref_o) <= REL and rel_err(s, ref_s) <= REL
+    o2, s2 = gated_delta_chunked(q, k, v, g, beta, state)  # chunked vs recurrent at every T
+    assert rel_err(o2, ref_o) <= REL and rel_err(s2, ref_s) <= REL
+
+
+def test_gated_delta_real_head_dims():
+    q, k, v, g, beta, state = _delta_inputs(70, H=2, Dk=128, Dv=128, seed=1)
+    ref_o, ref_s = numpy_ref.gated_delta_chunked(q, k, v, g, beta, state)
+    o, s = NumbaBackend().gated_delta(q[:5], k[:5], v[:5], g[:5], beta[:5], state)
+    r5 = numpy_ref.gated_delta_recurrent(q[:5], k[:5], v[:5], g[:5], beta[:5], state)
+    assert rel_err(o, r5[0]) <= REL and rel_err(s, r5[1]) <= REL
+    o, s = gated_delta_chunked(q, k, v, g, beta, state)
+    assert rel_err(o, ref_o) <= REL and rel_err(s, ref_s) <= REL
+
+
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_conv1d(T, backend):
+    rng = np.random.default_rng(T)
+    x = rng.standard_normal((T, 200)).astype(np.float32)
+    w = rng.standard_normal((200, 4)).astype(np.float32)
+    st = rng.standard_normal((3, 200)).astype(np.float32)
+    o, s = backend.conv1d(x, w, st)
+    ro, rs = NumpyBackend().conv1d(x, w, st)
+    assert rel_err(o, ro) <= REL
+    np.testing.assert_array_equal(s, rs)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("T,past", [(1, 0), (1, 300), (3, 40), (64, 0), (17, 100)])
+def test_attention_with_cache(T, past, kv_dtype, backend):
+    rng = np.random.default_rng(T + past)
+    Hq, Hkv, D = 8, 2, 64
+    k = rng.standard_normal((past + T, Hkv, D)).astype(kv_dtype)
+    v = rng.standard_normal((past + T, Hkv, D)).astype(kv_dtype)
+    q = rng.standard_normal((T, Hq, D)).astype(np.float32)
+    pos = np.arange(past, past + T)
+    ref = NumpyBackend().attention(q, k.astype(np.float32), v.astype(np.float32), pos)
+    assert rel_err(backend.attention(q, k, v, pos), ref) <= REL
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_moe(T, fused, backend):
+    rng = np.random.default_rng(T + 10 * fused)
+    E, D, F, k = 8, 256, 256, 3
+    down = qtensor("down", Q.Q6_K if fused else Q.Q4_0, (E, D, F), rng)
+    if fused:
+        experts = ExpertSet(0, down, gate_up=qtensor("gu", Q.Q4_K, (E, 2 * F, D), rng))
+    else:
+        experts = ExpertSet(0, down, gate=qtensor("g", Q.Q5_K, (E, F, D), rng), up=qtensor("u", Q.Q8_0, (E, F, D), rng))
+    x = (0.1 * rng.standard_normal((T, D))).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+    wts = rng.uniform(0.1, 1, (T, k)).astype(np.float32)
+    ref = NumpyBackend().moe(x, experts, ids, wts)
+    assert rel_err(backend.moe(x, experts, ids, wts), ref) <= REL

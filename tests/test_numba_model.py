@@ -1,0 +1,62 @@
+"""The forward pass on the Numba backend against transformers' Qwen3Next (../shared/fixtures), as
+tests/test_model.py does for the NumPy backend. Activations are float32 on every Numba path, so the
+tolerance is the exact-math one: max |delta logits| <= 1e-5 at every position of every prompt."""
+
+import numpy as np
+import pytest
+
+import localcoder
+from localcoder.cache import make_cache
+from localcoder.generate import prefill
+
+TOL = 1e-5
+QUANTS = ["BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    return fixtures_dir / "qwen3next-tiny"
+
+
+def _model(root, q):
+    return localcoder.load(root / "gguf" / f"qwen3next-tiny-{q}.gguf", backend="numba")
+
+
+def _ref(root, q):
+    return np.load(root / "ref" / ("hf_f32.npz" if q == "BF16" else f"hf_dequant_{q}.npz"))
+
+
+@pytest.mark.parametrize("q", QUANTS)
+def test_logits_match_transformers(tiny, q):
+    model, ref = _model(tiny, q), _ref(tiny, q)
+    assert model.backend.name == "numba"
+    for p in ("p7", "p64", "p300"):
+        logits = model.logits(ref[f"{p}_ids"].tolist())
+        err = np.abs(logits - ref[f"{p}_logits"]).max()
+        assert err <= TOL, f"{q} {p}: max |delta| {err:.3g} > {TOL}"
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+def test_greedy_decode_matches_transformers(tiny, kv_dtype):
+    """32 greedy tokens through the decode path (matvec kernels, KV cache, conv and recurrent state)."""
+    model, ref = _model(tiny, "BF16"), _ref(tiny, "BF16")
+    for p in ("p7", "p300"):
+        cache = make_cache(model.config, kv_dtype)
+        logits = prefill(model, ref[f"{p}_ids"].tolist(), cache)
+        tokens, step_logits = [], [logits]
+        for _ in range(32):
+            tokens.append(int(np.argmax(logits)))
+            logits = model.forward([tokens[-1]], cache, all_logits=False)[-1]
+            step_logits.append(logits)
+        assert tokens == ref[f"{p}_hf_greedy32"].tolist(), p
+        if kv_dtype == np.float32:
+            err = np.abs(np.array(step_logits[:32]) - ref[f"{p}_hf_greedy32_logits"]).max()
+            assert err <= TOL, f"{p}: decode logits max |delta| {err:.3g}"
+
+
+def test_auto_backend_is_numba_on_x86():
+    import platform
+    from localcoder.backends import get_backend
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("auto picks numba on x86 only")
+    assert get_backend("auto").name == "numba"
