@@ -25,6 +25,14 @@ def get_backend(name: str = "auto", threads: int | None = None):
         except ImportError as e:
             raise LocalcoderError(f"backend 'numba' needs the numba package ({e}); pip install numba, "
                                   "or use --backend numpy") from e
+    if name == "mlx" or (name == "auto" and sys.platform == "darwin" and platform.machine() == "arm64"):
+        try:
+            from .mlx_backend import MLXBackend
+        except ImportError as e:
+            if name == "mlx":
+                raise LocalcoderError(f"backend 'mlx' needs MLX ({e}); pip install 'localcoder[mlx]'") from None
+        else:
+            return MLXBackend()
     if name == "auto" and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
         try:
             return _numba_backend(threads)
