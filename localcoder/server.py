@@ -9,8 +9,8 @@ the answer is 429 with ``Retry-After``). Model work runs in one worker thread, s
 answering ``/health``, queueing and disconnects; a client that goes away cancels its generation (checked
 between prompt chunks and between tokens), and its place in the queue.
 
-Prompt reuse: the state of the model after a prompt, and after its reply, is kept in a byte-budgeted LRU
-keyed by the token ids it holds. A request restores a copy of the longest stored prefix of its prompt and runs
+Prompt reuse: the state of the model at the end of a prompt (before its last token) and after its reply is
+kept in a byte-budgeted LRU keyed by the token ids it holds. A request restores a copy of the longest stored prefix of its prompt and runs
 only the rest, so an agent's next turn processes only the new messages; ``cached_tokens`` says how many were
 reused. (The recurrent DeltaNet state cannot be rewound, so only an exact stored prefix can be reused.)
 
@@ -60,23 +60,18 @@ POLL_SECONDS = 0.25  # how often a waiting request checks that its client is sti
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 # generate_fn(prompt_ids, max_tokens, sampler, stop, cache, stats, cancel) -> (token id, text piece), ...
-# `prompt_ids` are the prompt tokens `cache` does not hold yet (never empty); a piece not from one token
-# (a flushed tail) has id -1; `stats.finish_reason` is "stop" or "length" at the end; `cancel` is a
-# threading.Event the function should check between steps.
+# `cache` holds the whole prompt but `prompt_ids` (its last token: the server runs the rest itself, so it can
+# keep the state before it); a piece not from one token (a flushed tail) has id -1; `stats.finish_reason` is
+# "stop" or "length" at the end; `cancel` is a threading.Event the function may check between steps (the
+# server checks it after each token too).
 GenerateFn = Callable[..., Iterator[tuple[int, str]]]
 
 
 def model_generate(model) -> GenerateFn:
-    """The real generation: the prompt in chunks (cancellable between them), then generate_steps."""
+    """The real generation."""
 
     def generate(prompt_ids, max_tokens, sampler, stop, cache, stats, cancel):
-        head = list(prompt_ids[:-1])
-        for start in range(0, len(head), PREFILL_CHUNK):
-            if cancel.is_set():
-                return
-            model.forward(head[start:start + PREFILL_CHUNK], cache, all_logits=False)
-        stats.prompt_tokens += len(head)
-        yield from generate_steps(model, prompt_ids[-1:], max_tokens, sampler, stop, cache, stats)
+        return generate_steps(model, prompt_ids, max_tokens, sampler, stop, cache, stats)
 
     return generate
 
@@ -323,6 +318,7 @@ class _Work:
     include_usage: bool
     tools: list[dict] | None = None  # parse tool calls against these (None: no parsing)
     prefill: str = ""  # text the reply starts with (tool_choice), part of the prompt
+    keep_at: tuple[int, ...] = ()  # prompt lengths whose states are worth keeping too (the system prompt)
 
 
 @dataclass(eq=False)
@@ -438,7 +434,15 @@ class _Server:
         ids = self.model.tokenizer.encode(text + prefill, parse_special=True)
         room = self.check_context(ids, "messages")
         return _Work(ids, min(max_tokens or room, room), sampler, stop, stream, usage,
-                     tools if use_tools else None, prefill)
+                     tools if use_tools else None, prefill, self._system_end(messages, ids))
+
+    def _system_end(self, messages: list[dict], ids: list[int]) -> tuple[int, ...]:
+        """Where the system message (and the tools, rendered into it) ends: a new conversation of an agent
+        starts with the same one, so its state is kept for reuse."""
+        end = self.model.tokenizer.token_to_id("<|im_end|>")
+        if messages[0]["role"] != "system" or end is None or end not in ids:
+            return ()
+        return (ids.index(end) + 1,)
 
     def completion_work(self, body: dict) -> _Work:
         prompt = body.get("prompt")
@@ -472,28 +476,29 @@ class _Server:
 
     # -- running ------------------------------------------------------------------------------------
     def _run(self, job: _Job) -> None:
-        """The model thread: restore the longest cached prefix, generate, keep the states."""
+        """The model thread: restore the longest cached prefix, run the rest of the prompt, generate, and keep
+        the states before the prompt's last token and after the reply."""
         work, t0 = job.work, time.perf_counter()
         try:
             cache, reused = self.prompts.take(work.ids)
             cache = cache if cache is not None else self.model.new_cache()
             job.cached_tokens = job.stats.cached_tokens = reused
-            steps = self.generate_fn(work.ids[reused:], work.max_tokens, work.sampler, work.stop, cache,
-                                     job.stats, job.cancel)
-            at_prompt = len(work.ids)
-            try:
-                for token, piece in steps:
-                    if at_prompt and cache.pos == at_prompt and cache.tokens == work.ids:
-                        self.prompts.store(cache, copy=True)  # the end of the prompt: the next turn starts here
-                        at_prompt = 0
-                    if token >= 0:
-                        job.completion_tokens += 1
-                    if piece:
-                        job.emit(("text", piece))
-                    if job.cancel.is_set():
-                        break
-            finally:
-                steps.close()
+            self._prefill(work.ids[:-1], cache, job, work.keep_at)
+            if not job.cancel.is_set():
+                # stored before the last token, so that the same prompt again (a retry) reuses all of it
+                self.prompts.store(cache, copy=True)
+                steps = self.generate_fn(work.ids[-1:], work.max_tokens, work.sampler, work.stop, cache,
+                                         job.stats, job.cancel)
+                try:
+                    for token, piece in steps:
+                        if token >= 0:
+                            job.completion_tokens += 1
+                        if piece:
+                            job.emit(("text", piece))
+                        if job.cancel.is_set():
+                            break
+                finally:
+                    steps.close()
             self.prompts.store(cache, copy=False)
             job.emit(("done", None))
         except Exception as e:  # reported to the client; the server goes on
@@ -502,6 +507,19 @@ class _Server:
         finally:
             seconds = time.perf_counter() - t0
             self.gate.mean_seconds = 0.8 * self.gate.mean_seconds + 0.2 * seconds
+
+    def _prefill(self, ids: list[int], cache: ModelCache, job: _Job, keep_at: tuple[int, ...]) -> None:
+        """The part of `ids` the cache lacks, in chunks (a cancelled job stops between them), keeping the
+        states at the lengths in `keep_at`."""
+        job.stats.prompt_tokens += len(ids) - cache.pos
+        stops = sorted({n for n in keep_at if cache.pos < n < len(ids)} | {len(ids)})
+        for stop in stops:
+            for start in range(cache.pos, stop, PREFILL_CHUNK):
+                if job.cancel.is_set():
+                    return
+                self.model.forward(ids[start:min(start + PREFILL_CHUNK, stop)], cache, all_logits=False)
+            if stop < len(ids):
+                self.prompts.store(cache, copy=True)
 
     async def start(self, request: Request, work: _Work) -> _Job:
         await self.gate.enter(request)
@@ -524,16 +542,19 @@ class _Server:
             self.gate.leave()
 
     async def events(self, request: Request, job: _Job, check_each: bool):
-        """The job's events; stops (cancelling the job) when the client disconnects."""
-        pending = None
+        """The job's events; stops (cancelling the job) when the client disconnects, which is checked after
+        each event (`check_each`, for streams) or every POLL_SECONDS."""
+        pending, checked = None, time.monotonic()
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(job.events.get())
                 done, _ = await asyncio.wait({pending}, timeout=POLL_SECONDS)
-                if (done and check_each or not done) and await request.is_disconnected():
-                    job.cancel.set()
-                    raise _ClientGone()
+                if check_each or time.monotonic() - checked >= POLL_SECONDS:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        job.cancel.set()
+                        raise _ClientGone()
                 if not done:
                     continue
                 event, pending = pending.result(), None
