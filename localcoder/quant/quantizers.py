@@ -448,60 +448,157 @@ def _rows_ref(code, x, out):
 # Fast K-quants: sub-blocks of a task's rows as lanes. xt[i, k] = weight i of sub-block k.
 # ---------------------------------------------------------------------------------------------------------
 
+LIMIT = 4.0e6  # |v| below 2**22: nearest_int's float add is exact there, so round-and-subtract equals it
+
+
 @njit(inline="always")
-def _nearest_lanes(v, tb, ib, n, lo, hi, out):
-    """out[k] = clamp(nearest_int(v[k]), lo, hi) for k < n; v may be tb itself."""
-    for k in range(n):
-        tb[k] = v[k] + MAGIC
-    for k in range(n):
-        out[k] = min(max((np.int64(ib[k]) & 0x7FFFFF) - 0x400000, lo), hi)
+def _lvl(v, lo, hi):
+    """clamp(nearest_int(v), lo, hi) as a float32, for |v| < LIMIT: (v + MAGIC) - MAGIC is v rounded to
+    an integer, half to even, which is exactly what nearest_int's bit trick reads out in that range."""
+    r = (v + MAGIC) - MAGIC
+    r = r if r > lo else lo
+    return r if r < hi else hi
 
 
 @njit(**NJ)
-def _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, best_isc, best_mn):
-    """make_qkx2_quants for every lane k of xt/wt (32, n) at once. Results per lane: scale, the_min, and
-    (best_isc, best_mn) with which the best levels are clamp(nearest(best_isc * (x - best_mn)), 0, nmax)."""
+def _levels_exact(xt, isc, mn, lo, hi, la):
+    """la[i, k] = clamp(nearest_int(isc[k] * (xt[i, k] - mn[k])), lo, hi) with ggml's bit trick, whatever
+    the values (the slow path, taken only when some lane is out of _lvl's range or not finite)."""
     n = xt.shape[1]
-    fnmax = f32(nmax)
-    mn = xt[0].copy()
-    mx = xt[0].copy()
-    sum_w = wt[0].copy()
+    tb = np.empty(n, f32)
+    ib = tb.view(np.int32)
+    for i in range(xt.shape[0]):
+        xi = xt[i]
+        li = la[i]
+        for k in range(n):
+            tb[k] = isc[k] * (xi[k] - mn[k]) + MAGIC
+        for k in range(n):
+            li[k] = f32(min(max((np.int64(ib[k]) & 0x7FFFFF) - 0x400000, lo), hi))
+
+
+@njit(**NJ)
+def _in_range(isc, mn, hi, lo, skip):
+    """True if |isc * (x - mn)| < LIMIT for every x in [lo, hi] of every lane not skipped."""
+    for k in range(isc.shape[0]):
+        if skip[k]:
+            continue
+        span = max(abs(np.float64(hi[k]) - np.float64(mn[k])), abs(np.float64(lo[k]) - np.float64(mn[k])))
+        if not abs(np.float64(isc[k])) * span < LIMIT:
+            return False
+    return True
+
+
+# make_qkx2_quants lanes: weights are av + |x| (Q4_K/Q5_K), so they are recomputed rather than loaded.
+
+@njit(inline="always")
+def _x2_acc(xv, s, m, a, fn, p, q, u):
+    r = _lvl(s * (xv - m), f32(0.0), fn)
+    wl = (a + abs(xv)) * r
+    return p + wl, q + wl * r, u + wl * xv
+
+
+@njit(inline="always")
+def _x2_err(xv, s, m, a, fn, t, tmin, c):
+    r = _lvl(s * (xv - m), f32(0.0), fn)
+    d = t * r + tmin - xv
+    return c + (a + abs(xv)) * (d * d)
+
+
+@njit(**NJ)
+def _x2_sums(xt, av, isc, mn, fn, sl, sl2, sxl, exact, la):
+    """Per lane: sum_l, sum_l2, sum_xl of make_qkx2_quants' trial with iscale isc (4 weights per pass)."""
+    n = xt.shape[1]
+    sl[:] = 0
+    sl2[:] = 0
+    sxl[:] = 0
+    if exact:
+        _levels_exact(xt, isc, mn, 0, np.int64(fn), la)
+        for i in range(32):
+            xi = xt[i]
+            li = la[i]
+            for k in range(n):
+                wl = (av[k] + abs(xi[k])) * li[k]
+                sl[k] += wl
+                sl2[k] += wl * li[k]
+                sxl[k] += wl * xi[k]
+        return
+    for i in range(0, 32, 4):
+        xa, xb, xc, xd = xt[i], xt[i + 1], xt[i + 2], xt[i + 3]
+        for k in range(n):
+            s, m, a = isc[k], mn[k], av[k]
+            p, q, u = _x2_acc(xa[k], s, m, a, fn, sl[k], sl2[k], sxl[k])
+            p, q, u = _x2_acc(xb[k], s, m, a, fn, p, q, u)
+            p, q, u = _x2_acc(xc[k], s, m, a, fn, p, q, u)
+            p, q, u = _x2_acc(xd[k], s, m, a, fn, p, q, u)
+            sl[k], sl2[k], sxl[k] = p, q, u
+
+
+@njit(**NJ)
+def _x2_error(xt, av, isc, mn, fn, ts, tmin, cur, exact, la):
+    """Per lane: the weighted squared error of levels (from isc, mn) against scale ts and min tmin."""
+    n = xt.shape[1]
+    cur[:] = 0
+    if exact:
+        _levels_exact(xt, isc, mn, 0, np.int64(fn), la)
+        for i in range(32):
+            xi = xt[i]
+            li = la[i]
+            for k in range(n):
+                d = ts[k] * li[k] + tmin[k] - xi[k]
+                cur[k] += (av[k] + abs(xi[k])) * (d * d)
+        return
+    for i in range(0, 32, 4):
+        xa, xb, xc, xd = xt[i], xt[i + 1], xt[i + 2], xt[i + 3]
+        for k in range(n):
+            s, m, a, t, tm = isc[k], mn[k], av[k], ts[k], tmin[k]
+            c = _x2_err(xa[k], s, m, a, fn, t, tm, cur[k])
+            c = _x2_err(xb[k], s, m, a, fn, t, tm, c)
+            c = _x2_err(xc[k], s, m, a, fn, t, tm, c)
+            cur[k] = _x2_err(xd[k], s, m, a, fn, t, tm, c)
+
+
+@njit(**NJ)
+def _qkx2_lanes(xt, av, nmax, rmin, rdelta, nstep, finite, scale, the_min, best_isc, best_mn):
+    """make_qkx2_quants(32, nmax, x, av + |x|, ...) for every lane k of xt (32, n) at once.
+
+    Per lane: scale, the_min, and (best_isc, best_mn) with which make_qkx2_quants' final levels are
+    clamp(nearest_int(best_isc * (x - best_mn)), 0, nmax). The trial loop runs for all lanes; a lane whose
+    C code would have returned early (all weights equal) is overwritten at the end."""
+    n = xt.shape[1]
+    fn = f32(nmax)
+    mn = np.empty(n, f32)
+    mx = np.empty(n, f32)
+    sum_w = np.empty(n, f32)
     sum_x = np.empty(n, f32)
+    x0 = xt[0]
     for k in range(n):
-        sum_x[k] = sum_w[k] * xt[0, k]
+        w = av[k] + abs(x0[k])
+        mn[k] = mx[k] = x0[k]
+        sum_w[k] = w
+        sum_x[k] = w * x0[k]
     for i in range(1, 32):
         xi = xt[i]
-        wi = wt[i]
         for k in range(n):
             v = xi[k]
+            w = av[k] + abs(v)
             mn[k] = v if v < mn[k] else mn[k]
             mx[k] = v if v > mx[k] else mx[k]
-            sum_w[k] += wi[k]
-            sum_x[k] += wi[k] * v
-    isc = np.empty(n, f32)
-    best = np.zeros(n, f32)
+            sum_w[k] += w
+            sum_x[k] += w * v
+    xlo = mn.copy()
     flat = np.empty(n, np.bool_)
+    isc = np.empty(n, f32)
     for k in range(n):
         mn[k] = f32(0.0) if mn[k] > 0 else mn[k]
         flat[k] = mx[k] == mn[k]
-        isc[k] = fnmax / (mx[k] - mn[k])
+        isc[k] = fn / (mx[k] - mn[k])
         scale[k] = f32(1.0) / isc[k]
-    tb = np.empty(n, f32)
-    ib = tb.view(np.int32)
-    lv = np.empty(n, np.int64)
-    for i in range(32):
-        xi = xt[i]
-        wi = wt[i]
-        for k in range(n):
-            tb[k] = isc[k] * (xi[k] - mn[k])
-        _nearest_lanes(tb, tb, ib, n, 0, nmax, lv)
-        for k in range(n):
-            diff = scale[k] * f32(lv[k]) + mn[k] - xi[k]
-            best[k] += wi[k] * (diff * diff)
+    mn0 = mn.copy()
     best_isc[:] = isc
     best_mn[:] = mn
-    mn0 = mn.copy()
     la = np.empty((32, n), f32)
+    best = np.empty(n, f32)
+    _x2_error(xt, av, isc, mn, fn, scale, mn, best, not (finite and _in_range(isc, mn, mx, xlo, flat)), la)
     sl = np.empty(n, f32)
     sl2 = np.empty(n, f32)
     sxl = np.empty(n, f32)
@@ -510,26 +607,11 @@ def _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, best_isc, bes
     ok = np.empty(n, np.bool_)
     cur = np.empty(n, f32)
     for s in range(nstep + 1):
-        f = rmin + rdelta * f32(s) + fnmax
+        f = rmin + rdelta * f32(s) + fn
         for k in range(n):
             isc[k] = f / (mx[k] - mn[k])
-            sl[k] = f32(0.0)
-            sl2[k] = f32(0.0)
-            sxl[k] = f32(0.0)
-        for i in range(32):
-            xi = xt[i]
-            wi = wt[i]
-            lai = la[i]
-            for k in range(n):
-                tb[k] = isc[k] * (xi[k] - mn[k])
-            _nearest_lanes(tb, tb, ib, n, 0, nmax, lv)
-            for k in range(n):
-                fl = f32(lv[k])
-                lai[k] = fl
-                wl = wi[k] * fl
-                sl[k] += wl
-                sl2[k] += wl * fl
-                sxl[k] += wl * xi[k]
+        exact = not (finite and _in_range(isc, mn, mx, xlo, flat))
+        _x2_sums(xt, av, isc, mn, fn, sl, sl2, sxl, exact, la)
         for k in range(n):
             D = sum_w[k] * sl2[k] - sl[k] * sl[k]
             a = (sum_w[k] * sxl[k] - sum_x[k] * sl[k]) / D
@@ -538,14 +620,7 @@ def _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, best_isc, bes
             ts[k] = sxl[k] / sl2[k] if pos else a
             tm[k] = f32(0.0) if pos else b
             ok[k] = D > 0
-            cur[k] = f32(0.0)
-        for i in range(32):
-            xi = xt[i]
-            wi = wt[i]
-            lai = la[i]
-            for k in range(n):
-                diff = ts[k] * lai[k] + tm[k] - xi[k]
-                cur[k] += wi[k] * (diff * diff)
+        _x2_error(xt, av, isc, mn, fn, ts, tm, cur, exact, la)
         for k in range(n):
             if ok[k] and cur[k] < best[k]:
                 best[k] = cur[k]
@@ -554,17 +629,51 @@ def _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, best_isc, bes
                 best_mn[k] = mn[k]
                 mn[k] = tm[k]
     for k in range(n):
-        if flat[k]:  # C returns before the search: levels 0, scale 0
+        if flat[k]:
             scale[k] = f32(0.0)
             best_isc[k] = f32(0.0)
             mn[k] = mn0[k]
         the_min[k] = -mn[k]
 
 
+# make_qx_quants lanes (Q6_K: n = 16, nmax = 32, rmse_type 1, weights x * x)
+
+@njit(inline="always")
+def _qx_acc(xv, s, p, q):
+    r = _lvl(s * xv, f32(-32.0), f32(31.0))
+    w = xv * xv
+    return p + w * xv * r, q + w * r * r
+
+
 @njit(**NJ)
-def _qx_lanes(xt, scale, best_isc, zero):
-    """make_qx_quants(16, 32, x, L, 1, NULL) for every lane of xt (16, n). The best levels are
-    32 + clamp(nearest(best_isc * x), -32, 31), or 0 where zero[k] (an all-zero sub-block)."""
+def _qx_sums(xt, isc, sumlx, suml2, exact, la):
+    n = xt.shape[1]
+    sumlx[:] = 0
+    suml2[:] = 0
+    if exact:
+        _levels_exact(xt, isc, np.zeros(n, f32), -32, 31, la)
+        for i in range(16):
+            xi = xt[i]
+            li = la[i]
+            for k in range(n):
+                w = xi[k] * xi[k]
+                sumlx[k] += w * xi[k] * li[k]
+                suml2[k] += w * li[k] * li[k]
+        return
+    for i in range(0, 16, 4):
+        xa, xb, xc, xd = xt[i], xt[i + 1], xt[i + 2], xt[i + 3]
+        for k in range(n):
+            s = isc[k]
+            p, q = _qx_acc(xa[k], s, sumlx[k], suml2[k])
+            p, q = _qx_acc(xb[k], s, p, q)
+            p, q = _qx_acc(xc[k], s, p, q)
+            sumlx[k], suml2[k] = _qx_acc(xd[k], s, p, q)
+
+
+@njit(**NJ)
+def _qx_lanes(xt, finite, scale, best_isc, zero):
+    """make_qx_quants(16, 32, x, L, 1, NULL) for every lane of xt (16, n). The final levels are
+    32 + clamp(nearest_int(best_isc * x), -32, 31), or 0 where zero[k] (an all-zero sub-block)."""
     n = xt.shape[1]
     amax = np.zeros(n, f32)
     vmax = np.zeros(n, f32)
@@ -576,25 +685,16 @@ def _qx_lanes(xt, scale, best_isc, zero):
             amax[k] = ax if up else amax[k]
             vmax[k] = xi[k] if up else vmax[k]
     isc = np.empty(n, f32)
-    sumlx = np.zeros(n, f32)
-    suml2 = np.zeros(n, f32)
-    best = np.empty(n, f32)
-    tb = np.empty(n, f32)
-    ib = tb.view(np.int32)
-    lv = np.empty(n, np.int64)
     for k in range(n):
         zero[k] = amax[k] < GROUP_MAX_EPS
         isc[k] = f32(-32.0) / vmax[k]
-    for i in range(16):
-        xi = xt[i]
-        for k in range(n):
-            tb[k] = isc[k] * xi[k]
-        _nearest_lanes(tb, tb, ib, n, -32, 31, lv)
-        for k in range(n):
-            fl = f32(lv[k])
-            w = xi[k] * xi[k]
-            sumlx[k] += w * xi[k] * fl
-            suml2[k] += w * fl * fl
+    zeros = np.zeros(n, f32)
+    neg = -amax
+    la = np.empty((16, n), f32)
+    sumlx = np.empty(n, f32)
+    suml2 = np.empty(n, f32)
+    _qx_sums(xt, isc, sumlx, suml2, not (finite and _in_range(isc, zeros, amax, neg, zero)), la)
+    best = np.empty(n, f32)
     for k in range(n):
         scale[k] = sumlx[k] / suml2[k] if suml2[k] != 0 else f32(0.0)
         best[k] = scale[k] * sumlx[k]
@@ -605,18 +705,7 @@ def _qx_lanes(xt, scale, best_isc, zero):
         f = -(f32(32.0) + f32(0.1) * f32(s))
         for k in range(n):
             isc[k] = f / vmax[k]
-            sumlx[k] = f32(0.0)
-            suml2[k] = f32(0.0)
-        for i in range(16):
-            xi = xt[i]
-            for k in range(n):
-                tb[k] = isc[k] * xi[k]
-            _nearest_lanes(tb, tb, ib, n, -32, 31, lv)
-            for k in range(n):
-                fl = f32(lv[k])
-                w = xi[k] * xi[k]
-                sumlx[k] += w * xi[k] * fl
-                suml2[k] += w * fl * fl
+        _qx_sums(xt, isc, sumlx, suml2, not (finite and _in_range(isc, zeros, amax, neg, zero)), la)
         for k in range(n):
             if suml2[k] > 0 and sumlx[k] * sumlx[k] > best[k] * suml2[k]:
                 best_isc[k] = isc[k]
@@ -630,15 +719,12 @@ def _qx_lanes(xt, scale, best_isc, zero):
 @njit(**NJ)
 def _transpose(x, r0, r1, m):
     """Rows r0..r1 of x as (m, n): column k = the k-th m-weight sub-block of those rows."""
-    K = x.shape[1]
-    per_row = K // m
-    xt = np.empty((m, (r1 - r0) * per_row), f32)
-    for r in range(r0, r1):
-        xr = x[r]
-        for sb in range(per_row):
-            k = (r - r0) * per_row + sb
-            for i in range(m):
-                xt[i, k] = xr[m * sb + i]
+    xf = x.reshape(-1)[r0 * x.shape[1]:r1 * x.shape[1]]
+    n = xf.shape[0] // m
+    xt = np.empty((m, n), f32)
+    for k in range(n):
+        for i in range(m):
+            xt[i, k] = xf[m * k + i]
     return xt
 
 
@@ -647,26 +733,23 @@ def _qk45_task(x, out, r0, r1, five):
     nmax = 31 if five else 15
     rmin, rdelta, nstep = (f32(-0.5), f32(0.1), 15) if five else (f32(-1.0), f32(0.1), 20)
     bs = 176 if five else 144
+    finite = np.isfinite(x[r0:r1]).all()
     xt = _transpose(x, r0, r1, 32)
     n = xt.shape[1]
-    sum_x2 = np.zeros(n, f32)
+    av = np.zeros(n, f32)
     for i in range(32):
         xi = xt[i]
         for k in range(n):
-            sum_x2[k] += xi[k] * xi[k]
+            av[k] += xi[k] * xi[k]
     for k in range(n):
-        sum_x2[k] = np.sqrt(sum_x2[k] / f32(32.0))          # av_x
-    wt = np.empty((32, n), f32)
-    for i in range(32):
-        for k in range(n):
-            wt[i, k] = sum_x2[k] + abs(xt[i, k])
+        av[k] = np.sqrt(av[k] / f32(32.0))
     scale = np.empty(n, f32)
     the_min = np.empty(n, f32)
     bisc = np.empty(n, f32)
     bmn = np.empty(n, f32)
-    _qkx2_lanes(xt, wt, nmax, rmin, rdelta, nstep, scale, the_min, bisc, bmn)
+    _qkx2_lanes(xt, av, nmax, rmin, rdelta, nstep, finite, scale, the_min, bisc, bmn)
 
-    tb = np.empty(1, f32)
+    tb = np.empty(QK_K, f32)
     ib = tb.view(np.int32)
     L = np.zeros(QK_K, np.int64)
     ls = np.empty(8, np.int64)
@@ -678,20 +761,19 @@ def _qk45_task(x, out, r0, r1, five):
         for b in range(x.shape[1] // QK_K):
             k0 = (r - r0) * per_row + 8 * b
             o = bs * b
+            xb = xr[QK_K * b:QK_K * (b + 1)]
             dh, dmh = _k4_block_scales(scale[k0:k0 + 8], the_min[k0:k0 + 8], ls, lm, tb, ib)
             _put_f16(row, o, dh)
             _put_f16(row, o + 2, dmh)
             _pack_scales_k4(row, o + 4, ls, lm)
             for j in range(8):
-                xs = xr[QK_K * b + 32 * j:QK_K * b + 32 * j + 32]
                 d = _f16_value(dh) * f32(ls[j])
-                if d == 0:  # keep make_qkx2_quants' levels
-                    for ii in range(32):
-                        L[32 * j + ii] = min(max(_nearest(bisc[k0 + j] * (xs[ii] - bmn[k0 + j]), tb, ib), 0), nmax)
-                    continue
                 dm = _f16_value(dmh) * f32(lm[j])
-                for ii in range(32):
-                    L[32 * j + ii] = min(max(_nearest((xs[ii] + dm) / d, tb, ib), 0), nmax)
+                s, m = bisc[k0 + j], bmn[k0 + j]
+                for ii in range(32 * j, 32 * j + 32):  # d == 0: make_qkx2_quants' levels stay
+                    tb[ii] = (s * (xb[ii] - m) if d == 0 else (xb[ii] + dm) / d) + MAGIC
+            for ii in range(QK_K):
+                L[ii] = min(max((np.int64(ib[ii]) & 0x7FFFFF) - 0x400000, 0), nmax)
             if five:
                 _pack_q5k(row, o, L)
             else:
@@ -705,7 +787,7 @@ def _q6k_task(x, out, r0, r1):
     scale = np.empty(n, f32)
     bisc = np.empty(n, f32)
     zero = np.empty(n, np.bool_)
-    _qx_lanes(xt, scale, bisc, zero)
+    _qx_lanes(xt, np.isfinite(x[r0:r1]).all(), scale, bisc, zero)
     tb = np.empty(1, f32)
     ib = tb.view(np.int32)
     L = np.zeros(QK_K, np.int64)
