@@ -183,17 +183,18 @@ def _q6_k_codes(b):
 
 def _q6_k_int8(b):
     """Each 32-group holds two 16-weight sub-blocks with scales dl0, dl1. The 8-bit grid step is a quarter of
-    the larger |dl|: that sub-block's values 4 * (q - 32) * step are on the grid (exact), the other
-    sub-block's are rounded to it (error <= step / 2, i.e. 1/8 of the larger sub-block's Q6_K step)."""
+    the larger |dl|, so that sub-block's values 4 * (q - 32) * step lie on the grid and stay exact; the other
+    sub-block is rounded to the grid (error <= step / 2 = 1/8 of the larger sub-block's Q6_K step, more only
+    where the two sub-blocks' ranges together span over 255 codes and the ends are clipped). The zero code
+    `off` is a multiple of 4 below 256, so step * code and the bias -off * step are exact products."""
     n = b.shape[0]
     q, dl = _q6_k_codes(b)
     v = (dl[:, :, None] * (q.reshape(n, 16, 16).astype(np.float32) - np.float32(32))).reshape(n, 8, 32)
     dl = dl.reshape(n, 8, 2)
-    big = np.take_along_axis(dl, np.argmax(np.abs(dl), axis=-1)[..., None], axis=-1)  # (n, 8, 1)
-    step = np.abs(big) * np.float32(0.25)
-    off = np.where(big > 0, np.float32(128), np.float32(124))  # the code of 0: keeps 4 * (q - 32) in 0..255
-    safe = np.where(step > 0, step, np.float32(1))
-    codes = np.clip(np.rint(v / safe) + off, 0, 255).astype(np.uint8)
+    step = np.abs(dl).max(axis=-1, keepdims=True) * np.float32(0.25)  # (n, 8, 1)
+    k = np.rint(v / np.where(step > 0, step, np.float32(1)))  # grid index of each weight
+    off = np.clip(4 * np.ceil(-k.min(axis=-1, keepdims=True) / 4), 0, 252).astype(np.float32)
+    codes = np.clip(k + off, 0, 255).astype(np.uint8)
     return codes.reshape(n, 256), step[..., 0], -(off * step)[..., 0]
 
 
