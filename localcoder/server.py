@@ -9,10 +9,11 @@ the answer is 429 with ``Retry-After``). Model work runs in one worker thread, s
 answering ``/health``, queueing and disconnects; a client that goes away cancels its generation (checked
 between prompt chunks and between tokens), and its place in the queue.
 
-Prompt reuse: the state of the model at the end of a prompt (before its last token) and after its reply is
-kept in a byte-budgeted LRU keyed by the token ids it holds. A request restores a copy of the longest stored prefix of its prompt and runs
-only the rest, so an agent's next turn processes only the new messages; ``cached_tokens`` says how many were
-reused. (The recurrent DeltaNet state cannot be rewound, so only an exact stored prefix can be reused.)
+Prompt reuse: a byte-budgeted LRU keeps model states keyed by the token ids they hold: after the system
+prompt, before a prompt's last token, and after a reply. A request restores a copy of the longest stored
+prefix of its prompt and runs only the rest, so an agent's next turn (or a retry, or a new conversation with
+the same system prompt and tools) processes only new tokens; ``cached_tokens`` says how many were reused.
+The DeltaNet state cannot be rewound, so only an exact stored prefix can be reused.
 
 Tool calls: the model's Qwen3-Coder XML calls are parsed by :mod:`localcoder.toolcalls` into ``tool_calls``
 and streamed as ``delta.tool_calls`` (a call's id and name as soon as they are written, its arguments when
@@ -45,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .cache import DeltaNetState, KVCache, ModelCache
+from .cache import KVCache, ModelCache
 from .errors import LocalcoderError
 from .generate import PREFILL_CHUNK, GenerationStats, generate_steps
 from .sampling import DEFAULTS, Sampler, make_sampler
@@ -566,6 +567,43 @@ class _Server:
                 pending.cancel()
 
 
+    async def collect(self, request: Request, job: _Job) -> str:
+        """The whole reply (for a request that is not streamed)."""
+        pieces = []
+        try:
+            async for event in self.events(request, job, check_each=False):
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "error":
+                    raise event[1]
+        finally:
+            await self.close(job)
+        return "".join(pieces)
+
+    async def stream(self, request: Request, job: _Job, head, on_text, tail):
+        """Server-sent events: head(), on_text(piece) per piece, tail(), then [DONE]; each gives a list of
+        encoded events. An error after the start is sent as an error event."""
+        try:
+            for b in head():
+                yield b
+            async for event in self.events(request, job, check_each=True):
+                if event[0] == "text":
+                    for b in on_text(event[1]):
+                        yield b
+                elif event[0] == "error":
+                    yield _sse(APIError(500, f"generation failed: {event[1]}", type="server_error").body())
+                    yield b"data: [DONE]\n\n"
+                    return
+            for b in tail():
+                yield b
+            yield b"data: [DONE]\n\n"
+        except _ClientGone:
+            return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.close(job)
+
+
 def _finish(job: _Job, has_calls: bool) -> str:
     reason = job.stats.finish_reason or "stop"
     if reason == "length":
@@ -646,16 +684,7 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if work.stream:
             return _JobStream(srv, job, chat_stream(request, job, rid, created))
-        try:
-            pieces = []
-            async for event in srv.events(request, job, check_each=False):
-                if event[0] == "text":
-                    pieces.append(event[1])
-                elif event[0] == "error":
-                    raise event[1]
-        finally:
-            await srv.close(job)
-        text = "".join(pieces)
+        text = await srv.collect(request, job)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         calls = []
         if work.tools is not None:
@@ -667,8 +696,9 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
                                           "finish_reason": _finish(job, bool(calls))}],
                              "usage": _usage(job)})
 
-    async def chat_stream(request: Request, job: _Job, rid: str, created: int):
+    def chat_stream(request: Request, job: _Job, rid: str, created: int):
         usage = job.work.include_usage
+        parser = ToolCallParser(job.work.tools) if job.work.tools is not None else None
 
         def chunk(delta: dict, finish: str | None = None) -> bytes:
             out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
@@ -677,40 +707,26 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
                 out["usage"] = None
             return _sse(out)
 
-        def deltas(items) -> Iterator[bytes]:
-            for d in items:
-                if isinstance(d, ToolCallDelta):
-                    yield chunk({"tool_calls": [d.to_openai()]})
-                else:
-                    yield chunk({"content": d})
+        def deltas(items) -> list[bytes]:
+            return [chunk({"tool_calls": [d.to_openai()]}) if isinstance(d, ToolCallDelta) else
+                    chunk({"content": d}) for d in items]
 
-        parser = ToolCallParser(job.work.tools) if job.work.tools is not None else None
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            if parser is not None and job.work.prefill:
-                for b in deltas(parser.feed(job.work.prefill)):
-                    yield b
-            async for event in srv.events(request, job, check_each=True):
-                if event[0] == "text":
-                    for b in deltas(parser.feed(event[1]) if parser is not None else [event[1]]):
-                        yield b
-                elif event[0] == "error":
-                    yield _sse(APIError(500, f"generation failed: {event[1]}", type="server_error").body())
-                    yield b"data: [DONE]\n\n"
-                    return
-            if parser is not None:
-                for b in deltas(parser.finish()):
-                    yield b
-            yield chunk({}, _finish(job, parser is not None and bool(parser.calls)))
+        def head() -> list[bytes]:
+            prefill = parser.feed(job.work.prefill) if parser is not None and job.work.prefill else []
+            return [chunk({"role": "assistant", "content": ""})] + deltas(prefill)
+
+        def on_text(text: str) -> list[bytes]:
+            return deltas(parser.feed(text) if parser is not None else [text])
+
+        def tail() -> list[bytes]:
+            out = deltas(parser.finish()) if parser is not None else []
+            out.append(chunk({}, _finish(job, parser is not None and bool(parser.calls))))
             if usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
-                            "choices": [], "usage": _usage(job)})
-            yield b"data: [DONE]\n\n"
-        except _ClientGone:
-            return
-        finally:
-            with anyio.CancelScope(shield=True):
-                await srv.close(job)
+                out.append(_sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                 "model": srv.name, "choices": [], "usage": _usage(job)}))
+            return out
+
+        return srv.stream(request, job, head, on_text, tail)
 
     async def completions(request: Request):
         body = await _json_body(request)
@@ -723,40 +739,21 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
         if work.stream:
-            async def stream():
-                try:
-                    async for event in srv.events(request, job, check_each=True):
-                        if event[0] == "text":
-                            yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                        "model": srv.name, "choices": [choice(event[1], None)]})
-                        elif event[0] == "error":
-                            yield _sse(APIError(500, f"generation failed: {event[1]}", type="server_error").body())
-                            yield b"data: [DONE]\n\n"
-                            return
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
-                                "choices": [choice("", _finish(job, False))]})
-                    if work.include_usage:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                    "model": srv.name, "choices": [], "usage": _usage(job)})
-                    yield b"data: [DONE]\n\n"
-                except _ClientGone:
-                    return
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await srv.close(job)
+            def piece(text: str, finish: str | None = None) -> list[bytes]:
+                return [_sse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
+                              "choices": [choice(text, finish)]})]
 
-            return _JobStream(srv, job, stream())
-        try:
-            pieces = []
-            async for event in srv.events(request, job, check_each=False):
-                if event[0] == "text":
-                    pieces.append(event[1])
-                elif event[0] == "error":
-                    raise event[1]
-        finally:
-            await srv.close(job)
+            def tail() -> list[bytes]:
+                out = piece("", _finish(job, False))
+                if work.include_usage:
+                    out.append(_sse({"id": rid, "object": "text_completion", "created": created,
+                                     "model": srv.name, "choices": [], "usage": _usage(job)}))
+                return out
+
+            return _JobStream(srv, job, srv.stream(request, job, list, piece, tail))
+        text = await srv.collect(request, job)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
-                             "choices": [choice("".join(pieces), _finish(job, False))], "usage": _usage(job)})
+                             "choices": [choice(text, _finish(job, False))], "usage": _usage(job)})
 
     async def on_api_error(request: Request, exc: APIError):
         return exc.response()

@@ -461,6 +461,22 @@ def test_disconnect_cancels_generation(model):
                        json={"messages": [{"role": "user", "content": "go"}]})
         wait_idle(url)
         assert script.produced - before < 500
+        # a request that gives up while waiting in the queue leaves it
+        script.replies[:] = ["tack " * 100]
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=30,
+                                  json={"messages": [{"role": "user", "content": "first"}]})
+            time.sleep(0.2)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/chat/completions", timeout=0.3,
+                           json={"messages": [{"role": "user", "content": "second"}]})
+            deadline = time.monotonic() + 5
+            while httpx.get(url + "/health").json()["queued"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            health = httpx.get(url + "/health").json()
+            assert health["busy"] and health["queued"] == 0
+            assert running.result().status_code == 200
+        assert script.prompts[-1].count("first") == 1 and "second" not in script.prompts[-1]
         # and the next request is served
         r = client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}])
         assert r.choices[0].message.content == "OK."
