@@ -9,8 +9,16 @@ tensors and metadata to llama.cpp's own BF16 and Q8_0 files.
             transform -> quantize -> append.  Peak memory is a few chunks, whatever the model size.
 
 Every HF -> GGUF renaming and numeric fold is in TABLE below; nothing else renames or changes values.
-`choose_type` picks each tensor's GGML type and `QUANTIZERS` turns float32 rows into that type's bytes:
-both are the plug-in points for more output types (K-quants).
+`choose_type` picks each tensor's GGML type and `QUANTIZERS` turns float32 rows into that type's bytes.
+
+Two kinds of output type:
+    f32, f16, bf16, q8_0        what llama.cpp's converter writes (`convert_hf_to_gguf.py --outtype`)
+    q4_0, q4_k_m, q5_k_m, q6_k  what `llama-quantize` writes from the converter's F32 GGUF: its per-tensor
+                                mix (`mix_types`, after llama_tensor_get_type), its tensor order (by layer,
+                                then name) and its metadata order (file type and quantization version
+                                moved to the end). `requantize` is llama-quantize itself, for any type.
+The quantizers (quantizers.py) are bit-exact with ggml's reference ones, so both paths reproduce
+llama.cpp's files byte for byte.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import json
 import math
 import os
 import re
+import shutil
+from struct import error as struct_error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -31,6 +41,8 @@ from gguf import LlamaFileType as FT
 from ..config import ARCH, ModelConfig
 from ..errors import LocalcoderError
 from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
+from . import quantizers
+from .formats import dequantize
 
 HF_ARCHITECTURES = ("Qwen3NextForCausalLM",)
 CHUNK_BYTES = 64 << 20  # float32 bytes read per chunk (one expert of an *_exps tensor is always one chunk)
@@ -39,17 +51,26 @@ CHUNK_BYTES = 64 << 20  # float32 bytes read per chunk (one expert of an *_exps 
 # Output types: file type -> default tensor type, and float32 rows -> bytes of each tensor type
 # ---------------------------------------------------------------------------------------------------------
 
-OUT_TYPES: dict[str, FT] = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0}
+OUT_TYPES: dict[str, FT] = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
+                           "q4_0": FT.MOSTLY_Q4_0, "q4_k_m": FT.MOSTLY_Q4_K_M, "q5_k_m": FT.MOSTLY_Q5_K_M,
+                           "q6_k": FT.MOSTLY_Q6_K}
 FTYPE_TENSOR_TYPE: dict[FT, QT] = {FT.ALL_F32: QT.F32, FT.MOSTLY_F16: QT.F16, FT.MOSTLY_BF16: QT.BF16,
-                                   FT.MOSTLY_Q8_0: QT.Q8_0}
+                                   FT.MOSTLY_Q8_0: QT.Q8_0, FT.MOSTLY_Q4_0: QT.Q4_0, FT.MOSTLY_Q4_K_M: QT.Q4_K,
+                                   FT.MOSTLY_Q5_K_M: QT.Q5_K, FT.MOSTLY_Q6_K: QT.Q6_K}
+# file types only llama-quantize makes (the converter's own are the other four)
+QUANTIZE_FTYPES = (FT.MOSTLY_Q4_0, FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M, FT.MOSTLY_Q6_K)
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
-# float32 (rows, K) -> that type's bytes (rows, K / block * type_size). BF16 rounds to nearest even and
-# Q8_0 is bit-exact with ggml's quantize_row_q8_0_ref (gguf-py's reference implementations).
+# float32 rows -> that type's bytes. BF16 rounds to nearest even; Q8_0, Q4_0 and the K-quants are the Numba
+# ports of ggml's reference quantizers (bit-exact); Q5_0/Q5_1 (llama-quantize's fallbacks for Q4_K/Q5_K rows
+# that are not whole 256-blocks) are gguf-py's, bit-exact too.
 QUANTIZERS: dict[QT, Callable[[np.ndarray], np.ndarray]] = {
     QT.F32: lambda x: x.astype(np.float32, copy=False),
     QT.F16: lambda x: x.astype(np.float16),
     QT.BF16: lambda x: gguf.quants.quantize(x, QT.BF16),
-    QT.Q8_0: lambda x: gguf.quants.quantize(x, QT.Q8_0),
+    QT.Q5_0: lambda x: gguf.quants.quantize(x, QT.Q5_0),
+    QT.Q5_1: lambda x: gguf.quants.quantize(x, QT.Q5_1),
+    **quantizers.QUANTIZERS,
 }
 
 # 2-D tensors that llama.cpp keeps in F32 whatever the file type: the MoE routers (tiny, and routing is
@@ -58,11 +79,14 @@ F32_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.w
 
 
 def choose_type(gguf_name: str, shape: Sequence[int], ftype: FT) -> QT:
-    """The GGML type of one tensor in a file of type `ftype` (llama.cpp's convert rules).
+    """The GGML type of one tensor in a converter file of type `ftype` (f32/f16/bf16/q8_0; llama.cpp's
+    convert rules). llama-quantize's types depend on the other tensors too: see `mix_types`.
 
     1-D tensors, norms, non-`.weight` tensors (ssm_a, ssm_dt.bias) and F32_TENSORS stay F32; everything
     else gets the file type's tensor type, or F16 where a row is not a whole number of its blocks.
     """
+    if ftype in QUANTIZE_FTYPES:
+        raise ValueError(f"{ftype.name} is a llama-quantize mix: use mix_types() for the whole tensor list")
     base = gguf_name.split(".", 2)[2] if gguf_name.startswith("blk.") else gguf_name
     if (len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight")
             or base in F32_TENSORS):
@@ -82,6 +106,105 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
 def tensor_nbytes(shape: Sequence[int], qtype: QT) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape[:-1]) * (shape[-1] // block) * type_size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# llama-quantize's mix (src/llama-quant.cpp: tensor_allows_quantization, llama_tensor_get_type and its
+# fallbacks), for the tensors of a qwen3next GGUF and the file types above
+# ---------------------------------------------------------------------------------------------------------
+
+def llama_order(name: str) -> tuple[int, str]:
+    """llama.cpp's tensor order (weight_name_comparer), which llama-quantize writes: by layer (tensors
+    outside the layers first), then by name."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def quantizable(name: str, shape: Sequence[int]) -> bool:
+    """tensor_allows_quantization: 2-D or 3-D `*weight` tensors except norms, routers and the conv kernel.
+    ggml counts dimensions without the trailing 1s of ne (numpy's leading ones): ffn_gate_inp_shexp
+    (1, n_embd) is 1-D to it."""
+    ne = tuple(shape)[::-1]
+    n_dims = next((i + 1 for i in range(len(ne) - 1, 0, -1) if ne[i] > 1), 1)
+    return (n_dims >= 2 and name.endswith("weight") and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name and "ssm_conv1d" not in name)
+
+
+# tensor_get_category: first match wins; attn_qkv and attn_kv_b are "attn_v-like"
+_CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"),
+               ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+               ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
+# a row that is not a whole number of 256-blocks: the nearest 32-block type, else F16. llama-quantize has no
+# fallback for Q4_0/Q8_0 rows that are not whole 32-blocks (it stops); we write those F16 as the converter does.
+_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    return next((cat for key, cat in _CATEGORIES if key in name), "other")
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """use_more_bits: the first and last eighth of the layers and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _block(qtype: QT) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def mix_types(tensors: Sequence[tuple[str, Sequence[int]]], ftype: FT, n_expert: int,
+              n_layer: int) -> list[QT | None]:
+    """llama-quantize's type for every (name, numpy shape) of a model, given in llama_order (the attn_v
+    counter runs in that order); None where the tensor is not quantized and keeps its input type.
+
+    For Q4_K_M / Q5_K_M: attn_v and attn_qkv of the use_more_bits layers (by position among those tensors)
+    and ffn_down* of the use_more_bits layers (by layer index) get Q6_K; output.weight (or token_embd when
+    there is no output.weight) gets Q6_K in every quantized mix. Models with exactly 8 experts (llama.cpp's
+    Mixtral rules; the tiny fixture has 8, Qwen3-Next 512) also get attn_k/attn_v/attn_qkv in Q8_0 and,
+    in Q4_K_M, attn_output in Q5_K.
+    """
+    default = FTYPE_TENSOR_TYPE[ftype]
+    mixed = default not in FLOAT_TYPES
+    tied = all(name != "output.weight" for name, _ in tensors)
+    n_attention_wv = sum(_category(name) == "attn_v" for name, _ in tensors)
+    i_attention_wv = i_ffn_down = 0
+    k_mix = ftype in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)
+    types: list[QT | None] = []
+    for name, shape in tensors:
+        if not quantizable(name, shape):
+            types.append(None)
+            continue
+        t, cat, ncols = default, _category(name), shape[-1]
+        if not mixed:
+            types.append(t)
+            continue
+        if cat == "output" or (tied and cat == "token_embd"):
+            t = QT.Q8_0 if ncols % _block(t) else (QT.Q6_K if t != QT.Q8_0 else t)
+        elif cat == "attn_v":
+            if k_mix and _more_bits(i_attention_wv, n_attention_wv):
+                t = QT.Q6_K
+            if n_expert == 8:
+                t = QT.Q8_0
+            i_attention_wv += 1
+        elif cat == "attn_k" and n_expert == 8:
+            t = QT.Q8_0
+        elif cat == "ffn_down":
+            m = re.match(r"blk\.(\d+)\.", name)
+            i_layer = int(m.group(1)) if n_expert > 1 and m else i_ffn_down
+            if k_mix and _more_bits(i_layer, n_layer):
+                t = QT.Q6_K
+            i_ffn_down += 1
+        elif cat == "attn_output" and n_expert == 8 and ftype == FT.MOSTLY_Q4_K_M:
+            t = QT.Q5_K
+        if ncols % _block(t):
+            t = _FALLBACK.get(t, QT.F16)
+            t = QT.F16 if ncols % _block(t) else t
+        types.append(t)
+    return types
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,12 +476,14 @@ def _natural_key(name: str):
 
 @dataclass
 class Planned:
-    """One GGUF tensor: its name, numpy-order shape, type, and its float32 data as a chunk stream."""
+    """One GGUF tensor: its name, numpy-order shape, type, and its float32 data as a chunk stream
+    (or, with `raw`, the bytes to copy as they are: a tensor re-quantized to its own type)."""
 
     name: str
     shape: tuple[int, ...]
     chunks: Chunks
     qtype: QT = QT.F32
+    raw: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -366,8 +491,10 @@ class Planned:
 
 
 def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_mtp: bool) -> list[Planned]:
-    """Map every checkpoint tensor through TABLE, in llama.cpp's order (HF names sorted, experts stacked
-    when a layer's last expert arrives)."""
+    """Map every checkpoint tensor through TABLE, in llama.cpp's converter order (HF names sorted, experts
+    stacked when a layer's last expert arrives). For a llama-quantize type the tensors are typed as in the
+    converter's F32 file; `_apply_mix` then re-orders and re-types them."""
+    base_ftype = FT.ALL_F32 if ftype in QUANTIZE_FTYPES else ftype
     n_body = cfg.n_layer - (_count_mtp(sources) if keep_mtp else 0)  # MTP layers follow the body's layers
     renamed = {}
     for name, src in sources.items():
@@ -399,7 +526,7 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
             else:
                 srcs = [renamed[name]]
             shape, chunks = fn(srcs, cfg)
-            planned.append(Planned(gguf_name, tuple(shape), chunks, choose_type(gguf_name, shape, ftype)))
+            planned.append(Planned(gguf_name, tuple(shape), chunks, choose_type(gguf_name, shape, base_ftype)))
         if not matched:
             raise LocalcoderError(f"unexpected tensor {name} in {renamed[name].path.name}: not part of a "
                                   "Qwen3-Next checkpoint (dense MLP layers, biases and quantized weights are "
@@ -574,23 +701,38 @@ def _pre_tokenizer(pre: Any) -> str | None:
 # convert()
 # ---------------------------------------------------------------------------------------------------------
 
+def _apply_mix(planned: list[Planned], ftype: FT, n_expert: int, n_layer: int) -> list[Planned]:
+    """llama-quantize on the converter's F32 file: its tensor order, and mix_types' types."""
+    planned = sorted(planned, key=lambda p: llama_order(p.name))
+    for p, t in zip(planned, mix_types([(p.name, p.shape) for p in planned], ftype, n_expert, n_layer)):
+        p.shape = ggml_shape(p.shape)
+        if t is not None:
+            p.qtype = t
+    return planned
+
+
+def ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ggml's GGUF writer records: without leading 1s (ggml_n_dims drops trailing ne of 1), so
+    llama-quantize writes ffn_gate_inp_shexp (1, n_embd) as 1-D, where the converter wrote 2-D."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: str = "bf16", keep_mtp: bool = False,
             progress: Callable[[int, int, str], None] | None = None, name: str | None = None) -> Path:
     """Convert a Hugging Face Qwen3-Next checkpoint folder to a qwen3next GGUF at out_path.
 
-    out_type: f32, f16, bf16 or q8_0. keep_mtp: also write the multi-token-prediction head (as llama.cpp's
-    blk.<n_layer>.nextn.* tensors; block_count grows by its layer count). progress(done_bytes, total_bytes,
-    tensor_name) is called as tensor data is written. The file is written to OUT.tmp and renamed at the end;
-    on any error the temporary file is removed.
+    out_type: f32, f16, bf16, q8_0 (as llama.cpp's converter) or q4_0, q4_k_m, q5_k_m, q6_k (as the
+    converter's F32 file run through llama-quantize). keep_mtp: also write the multi-token-prediction head
+    (as llama.cpp's blk.<n_layer>.nextn.* tensors; block_count grows by its layer count).
+    progress(done_bytes, total_bytes, tensor_name) is called as tensor data is written. The file is written
+    to OUT.tmp and renamed at the end; on any error the temporary file is removed.
     """
     hf_dir, out_path = Path(hf_dir).expanduser(), Path(out_path).expanduser()
     if not hf_dir.is_dir():
         raise LocalcoderError(f"{hf_dir} is not a folder; pass the folder of a Hugging Face checkpoint")
-    ftype = OUT_TYPES.get(out_type.lower())
-    if ftype is None:
-        raise LocalcoderError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
-    if not out_path.parent.is_dir():
-        raise LocalcoderError(f"cannot write {out_path}: folder {out_path.parent} does not exist; create it first")
+    ftype = _out_ftype(out_type, out_path)
     config = _read_json(hf_dir / "config.json", "config.json, model*.safetensors, tokenizer.json")
     vocab_size = int(config.get("vocab_size") or 0)
     if vocab_size <= 0:
@@ -600,29 +742,31 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     meta = hf_metadata(config, n_mtp, str(hf_dir / "config.json"))
     cfg = ModelConfig.from_gguf({"general.architecture": ARCH, **meta}, vocab_size, str(hf_dir / "config.json"))
     planned = plan_tensors(sources, cfg, ftype, keep_mtp)
+    mixed = ftype in QUANTIZE_FTYPES
+    if mixed:
+        planned = _apply_mix(planned, ftype, cfg.n_expert, cfg.n_layer)
     tokens, types, pre = vocab_metadata(hf_dir, vocab_size)
     special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise LocalcoderError(f"{hf_dir}/tokenizer.json has no BPE merges; re-download the tokenizer files")
+    _check_space(out_path, planned, extra=len(json.dumps(tokens)) + 4 * len(special.merges) + (1 << 20))
 
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        for p in planned:
-            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    def metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or hf_dir.resolve().name)
         writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
         for key, value in meta.items():
             if key == "general.file_type":
-                writer.add_file_type(ftype)
+                if not mixed:
+                    writer.add_file_type(ftype)
             elif isinstance(value, list):
                 writer.add_array(key, value)
             elif isinstance(value, float):
                 writer.add_float32(key, value)
             else:
                 writer.add_uint32(key, value)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if not mixed:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
@@ -631,6 +775,40 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
         special.add_special_token = {"bos": special.add_special_token.get("bos", False),
                                      "eos": special.add_special_token.get("eos", False)}
         special.add_to_gguf(writer, quiet=True)
+        if mixed:  # llama-quantize re-sets these two keys, which moves them to the end
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_file_type(ftype)
+
+    return _write_file(out_path, planned, metadata, progress)
+
+
+def _out_ftype(out_type: str, out_path: Path) -> FT:
+    ftype = OUT_TYPES.get(str(out_type).lower())
+    if ftype is None:
+        raise LocalcoderError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
+    if not out_path.parent.is_dir():
+        raise LocalcoderError(f"cannot write {out_path}: folder {out_path.parent} does not exist; create it first")
+    return ftype
+
+
+def _check_space(out_path: Path, planned: list[Planned], extra: int) -> None:
+    """Refuse before writing anything when the output cannot fit on its disk."""
+    need = sum(p.nbytes + 32 for p in planned) + extra
+    free = shutil.disk_usage(out_path.parent).free
+    if need > free:
+        raise LocalcoderError(f"not enough disk space for {out_path.name}: it needs {need / 1e9:.2f} GB, "
+                              f"{out_path.parent} has {free / 1e9:.2f} GB free; free some space or write elsewhere")
+
+
+def _write_file(out_path: Path, planned: list[Planned], metadata: Callable[[gguf.GGUFWriter], None],
+                progress) -> Path:
+    """Write OUT.tmp (metadata(writer) adds the key/values) and rename it to out_path; remove it on error."""
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        for p in planned:
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+        metadata(writer)
         _write(writer, planned, progress)
         writer.close()
         os.replace(tmp, out_path)
@@ -655,8 +833,8 @@ def _write(writer: gguf.GGUFWriter, planned: list[Planned], progress) -> None:
     for p in planned:
         written = 0
         for chunk in p.chunks():
-            data = quantize(chunk, p.qtype)
-            fout.write(data.tobytes())
+            data = chunk if p.raw else quantize(chunk, p.qtype)
+            fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
             written += data.nbytes
             done += data.nbytes
             if progress is not None:
@@ -665,3 +843,91 @@ def _write(writer: gguf.GGUFWriter, planned: list[Planned], progress) -> None:
             raise LocalcoderError(f"internal error: {p.name} produced {written} bytes, expected {p.nbytes}")
         writer.write_padding(fout, written)
     fout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# requantize(): llama-quantize for an F32/F16/BF16 qwen3next GGUF
+# ---------------------------------------------------------------------------------------------------------
+
+_DROPPED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment",
+                 "split.no", "split.count", "split.tensors.count")
+
+
+def _gguf_chunks(path: Path, offset: int, qtype: QT, shape: tuple[int, ...], raw: bool) -> Chunks:
+    """A tensor of a GGUF file as row chunks of about CHUNK_BYTES float32 (plain reads, nothing mapped)."""
+    K = shape[-1]
+    rows = math.prod(shape[:-1])
+    row_bytes = tensor_nbytes((K,), qtype)
+
+    def chunks():
+        step = max(1, CHUNK_BYTES // (4 * K))
+        with open(path, "rb") as f:
+            for start in range(0, rows, step):
+                n = min(step, rows - start)
+                f.seek(offset + start * row_bytes)
+                data = np.frombuffer(f.read(n * row_bytes), np.uint8)
+                if data.size != n * row_bytes:
+                    raise LocalcoderError(f"{path} is truncated; re-download or re-convert it")
+                yield data if raw else dequantize(data, qtype, (n, K))
+    return chunks
+
+
+def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type: str,
+               progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Re-quantize an F32/F16/BF16 qwen3next GGUF to out_type, as `llama-quantize IN OUT TYPE` does.
+
+    Same per-tensor mix, tensor order and metadata as llama-quantize (every key copied, general.file_type
+    and general.quantization_version re-set at the end); tensors it does not quantize (norms, routers, the
+    conv kernel, 1-D tensors) are copied byte for byte. Streams one chunk of rows at a time; writes OUT.tmp
+    and renames it at the end. progress(done_bytes, total_bytes, tensor_name) as for convert().
+    """
+    in_path, out_path = Path(in_path).expanduser(), Path(out_path).expanduser()
+    if not in_path.is_file():
+        raise LocalcoderError(f"{in_path} does not exist; pass the F32/F16/BF16 GGUF to re-quantize")
+    ftype = _out_ftype(out_type, out_path)
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise LocalcoderError(f"{out_path} is the input file; write the re-quantized model to another path")
+    try:
+        reader = gguf.GGUFReader(in_path)
+    except (ValueError, OSError, KeyError, IndexError, struct_error) as e:
+        raise LocalcoderError(f"{in_path} is not a valid GGUF file ({e}); pass a GGUF made by localcoder "
+                              "convert or llama.cpp") from None
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch != ARCH:
+        raise LocalcoderError(f"expected arch {ARCH}, file says {arch} ({in_path.name}); localcoder "
+                              "re-quantizes Qwen3-Next GGUFs only")
+    for t in reader.tensors:
+        if t.tensor_type not in FLOAT_TYPES:
+            raise LocalcoderError(f"{in_path.name} is already quantized (tensor {t.name} is "
+                                  f"{t.tensor_type.name}); re-quantize from its F32/F16/BF16 GGUF or convert "
+                                  "the Hugging Face checkpoint with localcoder convert")
+
+    def value(key: str, default: int) -> int:
+        f = reader.fields.get(f"{ARCH}.{key}")
+        return int(f.contents()) if f is not None else default
+
+    tensors = sorted(reader.tensors, key=lambda t: llama_order(t.name))
+    shapes = [ggml_shape(tuple(int(d) for d in t.shape[::-1])) for t in tensors]
+    types = mix_types([(t.name, sh) for t, sh in zip(tensors, shapes)], ftype, value("expert_count", 0),
+                      value("block_count", 0))
+    planned = []
+    for t, shape, qtype in zip(tensors, shapes, types):
+        qtype = t.tensor_type if qtype is None else qtype
+        raw = qtype == t.tensor_type
+        planned.append(Planned(t.name, shape, _gguf_chunks(in_path, int(t.data_offset), t.tensor_type, shape, raw),
+                               qtype, raw))
+    _check_space(out_path, planned, extra=int(reader.data_offset))
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        for key, f in reader.fields.items():
+            if key == "general.alignment":  # the writer must pad with it too
+                writer.add_custom_alignment(int(f.contents()))
+            if key.startswith("GGUF.") or key in _DROPPED_KEYS:
+                continue
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(ftype)
+
+    return _write_file(out_path, planned, metadata, progress)
