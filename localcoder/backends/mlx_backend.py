@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -230,9 +231,13 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
         packed = np.ascontiguousarray(q, dtype=np.uint8)
     elif bits == 4:
         packed = (q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).astype(np.uint8)
-    else:
-        stream = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)  # (..., K, bits)
-        packed = np.packbits(stream.reshape(*q.shape[:-1], -1), axis=-1, bitorder="little")
+    else:  # 8 codes -> `bits` whole bytes: accumulate them in a uint64 and keep its low bytes
+        *lead, K = q.shape
+        q8 = q.reshape(*lead, K // 8, 8)
+        acc = np.zeros((*lead, K // 8), np.uint64)
+        for i in range(8):
+            acc |= q8[..., i].astype(np.uint64) << np.uint64(bits * i)
+        packed = acc[..., None].view(np.uint8)[..., :bits].reshape(*lead, K * bits // 8)
     return np.ascontiguousarray(packed).view("<u4").astype(np.uint32, copy=False)
 
 
@@ -257,12 +262,27 @@ class MLXWeight:
         x = x.reshape(*lead, K // 16, 16)
         return mx.concatenate([x, mx.zeros_like(x)], axis=-1).reshape(*lead, 2 * K)
 
-    def matmul(self, x):
-        """x (..., K) float32 -> (..., N)."""
+    def rows(self, start: int, stop: int) -> "MLXWeight":
+        """Output rows start..stop (views; the last two axes are (N, K))."""
+        cut = lambda a: None if a is None else a[..., start:stop, :]
+        return MLXWeight(cut(self.w), cut(self.scales), cut(self.biases), self.bits, self.mode, self.pad16)
+
+    def matmul(self, x, streams=()):
+        """x (..., K) float32 -> (..., N). With CPU streams, the rows are split across them: MLX runs each CPU
+        stream on its own thread, and its CPU matmuls are single-threaded. Every output element is computed
+        by the same kernel either way, so the split never changes a bit."""
+        N = self.w.shape[-2]
+        if len(streams) > 1 and N >= 512 * len(streams):
+            cuts = np.linspace(0, N, len(streams) + 1).astype(int)
+            return mx.concatenate([self.rows(a, b)._matmul(x, s) for a, b, s in zip(cuts, cuts[1:], streams)],
+                                  axis=-1)
+        return self._matmul(x, None)
+
+    def _matmul(self, x, stream):
         if self.mode == "float":
-            return x @ self.w.astype(mx.float32).T
+            return mx.matmul(x, self.w.astype(mx.float32, stream=stream).T, stream=stream)
         return mx.quantized_matmul(self._x(x), self.w, self.scales, self.biases, transpose=True,
-                                   group_size=GROUP, bits=self.bits, mode=self.mode)
+                                   group_size=GROUP, bits=self.bits, mode=self.mode, stream=stream)
 
     def gather(self, x, idx, sorted_indices=False):
         """Stacked experts (E, N, K): x (..., 1, K) times expert idx[...] -> (..., 1, N)."""
@@ -280,24 +300,50 @@ def _mxfp4(blocks: np.ndarray, shape) -> MLXWeight:
     return MLXWeight(mx.array(pack_codes(codes, 4)), mx.array(scales), None, 4, "mxfp4")
 
 
+CONVERT_STEP = 1 << 20  # weights converted per step: bounds the NumPy temporaries of a large tensor
+_POOL = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="localcoder-mlx-convert")
+    return _POOL
+
+
 def convert(w: QTensor, q6_k: str = "int8") -> MLXWeight:
     """One GGUF tensor (any leading dims, e.g. (E, N, K) experts) as an MLX weight; reads its bytes once."""
-    shape = w.shape
+    shape, K = w.shape, w.shape[-1]
     if w.ggml_type in FLOATS:
         return MLXWeight(mx.array(w.dequantize()).astype(FLOATS[w.ggml_type]))
     fmt = get_format(w.ggml_type)
-    blocks = np.ascontiguousarray(w.data).reshape(-1, fmt.type_size)
+    rows = np.asarray(w.data).reshape(-1, w.data.shape[-1])  # (rows, row_bytes), a view of the mmap
     if w.ggml_type == T.MXFP4:
-        return _mxfp4(blocks, shape)
+        return _mxfp4(np.ascontiguousarray(rows).reshape(-1, fmt.type_size), shape)
     m = Q6_K_POLICIES[q6_k] if w.ggml_type == T.Q6_K else AFFINE.get(w.ggml_type)
     if m is None:
         raise NotImplementedError(f"the MLX backend has no mapping for {fmt.name} (tensor {w.name})")
-    codes, scales, biases = m.convert(blocks)
-    K = shape[-1] * (2 if m.pad16 else 1)
+    Kc = K * (2 if m.pad16 else 1)  # codes per row
+    packed = np.empty((rows.shape[0], Kc * m.bits // 32), np.uint32)
+    scales = np.empty((rows.shape[0], Kc // GROUP), np.float32)
+    biases = np.empty_like(scales)
+    step = max(1, CONVERT_STEP // K)
+
+    def part(r):  # NumPy releases the GIL in its loops: row ranges convert in parallel threads
+        blocks = np.ascontiguousarray(rows[r:r + step]).reshape(-1, fmt.type_size)
+        codes, s, b = m.convert(blocks)
+        n = min(step, rows.shape[0] - r)
+        packed[r:r + n] = pack_codes(codes.reshape(n, Kc), m.bits)
+        scales[r:r + n], biases[r:r + n] = s.reshape(n, -1), b.reshape(n, -1)
+
+    starts = range(0, rows.shape[0], step)
+    if len(starts) > 1:
+        list(_pool().map(part, starts))
+    else:
+        part(0)
     lead = shape[:-1]
-    return MLXWeight(mx.array(pack_codes(codes.reshape(*lead, K), m.bits)),
-                     mx.array(scales.reshape(*lead, K // GROUP)), mx.array(biases.reshape(*lead, K // GROUP)),
-                     m.bits, "affine", m.pad16)
+    return MLXWeight(mx.array(packed.reshape(*lead, -1)), mx.array(scales.reshape(*lead, -1)),
+                     mx.array(biases.reshape(*lead, -1)), m.bits, "affine", m.pad16)
 
 
 def _stack(parts: list[MLXWeight]) -> MLXWeight:
@@ -451,7 +497,7 @@ class MLXBackend:
     name = "mlx"
     xp = xp
 
-    def __init__(self, q6_k: str = "int8", expert_budget: int | None = None):
+    def __init__(self, q6_k: str = "int8", expert_budget: int | None = None, threads: int | None = None):
         if q6_k not in Q6_K_POLICIES:
             raise ValueError(f"q6_k={q6_k!r}; choose one of {', '.join(Q6_K_POLICIES)}")
         self.q6_k = q6_k
@@ -459,6 +505,10 @@ class MLXBackend:
         self._vectors: dict[str, mx.array] = {}
         self.experts = ExpertStore(expert_budget, q6_k)
         self._rope_freqs: dict[tuple[int, float], mx.array] = {}
+        # On the CPU, one stream per core (MLX's CPU ops are single-threaded per stream); Metal needs none.
+        if threads is None:
+            threads = (os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+        self.streams = tuple(mx.new_stream(mx.cpu) for _ in range(threads)) if threads > 1 else ()
 
     # -- elementwise ---------------------------------------------------------------------------------------
     silu = staticmethod(_silu)
@@ -481,7 +531,7 @@ class MLXBackend:
 
     def matmul(self, x, w: QTensor):
         """x (T, K) float32, w (N, K) -> (T, N)."""
-        return self.prepare(w).matmul(x)
+        return self.prepare(w).matmul(x, self.streams)
 
     def vector(self, w: QTensor):
         got = self._vectors.get(w.name)
@@ -579,24 +629,31 @@ class MLXBackend:
         else:
             gate_up, gate, up, down, idx = self._streamed(experts, expert_ids)
         F = experts.n_ff
+        parts = max(1, len(self.streams))
         if Tn * k >= 64:  # prefill: rows sorted by expert, so each expert's weights are read once
             flat = idx.reshape(-1)
             order = mx.argsort(flat)
-            rows = x[order // k][:, None, :]  # (T*k, 1, D)
-            h = self._swiglu_gathered(rows, gate_up, gate, up, down, flat[order], F, True)[:, 0]  # (T*k, D)
+            rows, sorted_ids = x[order // k][:, None, :], flat[order]  # (T*k, 1, D)
+            cuts = np.linspace(0, Tn * k, parts + 1).astype(int)  # contiguous runs stay sorted
+            h = mx.concatenate([self._swiglu_gathered(rows[a:b], gate_up, gate, up, down, sorted_ids[a:b], F, True, s)
+                                for a, b, s in zip(cuts, cuts[1:], self.streams or (None,))], axis=0)[:, 0]
             h = h[mx.argsort(order)].reshape(Tn, k, -1)  # back to token order
-        else:
-            h = self._swiglu_gathered(x[:, None, None, :], gate_up, gate, up, down, idx, F, False)[:, :, 0]
+        else:  # decode: the k routed slots split across the streams
+            cuts = np.linspace(0, k, min(parts, k) + 1).astype(int)
+            h = mx.concatenate([self._swiglu_gathered(x[:, None, None, :], gate_up, gate, up, down, idx[:, a:b], F,
+                                                      False, s)
+                                for a, b, s in zip(cuts, cuts[1:], self.streams or (None,))], axis=1)[:, :, 0]
         return (h * expert_weights[..., None]).sum(axis=1)
 
     @staticmethod
-    def _swiglu_gathered(x, gate_up, gate, up, down, idx, F, sorted_indices):
-        if gate_up is not None:
-            gu = gate_up.gather(x, idx, sorted_indices)
-            g, u = gu[..., :F], gu[..., F:]
-        else:
-            g, u = gate.gather(x, idx, sorted_indices), up.gather(x, idx, sorted_indices)
-        return down.gather(_silu(g) * u, idx, sorted_indices)
+    def _swiglu_gathered(x, gate_up, gate, up, down, idx, F, sorted_indices, stream=None):
+        with mx.stream(stream or mx.default_stream(mx.default_device())):
+            if gate_up is not None:
+                gu = gate_up.gather(x, idx, sorted_indices)
+                g, u = gu[..., :F], gu[..., F:]
+            else:
+                g, u = gate.gather(x, idx, sorted_indices), up.gather(x, idx, sorted_indices)
+            return down.gather(_silu(g) * u, idx, sorted_indices)
 
     def _streamed(self, experts, expert_ids):
         """Routed experts of this step from the LRU cache, stacked; ids renumbered into the stack."""
