@@ -56,7 +56,7 @@ def random_tensor(qtype, shape, rng, name="w") -> QTensor:
 
 def dequantized(w: mb.MLXWeight) -> np.ndarray:
     if w.mode == "mxfp4":
-        out = mx.dequantize(w.w, w.scales, None, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32)
+        out = mx.dequantize(w.w, w.scales, None, group_size=32, bits=4, mode="mxfp4").astype(mx.float32)
     else:
         out = mx.dequantize(w.w, w.scales, w.biases, group_size=32, bits=w.bits)
     out = np.asarray(out)

@@ -273,7 +273,7 @@ class MLXWeight:
         by the same kernel either way, so the split never changes a bit."""
         N = self.w.shape[-2]
         if len(streams) > 1 and N >= 512 * len(streams):
-            cuts = np.linspace(0, N, len(streams) + 1).astype(int)
+            cuts = [int(c) for c in np.linspace(0, N, len(streams) + 1)]
             return mx.concatenate([self.rows(a, b)._matmul(x, s) for a, b, s in zip(cuts, cuts[1:], streams)],
                                   axis=-1)
         return self._matmul(x, None)
@@ -388,7 +388,11 @@ class ExpertStore:
                 got = (both, None, None, convert(experts.down, self.q6_k))
             else:
                 gate, up = convert(experts.gate, self.q6_k), convert(experts.up, self.q6_k)
-                got = (_concat_rows(gate, up), gate, up, convert(experts.down, self.q6_k))
+                both = _concat_rows(gate, up)  # one gather_qmm for both when they map alike
+                got = (both, None, None, convert(experts.down, self.q6_k)) if both else \
+                    (None, gate, up, convert(experts.down, self.q6_k))
+                mx.eval(*(a for w in got if w is not None for a in (w.w, w.scales, w.biases) if a is not None))
+                del gate, up, both  # the separate arrays are freed once the fused one exists
             self.layers[experts.layer] = got
         return got
 
@@ -634,12 +638,12 @@ class MLXBackend:
             flat = idx.reshape(-1)
             order = mx.argsort(flat)
             rows, sorted_ids = x[order // k][:, None, :], flat[order]  # (T*k, 1, D)
-            cuts = np.linspace(0, Tn * k, parts + 1).astype(int)  # contiguous runs stay sorted
+            cuts = [int(c) for c in np.linspace(0, Tn * k, parts + 1)]  # contiguous runs stay sorted
             h = mx.concatenate([self._swiglu_gathered(rows[a:b], gate_up, gate, up, down, sorted_ids[a:b], F, True, s)
                                 for a, b, s in zip(cuts, cuts[1:], self.streams or (None,))], axis=0)[:, 0]
             h = h[mx.argsort(order)].reshape(Tn, k, -1)  # back to token order
         else:  # decode: the k routed slots split across the streams
-            cuts = np.linspace(0, k, min(parts, k) + 1).astype(int)
+            cuts = [int(c) for c in np.linspace(0, k, min(parts, k) + 1)]
             h = mx.concatenate([self._swiglu_gathered(x[:, None, None, :], gate_up, gate, up, down, idx[:, a:b], F,
                                                       False, s)
                                 for a, b, s in zip(cuts, cuts[1:], self.streams or (None,))], axis=1)[:, :, 0]
@@ -661,7 +665,10 @@ class MLXBackend:
         used, local = np.unique(ids, return_inverse=True)
         parts = [self.experts.expert(experts, int(e)) for e in used]
         gate, up, down = (_stack([p[i] for p in parts]) for i in range(3))
-        return _concat_rows(gate, up), gate, up, down, mx.array(local.reshape(ids.shape).astype(np.uint32))
+        both = _concat_rows(gate, up)
+        if both is not None:
+            gate = up = None
+        return both, gate, up, down, mx.array(local.reshape(ids.shape).astype(np.uint32))
 
 
 def _kv_buffer(x, n: int) -> mx.array:
