@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=32, help="generated tokens")
     ap.add_argument("--q6-k", default="int8", choices=["int8", "exact"], help="Q6_K mapping")
     ap.add_argument("--expert-budget-gib", type=float, default=None,
-                    help="stream experts through an LRU cache of this size (default: resident)")
+                    help="bytes of converted experts to hold (default: 70%% of available memory); layers "
+                         "past it stream their experts through an LRU cache")
     args = ap.parse_args()
 
     import mlx.core as mx
@@ -62,14 +63,15 @@ def main() -> None:
     tg = time.perf_counter() - t0
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    mode = "resident" if budget is None else f"streamed, budget {args.expert_budget_gib} GiB"
+    s = be.experts
+    streamed = sum(v is None for v in s.layers.values())
+    mode = f"{len(s.layers) - streamed} layers resident ({s.resident_bytes / 2 ** 30:.1f} GiB), {streamed} streamed"
     print(f"{path.name}: {cfg.n_layer} layers, MLX {mx.__version__} on {mx.default_device()}, q6_k={args.q6_k}, "
           f"experts {mode}")
     print(f"warm-up (weight conversion + first prefill): {warm:.1f} s; peak RSS {rss:.1f} GiB")
     print(f"pp{args.pp}: {args.pp / pp:.2f} tokens/s ({pp:.2f} s)")
     print(f"tg{args.tg}: {args.tg / tg:.2f} tokens/s ({tg / args.tg * 1e3:.0f} ms/token)")
-    if budget is not None:
-        s = be.experts
+    if streamed:
         print(f"expert cache: {s.hits} hits, {s.misses} misses, {s.bytes / 2 ** 30:.2f} GiB held")
 
 

@@ -243,7 +243,7 @@ def test_moe_gather_qmm_matches_reference(qtype, fused, T):
     weights = rng.uniform(0.1, 1, (T, 4)).astype(np.float32)
     ref = NumpyBackend().moe(x, experts, ids, weights)
     scale = np.abs(ref).max()
-    for budget in (None, 1):  # resident whole-layer stacks; streamed through a one-expert LRU cache
+    for budget in (None, 1):  # resident whole-layer stack (default budget); streamed, a one-expert LRU cache
         be = mb.MLXBackend(q6_k="exact", expert_budget=budget)
         out = be.moe(mx.array(x), experts, mx.array(ids), mx.array(weights))
         assert np.abs(np.asarray(out) - ref).max() <= 1e-5 * scale
@@ -261,6 +261,22 @@ def test_streamed_experts_are_cached_within_budget():
     store = be.experts
     assert store.hits == 2 and store.misses == 6
     assert store.bytes <= store.budget and len(store.cache) == 3
+
+
+def test_budget_keeps_early_layers_resident_and_streams_the_rest():
+    rng = np.random.default_rng(9)
+    layers = [_experts(rng, Q.Q4_K) for _ in range(2)]
+    layers[1] = ExpertSet(1, layers[1].down, gate=layers[1].gate, up=layers[1].up)
+    one_layer = int(mb.MLX_BYTES_PER_GGUF_BYTE * layers[0].expert_nbytes() * layers[0].n_expert)
+    be = mb.MLXBackend(expert_budget=one_layer + 4 * layers[0].expert_nbytes() * 2)
+    x = mx.array(rng.standard_normal((2, 256)).astype(np.float32))
+    ids, w = mx.array([[1, 5, 2, 0], [7, 3, 5, 6]]), mx.array(rng.uniform(0.1, 1, (2, 4)).astype(np.float32))
+    outs = [be.moe(x, experts, ids, w) for experts in layers]
+    assert be.experts.layers[0] is not None and be.experts.layers[1] is None
+    assert be.experts.resident_bytes + be.experts.bytes <= be.experts.budget
+    for experts, out in zip(layers, outs):
+        ref = NumpyBackend().moe(np.asarray(x), experts, np.asarray(ids), np.asarray(w))
+        assert np.abs(np.asarray(out) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -362,39 +362,55 @@ def _concat_rows(a: MLXWeight, b: MLXWeight) -> MLXWeight | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Experts: resident (a layer's stack converted on first use; routing stays on the device) or streamed
-# (per expert, into a byte-budgeted LRU cache; the routed ids come to the host once per MoE layer).
+# Experts: a layer is resident (its whole stack converted on first use; routing stays on the device) while
+# the byte budget holds it; later layers stream (per expert on first use into an LRU cache holding the rest
+# of the budget; the routed ids come to the host once per MoE layer). Either way the results are the same.
 # ---------------------------------------------------------------------------------------------------------
+
+MLX_BYTES_PER_GGUF_BYTE = 1.6  # bound on the growth of a K-quant stack in MLX form (float32 scales and biases)
+
+
+def default_budget() -> int:
+    """70 % of the memory available now (of all memory where the OS does not say)."""
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return int(0.7 * os.sysconf(name) * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            continue
+    return 1 << 34
+
 
 class ExpertStore:
     def __init__(self, budget_bytes: int | None, q6_k: str):
-        self.budget = budget_bytes
+        self.budget = default_budget() if budget_bytes is None else budget_bytes
         self.q6_k = q6_k
-        self.layers: dict[int, tuple] = {}  # layer -> (gate_up | None, gate, up, down) stacked
-        self.cache: OrderedDict[tuple[int, int], tuple] = OrderedDict()  # (layer, e) -> weights
-        self.bytes = 0
+        self.layers: dict[int, tuple | None] = {}  # layer -> (gate_up | None, gate, up, down) stacked; None: streamed
+        self.resident_bytes = 0
+        self.cache: OrderedDict[tuple[int, int], tuple] = OrderedDict()  # (layer, e) -> (gate, up, down)
+        self.bytes = 0  # held by the cache
         self.hits = self.misses = 0
 
-    @property
-    def resident(self) -> bool:
-        """No budget: every layer's experts are converted whole on first use and stay (routing on device)."""
-        return self.budget is None
+    def layer(self, experts) -> tuple | None:
+        """The layer's resident stacks, converted on first use, or None when the layer streams."""
+        if experts.layer not in self.layers:
+            need = MLX_BYTES_PER_GGUF_BYTE * experts.expert_nbytes() * experts.n_expert
+            self.layers[experts.layer] = None
+            if self.resident_bytes + need <= self.budget:
+                got = self._convert_layer(experts)
+                self.resident_bytes += sum(w.nbytes for w in got if w is not None)
+                self.layers[experts.layer] = got
+        return self.layers[experts.layer]
 
-    def layer(self, experts) -> tuple:
-        got = self.layers.get(experts.layer)
-        if got is None:
-            if experts.gate_up is not None:
-                both = convert(experts.gate_up, self.q6_k)
-                got = (both, None, None, convert(experts.down, self.q6_k))
-            else:
-                gate, up = convert(experts.gate, self.q6_k), convert(experts.up, self.q6_k)
-                both = _concat_rows(gate, up)  # one gather_qmm for both when they map alike
-                got = (both, None, None, convert(experts.down, self.q6_k)) if both else \
-                    (None, gate, up, convert(experts.down, self.q6_k))
-                mx.eval(*(a for w in got if w is not None for a in (w.w, w.scales, w.biases) if a is not None))
-                del gate, up, both  # the separate arrays are freed once the fused one exists
-            self.layers[experts.layer] = got
-        return got
+    def _convert_layer(self, experts) -> tuple:
+        down = convert(experts.down, self.q6_k)
+        if experts.gate_up is not None:
+            return convert(experts.gate_up, self.q6_k), None, None, down
+        gate, up = convert(experts.gate, self.q6_k), convert(experts.up, self.q6_k)
+        both = _concat_rows(gate, up)  # one gather_qmm for both when they map alike
+        if both is None:
+            return None, gate, up, down
+        mx.eval(both.w, both.scales, both.biases)  # now, so the separate gate and up arrays are freed
+        return both, None, None, down
 
     def expert(self, experts, e: int) -> tuple:
         key = (experts.layer, e)
@@ -404,11 +420,10 @@ class ExpertStore:
             self.cache.move_to_end(key)
             return got
         self.misses += 1
-        gate, up, down = (convert(t, self.q6_k) for t in experts.expert(e))
-        got = (gate, up, down)
+        got = tuple(convert(t, self.q6_k) for t in experts.expert(e))
         self.cache[key] = got
         self.bytes += sum(w.nbytes for w in got)
-        while self.budget is not None and self.bytes > self.budget and len(self.cache) > 1:
+        while self.bytes > self.budget - self.resident_bytes and len(self.cache) > 1:
             _, old = self.cache.popitem(last=False)
             self.bytes -= sum(w.nbytes for w in old)
         return got
@@ -493,9 +508,10 @@ class MLXBackend:
     """MLX arrays and quantized matmuls; see the module docstring for the weight mapping.
 
     q6_k: "int8" (default) or "exact", how Q6_K maps (see above).
-    expert_budget: bytes of converted experts to keep; None keeps every layer's experts resident (no host
-    round trip for routing). With a budget smaller than the model's experts, experts are converted per expert
-    on first use into an LRU cache of that size, and the routed ids are read once per MoE layer.
+    expert_budget: bytes of converted experts to hold (default: 70 % of the available memory). Layers whose
+    whole expert stack fits are resident: routing stays on the device, no host round trip. Once the budget
+    is spent, later layers stream: experts are converted one by one on first use into an LRU cache holding
+    the rest of the budget, and the routed ids come to the host once per such layer.
     """
 
     name = "mlx"
@@ -627,8 +643,9 @@ class MLXBackend:
     def moe(self, x, experts, expert_ids, expert_weights):
         """Routed experts' SwiGLU with gather_qmm. x (T, D); expert_ids, expert_weights (T, k)."""
         Tn, k = expert_ids.shape
-        if self.experts.resident:
-            gate_up, gate, up, down = self.experts.layer(experts)
+        stacks = self.experts.layer(experts)
+        if stacks is not None:
+            gate_up, gate, up, down = stacks
             idx = expert_ids.astype(mx.uint32)
         else:
             gate_up, gate, up, down, idx = self._streamed(experts, expert_ids)
@@ -676,10 +693,3 @@ def _kv_buffer(x, n: int) -> mx.array:
     if isinstance(x, Held):
         return x.a
     return mx.array(np.ascontiguousarray(np.asarray(x)[:n].transpose(1, 0, 2))[None].astype(np.float32))
-
-
-def available_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
