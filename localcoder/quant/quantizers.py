@@ -20,8 +20,9 @@ Two versions of each K-quant:
 The tests check fast == ref on random and adversarial data and both against llama.cpp's fixture files.
 
 Conventions: x is float32 (rows, K), K a whole number of blocks; the result is uint8 (rows, row_bytes)
-in the GGUF block layout (see formats.py). Threads: Numba's (numba.set_num_threads), rows are split
-into tasks of a few rows each.
+in the GGUF block layout (see formats.py). Threads: the compiled loops release the GIL and Python threads
+share the rows (numba.get_num_threads() of them unless told): no parallel (parfor) compile, which costs
+more compile time than all the kernels together.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from numba import njit
 
 f32 = np.float32
 QK_K = 256
@@ -144,12 +145,12 @@ def _q4_0_row(x, row, tb, ib):
             row[o + 2 + j] = (q0 & 0xFF) | ((q1 << 4) & 0xFF)
 
 
-@njit(parallel=True, **NJ)
-def _rows_32(code, x, out):
-    """Q8_0 (code 0) or Q4_0 (code 1), rows in parallel."""
-    for r in prange(x.shape[0]):
-        tb = np.empty(1, f32)
-        ib = tb.view(np.int32)
+@njit(nogil=True, **NJ)
+def _rows_32(code, x, out, r0, r1):
+    """Q8_0 (code 0) or Q4_0 (code 1) for rows r0..r1."""
+    tb = np.empty(1, f32)
+    ib = tb.view(np.int32)
+    for r in range(r0, r1):
         if code == 0:
             _q8_0_row(x[r], out[r], tb, ib)
         else:
@@ -800,17 +801,15 @@ def _q6k_task(x, out, r0, r1):
             _q6k_block_tail(xb, out[r], 210 * b, scale[k0:k0 + 16], L, bisc[k0:k0 + 16], zero[k0:k0 + 16], tb, ib)
 
 
-@njit(parallel=True, **NJ)
-def _rows_k(code, x, out, rows_per_task):
-    nrows = x.shape[0]
-    ntask = (nrows + rows_per_task - 1) // rows_per_task
-    for t in prange(ntask):
-        r0 = t * rows_per_task
-        r1 = min(nrows, r0 + rows_per_task)
+@njit(nogil=True, **NJ)
+def _rows_k(code, x, out, r0, r1, rows_per_task):
+    """Q4_K (code 2), Q5_K (3) or Q6_K (4) for rows r0..r1, rows_per_task rows side by side at a time."""
+    for t0 in range(r0, r1, rows_per_task):
+        t1 = min(r1, t0 + rows_per_task)
         if code == 4:
-            _q6k_task(x, out, r0, r1)
+            _q6k_task(x, out, t0, t1)
         else:
-            _qk45_task(x, out, r0, r1, code == 3)
+            _qk45_task(x, out, t0, t1, code == 3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -834,18 +833,44 @@ def _prepare(x: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, int]:
     return x, np.empty((x.shape[0], x.shape[1] // block * size), np.uint8), code
 
 
-def quantize(x: np.ndarray, qtype) -> np.ndarray:
-    """float32 (..., K) -> uint8 (rows, K / block * type_size) in qtype (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)."""
-    x, out, code = _prepare(x, qtype)
-    if x.shape[0] == 0:
-        return out
-    if code < 2:
-        _rows_32(code, x, out)
-    else:
-        import numba
+_pool: list = [None, 0]  # a ThreadPoolExecutor and its size, made on first use
 
-        per_task = max(1, min(TASK_WEIGHTS // x.shape[1], -(-x.shape[0] // numba.get_num_threads())))
-        _rows_k(code, x, out, per_task)
+
+def _threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def quantize(x: np.ndarray, qtype, threads: int | None = None) -> np.ndarray:
+    """float32 (..., K) -> uint8 (rows, K / block * type_size) in qtype (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K).
+
+    threads: worker threads (default numba.get_num_threads()); the compiled loops release the GIL, so
+    plain Python threads each take a share of the rows.
+    """
+    x, out, code = _prepare(x, qtype)
+    rows, K = x.shape
+    threads = max(1, min(threads or _threads(), rows, x.size // (1 << 15) or 1))
+    per_task = max(1, TASK_WEIGHTS // K)
+
+    def part(r0: int, r1: int) -> None:
+        if code < 2:
+            _rows_32(code, x, out, r0, r1)
+        else:
+            _rows_k(code, x, out, r0, r1, per_task)
+
+    if threads == 1:
+        part(0, rows)
+        return out
+    if _pool[1] != threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _pool[0] is not None:
+            _pool[0].shutdown()
+        _pool[:] = [ThreadPoolExecutor(threads, thread_name_prefix="quantize"), threads]
+    bounds = np.linspace(0, rows, min(rows, 4 * threads) + 1).astype(int)
+    for f in [_pool[0].submit(part, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+        f.result()
     return out
 
 
