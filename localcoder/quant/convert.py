@@ -28,9 +28,9 @@ import math
 import os
 import re
 import shutil
-from struct import error as struct_error
 from dataclasses import dataclass
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any, Callable, Iterator, Sequence
 
 import gguf
