@@ -101,7 +101,7 @@ def run(
     from .sampling import make_sampler
 
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
-    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats)
+    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = m.encode_chat(messages)
@@ -184,7 +184,7 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
 
 
 def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int], expert_cache=None,
-                        expert_policy: str = "lru", expert_stats: Optional[Path] = None):
+                        expert_policy: str = "lru", expert_stats: Optional[Path] = None, quiet: bool = False):
     """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -202,9 +202,10 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
         m = Model(file, backend=backend, n_ctx=ctx, expert_cache=expert_cache, expert_policy=expert_policy,
                   expert_trace=expert_stats is not None)
         progress.update(task, advance=1)
-    _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
-                            f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
-                            style="dim", highlight=False)
+    if not quiet:
+        _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
+                                f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
+                                style="dim", highlight=False)
     return m
 
 
@@ -311,7 +312,7 @@ def ask(
 def convert(
     hf_dir: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, tokenizer, safetensors)"),
     out: Path = typer.Option(..., "-o", "--out", help="output .gguf file"),
-    out_type: str = typer.Option("bf16", "--type", help="f32, f16, bf16 or q8_0"),
+    out_type: str = typer.Option("bf16", "--type", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k"),
     keep_mtp: bool = typer.Option(False, "--keep-mtp", help="carry the multi-token-prediction tensors"),
 ):
     """Convert a safetensors checkpoint to a qwen3next GGUF (streaming, bounded memory)."""
@@ -328,6 +329,63 @@ def convert(
 
         path = run_convert(hf_dir, out, out_type=out_type, keep_mtp=keep_mtp, progress=report)
     _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")
+
+
+@app.command()
+def quantize(
+    in_gguf: Path = typer.Argument(..., help="F32, F16 or BF16 qwen3next GGUF"),
+    out_gguf: Path = typer.Argument(..., help="output .gguf file"),
+    out_type: str = typer.Option("q4_k_m", "--type", help="q4_k_m, q5_k_m, q6_k, q4_0, q8_0, bf16, f16 or f32"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="quantizer threads (default: all cores)"),
+):
+    """Re-quantize a GGUF with llama-quantize's per-tensor mix (streaming, bounded memory)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .quant.convert import requantize
+
+    if threads:
+        import numba
+
+        numba.set_num_threads(threads)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=_stderr_console()) as progress:
+        task = progress.add_task("quantizing", total=None)
+
+        def report(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name[:40])
+
+        path = requantize(in_gguf, out_gguf, out_type, progress=report)
+    _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback unless told otherwise)"),
+    port: int = typer.Option(8080, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require Authorization: Bearer KEY"),
+    ctx: Optional[int] = CtxOpt,
+    backend: str = BackendOpt,
+    max_queue: int = typer.Option(16, "--max-queue", help="requests waiting beyond this get 429"),
+    cache: Optional[str] = typer.Option(None, "--prompt-cache", help="memory for reusable prompt states, e.g. 4G"),
+):
+    """OpenAI-compatible HTTP API (chat completions with tool calls, completions, models)."""
+    from .model import parse_size
+    from .paths import resolve_model
+    from .server import serve as run_server
+
+    run_server(resolve_model(model), host=host, port=port, api_key=api_key, n_ctx=ctx, backend=backend,
+               max_queue=max_queue, cache_bytes=parse_size(cache) if cache else None)
+
+
+@app.command()
+def warmup():
+    """Compile the Numba kernels ahead of time (cached on disk; later starts take about a second)."""
+    from .backends.numba_cpu import warmup as compile_all
+
+    t0 = time.perf_counter()
+    compile_all()
+    _err(f"kernels compiled and cached in {time.perf_counter() - t0:.1f} s")
 
 
 def main() -> None:
