@@ -22,6 +22,12 @@ ModelOpt = typer.Option(None, "-m", "--model", help="GGUF model file (default: l
                         "~/.localcoder/models)")
 BackendOpt = typer.Option("auto", "--backend", help="auto, numpy, numba or mlx")
 CtxOpt = typer.Option(None, "--ctx", help="context size in tokens (default 32768, at most the model's)")
+TempOpt = typer.Option(DEFAULTS["temperature"], "--temp", help="temperature; 0 is greedy")
+TopKOpt = typer.Option(DEFAULTS["top_k"], "--top-k")
+TopPOpt = typer.Option(DEFAULTS["top_p"], "--top-p")
+MinPOpt = typer.Option(DEFAULTS["min_p"], "--min-p")
+RepeatOpt = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty")
+SeedOpt = typer.Option(None, "--seed")
 ExpertCacheOpt = typer.Option(None, "--expert-cache", help="memory for routed experts, e.g. 12G; experts that do "
                               "not fit are streamed from disk (default: from available RAM)")
 ExpertPolicyOpt = typer.Option("lru", "--expert-policy", help="expert cache policy: lru or lfu")
@@ -83,12 +89,12 @@ def run(
     n: int = typer.Option(256, "-n", "--max-tokens", help="tokens to generate"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user turn"),
     system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
-    temp: float = typer.Option(DEFAULTS["temperature"], "--temp", help="temperature; 0 is greedy"),
-    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k"),
-    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
-    min_p: float = typer.Option(DEFAULTS["min_p"], "--min-p"),
-    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    temp: float = TempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatOpt,
+    seed: Optional[int] = SeedOpt,
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     backend: str = BackendOpt,
     ctx: Optional[int] = CtxOpt,
@@ -232,12 +238,12 @@ def chat(
                                    "(repeatable; honours .gitignore, skips binary files)"),
     system: Optional[str] = typer.Option(None, "--system", help="system message"),
     max_tokens: int = typer.Option(2048, "-n", "--max-tokens", help="tokens per reply at most"),
-    temp: float = typer.Option(DEFAULTS["temperature"], "--temp", help="temperature; 0 is greedy"),
-    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k"),
-    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
-    min_p: float = typer.Option(DEFAULTS["min_p"], "--min-p"),
-    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    temp: float = TempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatOpt,
+    seed: Optional[int] = SeedOpt,
     backend: str = BackendOpt,
     ctx: int = typer.Option(32768, "--ctx", help="context size in tokens (up to the model's 262144)"),
     history_dir: Optional[Path] = typer.Option(None, "--history-dir", help="where transcripts are saved on exit "
@@ -269,12 +275,12 @@ def ask(
     file: List[str] = typer.Option([], "-f", "--file", help="file, directory or glob to attach (repeatable)"),
     system: Optional[str] = typer.Option(None, "--system"),
     max_tokens: int = typer.Option(2048, "-n", "--max-tokens"),
-    temp: float = typer.Option(DEFAULTS["temperature"], "--temp"),
-    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k"),
-    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
-    min_p: float = typer.Option(DEFAULTS["min_p"], "--min-p"),
-    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    temp: float = TempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatOpt,
+    seed: Optional[int] = SeedOpt,
     backend: str = BackendOpt,
     ctx: int = typer.Option(32768, "--ctx"),
     as_json: bool = typer.Option(False, "--json", help="print the answer with token counts and timings as JSON"),

@@ -22,3 +22,11 @@ def fixtures_dir():
     if FIXTURES is None:
         pytest.skip("shared fixtures not found: set LOCALCODER_FIXTURES or place ../shared/fixtures beside the repo")
     return FIXTURES
+
+
+def gguf_metadata(path) -> dict:
+    """A GGUF's metadata as plain values (localcoder's reader; checked equal to gguf.GGUFReader's in
+    tests/test_gguf_file.py)."""
+    from localcoder.gguf_file import GGUFFile
+
+    return dict(GGUFFile(path).metadata)

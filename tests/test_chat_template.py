@@ -1,12 +1,12 @@
 """Chat template rendering vs. transformers' apply_chat_template output, and sandboxing."""
 
 import copy
-import importlib.metadata
 import json
 import os
-import pickle
 
 import pytest
+
+from conftest import gguf_metadata
 
 from localcoder.chat_template import QWEN3_CODER_TEMPLATE, ChatTemplate, template_from_metadata
 from localcoder.errors import LocalcoderError
@@ -15,39 +15,9 @@ from localcoder.tokenizer import Tokenizer
 FULL_GGUF = "qwen-tokenizer/qwen3-tokenizer-vocab.gguf"
 
 
-def load_gguf_meta(request, path):
-    """``{key: field.contents()}`` of a GGUF, pickled under pytest's cache dir (GGUFReader takes ~7 s on the
-    151k vocab; same cache as tests/test_tokenizer.py)."""
-    import gguf
-
-    st = os.stat(path)
-    key = f"{path.name}-{st.st_size}-{st.st_mtime_ns}-gguf{importlib.metadata.version('gguf')}.pkl"
-    cache = getattr(request.config, "cache", None)
-    cfile = None
-    if cache is not None:
-        try:
-            cfile = cache.mkdir("localcoder_gguf_meta") / key
-            if cfile.exists():
-                with open(cfile, "rb") as f:
-                    return pickle.load(f)
-        except Exception:
-            cfile = None
-    reader = gguf.GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items()}
-    if cfile is not None:
-        try:
-            tmp = cfile.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, cfile)
-        except OSError:
-            pass
-    return meta
-
-
 @pytest.fixture(scope="module")
 def full_meta(request, fixtures_dir):
-    return load_gguf_meta(request, fixtures_dir / FULL_GGUF)
+    return gguf_metadata(fixtures_dir / FULL_GGUF)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
 """Tokenizer built from GGUF metadata alone vs. tiktoken / HF reference ids."""
 
-import importlib.metadata
 import json
-import os
-import pickle
 
 import pytest
+
+from conftest import gguf_metadata
 
 from localcoder.errors import GGUFError
 from localcoder.tokenizer import StreamDecoder, Tokenizer, bytes_to_unicode
@@ -14,40 +13,9 @@ FULL_GGUF = "qwen-tokenizer/qwen3-tokenizer-vocab.gguf"
 TINY_GGUF = "qwen3next-tiny/gguf/qwen3next-tiny-BF16.gguf"
 
 
-def load_gguf_meta(request, path):
-    """``{key: field.contents()}`` of a GGUF.  GGUFReader takes ~7 s on the 151k vocab, so the dict is also
-    pickled under pytest's cache dir (keyed by file size/mtime and gguf version) for the other test modules
-    and later runs."""
-    import gguf
-
-    st = os.stat(path)
-    key = f"{path.name}-{st.st_size}-{st.st_mtime_ns}-gguf{importlib.metadata.version('gguf')}.pkl"
-    cache = getattr(request.config, "cache", None)
-    cfile = None
-    if cache is not None:
-        try:
-            cfile = cache.mkdir("localcoder_gguf_meta") / key
-            if cfile.exists():
-                with open(cfile, "rb") as f:
-                    return pickle.load(f)
-        except Exception:
-            cfile = None
-    reader = gguf.GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items()}
-    if cfile is not None:
-        try:
-            tmp = cfile.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, cfile)
-        except OSError:
-            pass
-    return meta
-
-
 @pytest.fixture(scope="module")
 def full_meta(request, fixtures_dir):
-    return load_gguf_meta(request, fixtures_dir / FULL_GGUF)
+    return gguf_metadata(fixtures_dir / FULL_GGUF)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +25,7 @@ def tok(full_meta):
 
 @pytest.fixture(scope="module")
 def tiny_meta(request, fixtures_dir):
-    return load_gguf_meta(request, fixtures_dir / TINY_GGUF)
+    return gguf_metadata(fixtures_dir / TINY_GGUF)
 
 
 @pytest.fixture(scope="module")
