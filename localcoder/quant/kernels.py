@@ -34,6 +34,7 @@ from numba import njit, prange
 Q = gguf.GGMLQuantizationType
 u8, i8, i32, f32 = np.uint8, np.int8, np.int32, np.float32
 M4, S4 = np.uint8(15), np.uint8(4)
+M3, S2, S6 = np.uint8(3), np.uint8(2), np.uint8(6)
 
 # f16 bit pattern -> float32 (256 KiB, passed to every kernel that reads an f16 field)
 F16_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -116,46 +117,58 @@ def _deq_row(code, row, out, K, f16):
             d = _h(row, o, f16)
             for l in range(32):
                 out[32 * b + l] = d * f32(i8(row[o + 2 + l]))
-    elif code == _Q4_K or code == _Q5_K:
-        five = code == _Q5_K
-        bsize = 176 if five else 144
+    elif code == _Q4_K:
         for b in range(K // 256):
-            o = b * bsize
+            o = b * 144
             d = _h(row, o, f16)
             dmin = _h(row, o + 2, f16)
             sc = row[o + 4:o + 16]
-            qs = row[o + 48:o + 176] if five else row[o + 16:o + 144]
             for j in range(4):
                 s1, m1 = _scale_min_k4(sc, 2 * j)
                 s2, m2 = _scale_min_k4(sc, 2 * j + 1)
                 d1, c1, d2, c2 = d * f32(s1), dmin * f32(m1), d * f32(s2), dmin * f32(m2)
+                qs = row[o + 16 + 32 * j:o + 48 + 32 * j]
+                y = out[256 * b + 64 * j:256 * b + 64 * j + 64]
                 for l in range(32):
-                    q = qs[32 * j + l]
-                    lo = f32(u8(q & M4))
-                    hi = f32(u8(q >> S4))
-                    if five:
-                        h = row[o + 16 + l]
-                        lo += f32(16 * ((h >> (2 * j)) & 1))
-                        hi += f32(16 * ((h >> (2 * j + 1)) & 1))
-                    out[256 * b + 64 * j + l] = d1 * lo - c1
-                    out[256 * b + 64 * j + 32 + l] = d2 * hi - c2
+                    y[l] = d1 * f32(u8(qs[l] & M4)) - c1
+                    y[32 + l] = d2 * f32(u8(qs[l] >> S4)) - c2
+    elif code == _Q5_K:
+        for b in range(K // 256):
+            o = b * 176
+            d = _h(row, o, f16)
+            dmin = _h(row, o + 2, f16)
+            sc = row[o + 4:o + 16]
+            qh = row[o + 16:o + 48]
+            for j in range(4):
+                s1, m1 = _scale_min_k4(sc, 2 * j)
+                s2, m2 = _scale_min_k4(sc, 2 * j + 1)
+                d1, c1, d2, c2 = d * f32(s1), dmin * f32(m1), d * f32(s2), dmin * f32(m2)
+                qs = row[o + 48 + 32 * j:o + 80 + 32 * j]
+                y = out[256 * b + 64 * j:256 * b + 64 * j + 64]
+                b1, b2 = u8(2 * j), u8(2 * j + 1)
+                for l in range(32):
+                    y[l] = d1 * f32(u8(qs[l] & M4) | u8(((qh[l] >> b1) & u8(1)) << S4)) - c1
+                    y[32 + l] = d2 * f32(u8(qs[l] >> S4) | u8(((qh[l] >> b2) & u8(1)) << S4)) - c2
     elif code == _Q6_K:
         for b in range(K // 256):
             o = b * 210
             d = _h(row, o + 208, f16)
             for n in range(2):
-                ql = o + 64 * n
-                qh = o + 128 + 32 * n
+                ql = row[o + 64 * n:o + 64 * n + 64]
+                qh = row[o + 128 + 32 * n:o + 160 + 32 * n]
                 sc = o + 192 + 8 * n
-                y = 256 * b + 128 * n
-                for l in range(32):
-                    s = l // 16
-                    h = row[qh + l]
-                    a, c = row[ql + l], row[ql + 32 + l]
-                    out[y + l] = d * f32(i8(row[sc + s])) * f32(i32((a & 15) | ((h & 3) << 4)) - 32)
-                    out[y + 32 + l] = d * f32(i8(row[sc + s + 2])) * f32(i32((c & 15) | (((h >> 2) & 3) << 4)) - 32)
-                    out[y + 64 + l] = d * f32(i8(row[sc + s + 4])) * f32(i32((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
-                    out[y + 96 + l] = d * f32(i8(row[sc + s + 6])) * f32(i32((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
+                for s in range(2):
+                    f0 = d * f32(i8(row[sc + s]))
+                    f1 = d * f32(i8(row[sc + s + 2]))
+                    f2 = d * f32(i8(row[sc + s + 4]))
+                    f3 = d * f32(i8(row[sc + s + 6]))
+                    y = out[256 * b + 128 * n:256 * b + 128 * n + 128]
+                    for l in range(16 * s, 16 * s + 16):
+                        a, c, h = ql[l], ql[32 + l], qh[l]
+                        y[l] = f0 * (f32(u8(a & M4) | u8((h & M3) << S4)) - f32(32))
+                        y[32 + l] = f1 * (f32(u8(c & M4) | u8(((h >> S2) & M3) << S4)) - f32(32))
+                        y[64 + l] = f2 * (f32(u8(a >> S4) | u8(((h >> S4) & M3) << S4)) - f32(32))
+                        y[96 + l] = f3 * (f32(u8(c >> S4) | u8(((h >> S6) & M3) << S4)) - f32(32))
     elif code == _IQ4_XS:
         for b in range(K // 256):
             o = b * 136
@@ -179,7 +192,7 @@ def _deq_row(code, row, out, K, f16):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fused row . x for the hot types (no intermediate row); xs holds the sums of x over each 32-element group
+# fused row . x for the hot types (no intermediate row); xs holds the sums of x over each 16-element group
 
 @njit(inline="always")
 def _dot_q4k(row, x, xs, f16, five):
@@ -196,7 +209,7 @@ def _dot_q4k(row, x, xs, f16, five):
         m = f32(0)
         for j in range(8):
             sj, mj = _scale_min_k4(sc, j)
-            m += f32(mj) * xs[8 * b + j]
+            m += f32(mj) * (xs[16 * b + 2 * j] + xs[16 * b + 2 * j + 1])
         s0, _ = _scale_min_k4(sc, 0)
         s1, _ = _scale_min_k4(sc, 1)
         s2, _ = _scale_min_k4(sc, 2)
@@ -232,8 +245,10 @@ def _dot_q4k(row, x, xs, f16, five):
 
 
 @njit(inline="always")
-def _dot_q6k(row, x, f16):
+def _dot_q6k(row, x, xs16, f16):
+    """xs16: sums of x over 16-element groups; the -32 offset is applied once per group through them."""
     acc = f32(0)
+    off = f32(0)
     for b in range(x.shape[0] // 256):
         o = b * 210
         d = _h(row, o + 208, f16)
@@ -242,18 +257,22 @@ def _dot_q6k(row, x, f16):
             qh = row[o + 128 + 32 * n:o + 160 + 32 * n]
             sc = o + 192 + 8 * n
             xb = x[256 * b + 128 * n:256 * b + 128 * n + 128]
+            g = 16 * b + 8 * n
             for s in range(2):
                 f0 = d * f32(i8(row[sc + s]))
                 f1 = d * f32(i8(row[sc + s + 2]))
                 f2 = d * f32(i8(row[sc + s + 4]))
                 f3 = d * f32(i8(row[sc + s + 6]))
+                off += f0 * xs16[g + s] + f1 * xs16[g + s + 2] + f2 * xs16[g + s + 4] + f3 * xs16[g + s + 6]
+                blk = f32(0)
                 for l in range(16 * s, 16 * s + 16):
                     a, c, h = ql[l], ql[32 + l], qh[l]
-                    acc += (f0 * f32(i8(u8(a & M4) | u8((h & 3) << 4)) - i8(32)) * xb[l]
-                            + f1 * f32(i8(u8(c & M4) | u8(((h >> 2) & 3) << 4)) - i8(32)) * xb[32 + l]
-                            + f2 * f32(i8(u8(a >> S4) | u8(((h >> 4) & 3) << 4)) - i8(32)) * xb[64 + l]
-                            + f3 * f32(i8(u8(c >> S4) | u8(((h >> 6) & 3) << 4)) - i8(32)) * xb[96 + l])
-    return acc
+                    blk += (f0 * f32(u8(a & M4) | u8((h & M3) << S4)) * xb[l]
+                            + f1 * f32(u8(c & M4) | u8(((h >> S2) & M3) << S4)) * xb[32 + l]
+                            + f2 * f32(u8(a >> S4) | u8(((h >> S4) & M3) << S4)) * xb[64 + l]
+                            + f3 * f32(u8(c >> S4) | u8(((h >> S6) & M3) << S4)) * xb[96 + l])
+                acc += blk
+    return acc - f32(32) * off
 
 
 @njit(inline="always")
@@ -277,7 +296,7 @@ def _dot_q4_0(row, x, xs, f16):
         for l in range(16):
             q = row[o + 2 + l]
             s += f32(u8(q & M4)) * x[32 * b + l] + f32(u8(q >> S4)) * x[32 * b + 16 + l]
-        acc += _h(row, o, f16) * (s - f32(8) * xs[b])
+        acc += _h(row, o, f16) * (s - f32(8) * (xs[2 * b] + xs[2 * b + 1]))
     return acc
 
 
@@ -289,7 +308,7 @@ def _dot_row(code, row, x, xs, buf, f16):
     if code == _Q5_K:
         return _dot_q4k(row, x, xs, f16, True)
     if code == _Q6_K:
-        return _dot_q6k(row, x, f16)
+        return _dot_q6k(row, x, xs, f16)
     if code == _Q8_0:
         return _dot_q8_0(row, x, f16)
     if code == _Q4_0:
@@ -323,7 +342,7 @@ def _chunks(n, nchunks):
 def matvec(code, w, x, f16, out, nchunks):
     """out[n] = w[n] . x. w (N, row_bytes) uint8 blocks, x (K,) float32, out (N,) float32."""
     K = x.shape[0]
-    xs = x.reshape(-1, 32).sum(axis=1) if K % 32 == 0 else np.zeros(1, np.float32)
+    xs = x.reshape(-1, 16).sum(axis=1) if K % 16 == 0 else np.zeros(1, np.float32)
     nc, step = _chunks(w.shape[0], nchunks)
     for c in prange(nc):
         buf = np.empty(K, np.float32)
@@ -368,9 +387,9 @@ def moe_experts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts,
     T, D = x.shape
     n_pairs = tokens.shape[0]
     h = np.empty((n_pairs, F), np.float32)
-    xs = np.empty((T, D // 32), np.float32)
+    xs = np.empty((T, D // 16), np.float32)
     for t in range(T):
-        xs[t] = x[t].reshape(-1, 32).sum(axis=1)
+        xs[t] = x[t].reshape(-1, 16).sum(axis=1)
     nc, step = _chunks(n_e * F, nchunks)
     for c in prange(nc):
         gbuf = np.empty(D, np.float32)
@@ -392,10 +411,10 @@ def moe_experts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts,
                     g = _dot(gbuf, x[tokens[p]], D)
                     u = _dot(ubuf, x[tokens[p]], D)
                     h[p, f] = g / (f32(1) + np.exp(-g)) * u
-    hs = np.zeros((n_pairs, max(F // 32, 1)), np.float32)
-    if F % 32 == 0:
+    hs = np.zeros((n_pairs, max(F // 16, 1)), np.float32)
+    if F % 16 == 0:
         for p in range(n_pairs):
-            hs[p] = h[p].reshape(-1, 32).sum(axis=1)
+            hs[p] = h[p].reshape(-1, 16).sum(axis=1)
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
         buf = np.empty(F, np.float32)

@@ -1,0 +1,72 @@
+"""GB/s of the Numba matvec kernels per quant type, against the measured read bandwidth.
+
+    python benchmarks/bench_kernels.py [--threads 2] [--types Q4_K,Q6_K]
+
+Shapes: an expert-sized 2048 x 512... matrix (512 rows of 2048: one gate/up projection, 0.6 MB at Q4_K, so
+cache-resident: the kernel's compute speed) and the output head, 151936 x 2048 (streamed from memory).
+GB/s = bytes of the weight / time per matvec. Also the row dequantization speed (used by prefill tiles).
+"""
+
+import argparse
+import time
+
+import gguf
+import numba
+import numpy as np
+
+from localcoder.bench import measure_read_bandwidth
+from localcoder.quant import kernels as K
+
+Q = gguf.GGMLQuantizationType
+
+
+def random_rows(qtype, n_rows, n_cols, rng):
+    kern = K.KERNELS[qtype]
+    nbytes = n_rows * n_cols // kern.block * kern.size
+    raw = rng.integers(0, 256, nbytes, dtype=np.uint8).reshape(n_rows, -1)
+    if kern.block == 1:  # float types: finite values
+        raw = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+        raw = {Q.F32: raw, Q.F16: raw.astype(np.float16), Q.BF16: (raw.view(np.uint32) >> 16).astype(np.uint16)}[qtype]
+        return raw.view(np.uint8)
+    return raw
+
+
+def timeit(f, min_time=0.5):
+    f()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_time:
+        f()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    ap.add_argument("--types", default=",".join(t.name for t in K.KERNELS))
+    args = ap.parse_args()
+    numba.set_num_threads(args.threads)
+    nchunks = 4 * args.threads
+    rng = np.random.default_rng(0)
+    bw = measure_read_bandwidth(threads=args.threads)
+    print(f"threads {args.threads}; measured read bandwidth {bw:.1f} GB/s")
+    print(f"{'type':8} {'expert 512x2048 matvec':>24} {'output 151936x2048 matvec':>26} {'dequant rows':>14}")
+    for name in args.types.split(","):
+        qtype = Q[name]
+        code = K.KERNELS[qtype].code
+        row = []
+        for n in (512, 151936):
+            w = random_rows(qtype, n, 2048, rng)
+            x = rng.standard_normal(2048).astype(np.float32)
+            out = np.empty(n, np.float32)
+            dt = timeit(lambda: K.matvec(code, w, x, K.F16_LUT, out, nchunks))
+            row.append(f"{w.nbytes / dt / 1e9:6.1f} GB/s {dt * 1e3:8.3f} ms")
+        w = random_rows(qtype, 1024, 2048, rng)
+        out = np.empty((1024, 2048), np.float32)
+        dt = timeit(lambda: K.dequant_rows(code, w, K.F16_LUT, out, nchunks))
+        row.append(f"{1024 * 2048 / dt / 1e9:5.2f} Gw/s")
+        print(f"{name:8} {row[0]:>24} {row[1]:>26} {row[2]:>14}")
+
+
+if __name__ == "__main__":
+    main()
