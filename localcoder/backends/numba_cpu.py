@@ -22,7 +22,8 @@ from .numpy_ref import NumpyBackend
 
 f32 = np.float32
 BLAS_MIN_TOKENS = 16  # from this many tokens a matmul dequantizes row tiles and uses BLAS
-TILE_BYTES = 4 << 20  # float32 scratch per BLAS tile
+TILE_BYTES = 64 << 20  # float32 scratch per BLAS tile (few, large tiles: OpenBLAS threads spin between calls
+# and fight the Numba threads when the two alternate quickly)
 
 
 # ---------------------------------------------------------------------------------------------------------
