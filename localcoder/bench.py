@@ -6,6 +6,7 @@ every dense weight, the routed experts' bytes and one embedding row.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
@@ -53,22 +54,76 @@ def weight_bytes_per_token(model, expert_ids_per_layer=None) -> int:
     return int(total)
 
 
+def process_start_time() -> float:
+    """Wall-clock time (time.time()) at which this process started (Linux /proc; else now)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes), or -1."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    except (OSError, StopIteration):
+        return -1
+
+
+def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 8 << 20) -> float:
+    """Sequential read bandwidth of the file's storage in GB/s: pread of `nbytes` from the middle of the
+    file after dropping those pages from the page cache (so it measures the disk, not RAM)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        nbytes = min(nbytes, size)
+        start = max((size - nbytes) // 2 // 4096 * 4096, 0)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(chunk)
+        t = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [memoryview(buf)[:min(chunk, nbytes - done)]], start + done)
+            if n <= 0:
+                break
+            done += n
+        seconds = time.perf_counter() - t
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        return done / seconds / 1e9
+    finally:
+        os.close(fd)
+
+
 def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_tokens: int = 128,
-              threads: int | None = None, seed: int = 0) -> dict:
+              threads: int | None = None, seed: int = 0, expert_cache=None, expert_policy: str = "lru") -> dict:
     """Prompt processing (one prefill of `prompt_tokens` random ids) and generation (`gen_tokens` greedy
-    single-token steps after it) on the model at model_path; returns the figures as a dict."""
+    single-token steps after it) on the model at model_path; returns the figures as a dict.
+
+    With expert streaming (an expert cache smaller than the experts) it also reports the cache counters,
+    bytes read from disk per token, the disk bandwidth and the limit they imply."""
     import localcoder
     from .backends import get_backend
     from .generate import prefill
 
+    started = process_start_time()
     be = get_backend(backend, threads=threads) if isinstance(backend, str) else backend
-    model = localcoder.load(model_path, backend=be)
+    model = localcoder.load(model_path, backend=be, expert_cache=expert_cache, expert_policy=expert_policy,
+                            expert_trace=True)
+    store = model.expert_store
     n_threads = getattr(model.backend, "threads", threads or 1)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, min(model.config.n_vocab, 150000), prompt_tokens).tolist()
-    # warm-up: compile, fault in the dense weights and a spread of experts
+    # first token from a cold start: compile (or load cached kernels), fault in the dense weights
     cache = model.new_cache()
     prefill(model, ids[:min(16, prompt_tokens)], cache)
+    first_token_s = time.time() - started
     model.forward([ids[0]], cache, all_logits=False)
 
     cache = model.new_cache()
@@ -76,15 +131,19 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
     logits = prefill(model, ids, cache)
     pp_s = time.perf_counter() - t
     tok = int(np.argmax(logits))
+    counters0 = dict(store.counters.as_dict()) if store else {}
+    trace0 = len(store.trace) if store else 0
+    disk0 = disk_read_bytes()
     t = time.perf_counter()
     for _ in range(gen_tokens):
         tok = int(np.argmax(model.forward([tok], cache, all_logits=False)[-1]))
     tg_s = time.perf_counter() - t
+    disk = disk_read_bytes() - disk0 if disk0 >= 0 else -1
 
     per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(threads=n_threads)
     tg = gen_tokens / tg_s
-    return {
+    out = {
         "backend": model.backend.name,
         "threads": int(n_threads),
         "prompt_tokens": prompt_tokens,
@@ -97,4 +156,36 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
         "roofline_tokens_per_s": bandwidth * 1e9 / per_token,
         "roofline_fraction": tg * per_token / (bandwidth * 1e9),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "first_token_s": first_token_s,
+        "model_file_bytes": model.file.file_size,
+        "disk_bytes_per_token": disk / gen_tokens if disk >= 0 else None,
     }
+    if store is None:
+        out.update(expert_cache_bytes=None, expert_hits=None, expert_misses=None)
+        return out
+    c = {k: v - counters0.get(k, 0) for k, v in store.counters.as_dict().items()}
+    steps = store.trace[trace0:]
+    layers = sorted({layer for layer, _ in steps})
+    distinct = [len({e for layer, ids_ in steps if layer == li for e in ids_}) for li in layers]
+    expert_bytes = sum(layer.experts.expert_nbytes() for layer in model.weights.layers) / model.config.n_layer
+    miss_bytes = c["misses"] * expert_bytes / gen_tokens
+    resident = per_token - model.config.n_expert_used * expert_bytes * model.config.n_layer * c["misses"] / max(
+        c["hits"] + c["misses"], 1)
+    disk_bw = measure_disk_bandwidth(model.file.path)
+    limit = 1.0 / (miss_bytes / (disk_bw * 1e9) + resident / (bandwidth * 1e9))
+    out.update(
+        expert_cache_bytes=store.budget_bytes,
+        expert_slots_per_layer=store.n_slots,
+        expert_policy=store.policy_name,
+        expert_hits=c["hits"], expert_misses=c["misses"], expert_prefetch_hits=c["prefetch_hits"],
+        expert_prefetches=c["prefetches"],
+        expert_hit_rate=c["hits"] / max(c["hits"] + c["misses"], 1),
+        expert_bytes_read_per_token=c["bytes_read"] / gen_tokens,
+        expert_miss_bytes_per_token=miss_bytes,
+        io_wait_s_per_token=c["io_wait_s"] / gen_tokens,
+        disk_bandwidth_gbs=disk_bw,
+        streaming_limit_tokens_per_s=limit,
+        streaming_limit_fraction=tg / limit,
+        distinct_experts_per_layer=float(np.mean(distinct)) if distinct else 0.0,
+    )
+    return out

@@ -385,6 +385,80 @@ def serve(
 
 
 @app.command()
+def bench(
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help="GGUF to measure"),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="measure a random-weight model with real "
+                                            "dimensions instead: qwen3-coder-next (written once to the cache)"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="with --synthetic: layers (multiple of 4)"),
+    quant: str = typer.Option("q4_k_m", "--quant", help="with --synthetic: q4_k_m, q8_0 or q4_0"),
+    prompt_tokens: int = typer.Option(512, "-p", "--prompt-tokens"),
+    gen_tokens: int = typer.Option(128, "-n", "--gen-tokens"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    backend: str = BackendOpt,
+    expert_cache: Optional[str] = ExpertCacheOpt,
+    expert_policy: str = ExpertPolicyOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Prompt and generation tokens/s, bytes read per token, achieved GB/s against the measured bandwidth."""
+    import json
+
+    from .bench import run_bench
+
+    if (model is None) == (synthetic is None):
+        raise LocalcoderError("give either -m MODEL.gguf or --synthetic qwen3-coder-next")
+    if synthetic is not None:
+        from .paths import HOME
+        from .synthetic import PRESETS, with_layers, write_synthetic
+
+        if synthetic not in PRESETS or synthetic == "demo":
+            raise LocalcoderError(f"unknown synthetic model {synthetic!r}; use qwen3-coder-next")
+        dims = with_layers(PRESETS[synthetic], layers)
+        model = HOME / "synthetic" / f"{synthetic}-{dims.n_layer}L-{quant}.gguf"
+        if not model.exists():
+            _err(f"writing {model} (random weights, {dims.n_layer} layers, {quant}) once ...")
+            write_synthetic(model, dims, quant)
+    res = run_bench(model, backend, prompt_tokens, gen_tokens, threads, expert_cache=expert_cache,
+                    expert_policy=expert_policy)
+    res["model"] = str(model)
+    if as_json:
+        print(json.dumps(res))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"localcoder bench: {Path(model).name}", show_header=False)
+    gb = 1e9
+    rows = [
+        ("backend / threads", f"{res['backend']} / {res['threads']}"),
+        (f"prompt (pp{prompt_tokens})", f"{res['pp_tokens_per_s']:.1f} tokens/s"),
+        (f"generation (tg{gen_tokens})", f"{res['tg_tokens_per_s']:.2f} tokens/s"),
+        ("weights read per token", f"{res['weight_bytes_per_token'] / 1e6:,.0f} MB"),
+        ("achieved", f"{res['achieved_gbs']:.1f} GB/s"),
+        ("measured read bandwidth", f"{res['read_bandwidth_gbs']:.1f} GB/s"),
+        ("roofline", f"{res['roofline_tokens_per_s']:.1f} tokens/s; reached {100 * res['roofline_fraction']:.0f} %"),
+        ("first token from process start", f"{res['first_token_s']:.2f} s"),
+        ("peak RSS", f"{res['peak_rss_bytes'] / gb:.2f} GB (model file {res['model_file_bytes'] / gb:.1f} GB)"),
+    ]
+    if res.get("expert_cache_bytes"):
+        rows += [
+            ("expert cache", f"{res['expert_cache_bytes'] / gb:.2f} GB ({res['expert_slots_per_layer']} slots per "
+                             f"layer, {res['expert_policy']})"),
+            ("expert hits / misses", f"{res['expert_hits']:,} / {res['expert_misses']:,} "
+                                     f"({100 * res['expert_hit_rate']:.1f} % hits; {res['expert_prefetch_hits']:,} "
+                                     f"from {res['expert_prefetches']:,} prefetches)"),
+            ("disk read per token", f"{(res['disk_bytes_per_token'] or 0) / 1e6:,.1f} MB (misses: "
+                                    f"{res['expert_miss_bytes_per_token'] / 1e6:,.1f} MB)"),
+            ("disk bandwidth", f"{res['disk_bandwidth_gbs']:.2f} GB/s"),
+            ("streaming limit", f"{res['streaming_limit_tokens_per_s']:.2f} tokens/s; reached "
+                                f"{100 * res['streaming_limit_fraction']:.0f} %"),
+            ("distinct experts per layer", f"{res['distinct_experts_per_layer']:.0f} over {gen_tokens} tokens"),
+        ]
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
+@app.command()
 def warmup():
     """Compile the Numba kernels ahead of time (cached on disk; later starts take about a second)."""
     from .backends.numba_cpu import warmup as compile_all

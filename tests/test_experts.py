@@ -24,14 +24,14 @@ def run(model, n_new=6):
     return np.concatenate(logits)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_every_budget_gives_identical_logits(path, policy):
-    resident = localcoder.load(path, backend="numpy", expert_cache="64G")
+@pytest.mark.parametrize("policy,backend", [("lru", "numpy"), ("lfu", "numpy"), ("lru", "numba")])
+def test_every_budget_gives_identical_logits(path, policy, backend):
+    resident = localcoder.load(path, backend=backend, expert_cache="64G")
     assert resident.expert_store is None
     expect = run(resident)
     per_layer = max(layer.experts.expert_nbytes() for layer in resident.weights.layers) * resident.config.n_layer
     for n_slots in (1, 2, 3, 7):
-        m = localcoder.load(path, backend="numpy", expert_cache=n_slots * per_layer, expert_policy=policy)
+        m = localcoder.load(path, backend=backend, expert_cache=n_slots * per_layer, expert_policy=policy)
         assert m.expert_store is not None and m.expert_store.n_slots == n_slots
         got = run(m)
         assert np.array_equal(got, expect), f"{n_slots} slots"

@@ -287,15 +287,20 @@ class NumbaBackend(NumpyBackend):
         tokens = (order // expert_ids.shape[1]).astype(np.int64)
         weights = expert_weights.reshape(-1)[order].astype(np.float32)
         F = experts.n_ff
-        if experts.gate_up is not None:
-            gate = up = experts.gate_up
-            up_off = F
-        else:
-            gate, up, up_off = experts.gate, experts.up, 0
+        fused = experts.gate_up is not None
+        gate, up = (experts.gate_up, experts.gate_up) if fused else (experts.gate, experts.up)
+        codes = (K.kernel_for(gate.ggml_type).code, K.kernel_for(up.ggml_type).code,
+                 K.kernel_for(experts.down.ggml_type).code)
         out = np.zeros((T, D), np.float32)
-        K.moe_experts(K.kernel_for(gate.ggml_type).code, K.kernel_for(up.ggml_type).code,
-                      K.kernel_for(experts.down.ggml_type).code, gate.data, up.data, up_off, experts.down.data,
-                      F, uniq.astype(np.int64), starts, tokens, weights, x, K.F16_LUT, out, self.nchunks)
+        # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
+        # expert's contribution to `out` in that order, so batching never changes the result
+        done = 0
+        for arrays, ids, slots in experts.fetch(uniq):
+            gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
+            n = len(ids)
+            K.moe_experts(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
+                          starts[done:done + n + 1], tokens, weights, x, K.F16_LUT, out, self.nchunks)
+            done += n
         return out
 
 
