@@ -1,6 +1,11 @@
 """The forward pass on the Numba backend against transformers' Qwen3Next (../shared/fixtures), as
-tests/test_model.py does for the NumPy backend. Activations are float32 on every Numba path, so the
-tolerance is the exact-math one: max |delta logits| <= 1e-5 at every position of every prompt."""
+tests/test_model.py does for the NumPy backend. With float32 activations (prompt processing always;
+decode with int8_activations=False) the tolerance is the exact-math one: max |delta logits| <= 1e-5 at
+every position of every prompt. Decode with 8-bit activations (the default where the CPU has AVX-512
+VNNI) is held to 2x llama.cpp's own differences from transformers on the same weights (llama.cpp also
+quantizes activations to Q8_K/Q8_0), per variant, from ref/tolerances.json: max |delta| and rms ratio."""
+
+import json
 
 import numpy as np
 import pytest
@@ -18,8 +23,10 @@ def tiny(fixtures_dir):
     return fixtures_dir / "qwen3next-tiny"
 
 
-def _model(root, q):
-    return localcoder.load(root / "gguf" / f"qwen3next-tiny-{q}.gguf", backend="numba")
+def _model(root, q, int8=False):
+    model = localcoder.load(root / "gguf" / f"qwen3next-tiny-{q}.gguf", backend="numba")
+    model.backend.int8 = int8
+    return model
 
 
 def _ref(root, q):
@@ -60,3 +67,24 @@ def test_auto_backend_is_numba_on_x86():
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("auto picks numba on x86 only")
     assert get_backend("auto").name == "numba"
+
+
+@pytest.mark.parametrize("q", ["Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_int8_decode_within_2x_llamacpp(tiny, q):
+    """Teacher-forced decode of p64 one token at a time through the 8-bit activation matvecs and experts;
+    every position's logits against transformers (same dequantized weights)."""
+    from localcoder.quant import kernels as K
+    if not K.HAVE_VNNI:
+        pytest.skip("8-bit activation kernels need AVX-512 VNNI")
+    model, ref = _model(tiny, q, int8=True), _ref(tiny, q)
+    tol = json.loads((tiny / "ref" / "tolerances.json").read_text())["cmp"][f"main/{q}"]["p64"]["vs_hf_dequant"]
+    ids = ref["p64_ids"].tolist()
+    cache = make_cache(model.config, np.float32)
+    logits = np.concatenate([model.forward([t], cache, all_logits=False) for t in ids])
+    want = ref["p64_logits"]
+    err = np.abs(logits - want).max()
+    rms = np.sqrt(np.mean((logits - want) ** 2) / np.mean(want ** 2))
+    assert err <= 2 * tol["max_abs"], f"{q}: max |delta| {err:.3g} > 2 x {tol['max_abs']:.3g}"
+    assert rms <= 2 * tol["rms_err_over_rms_ref"], f"{q}: rms ratio {rms:.3g} > 2 x {tol['rms_err_over_rms_ref']:.3g}"
+    print(f"{q}: int8 decode max |delta| {err:.3g} (llama.cpp {tol['max_abs']:.3g}), rms {rms:.3g} "
+          f"(llama.cpp {tol['rms_err_over_rms_ref']:.3g})")

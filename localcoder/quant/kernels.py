@@ -431,4 +431,326 @@ def moe_experts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts,
                         out[tokens[p], drow] += weights[p] * _dot(buf, h[p], F)
 
 
-__all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts"]
+# ---------------------------------------------------------------------------------------------------------
+# 8-bit activations (llama.cpp's Q8_K) and AVX-512 VNNI block dots
+#
+# quantize_q8k: per 256 values d = max|x| / 127, q = round(x / d) (int8), bs16 = sums of q over 16-value
+# groups, bs32 over 32-value groups. A block dot is then sum_i w_i q_i in int32 (vpdpbusd: u8 x s8 -> s32,
+# 64 byte pairs per instruction), scaled by d_w * d_x; the Q4_K/Q5_K mins and the Q6_K -32 offset go
+# through bs32 / bs16. The block routines below are Numba intrinsics that emit LLVM IR directly (Numba's
+# integer code widens to 64 bits and LLVM never forms vpdpbusd from it). They exist only when the host has
+# avx512_vnni + avx512bw; elsewhere HAVE_VNNI is False and the backend keeps float32 activations.
+
+def _host_has_vnni() -> bool:
+    try:
+        import llvmlite.binding as llb
+        feats = llb.get_host_cpu_features()
+        return bool(feats.get("avx512vnni") and feats.get("avx512bw") and feats.get("avx512f"))
+    except Exception:
+        return False
+
+
+HAVE_VNNI = _host_has_vnni()
+
+from llvmlite import ir as _ir  # noqa: E402
+from numba import types as _nt  # noqa: E402
+from numba.core import cgutils as _cg  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+_I8, _I16, _I32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32)
+_V64I8, _V32I8, _V16I32 = _ir.VectorType(_I8, 64), _ir.VectorType(_I8, 32), _ir.VectorType(_I32, 16)
+_F32T = _ir.FloatType()
+
+
+def _vconst(vt, vals):
+    return _ir.Constant(vt, [_ir.Constant(vt.element, v) for v in vals])
+
+
+def _splat8(v, n=64):
+    return _vconst(_ir.VectorType(_I8, n), [v] * n)
+
+
+def _ptr(context, builder, aryty, ary, off):
+    """i8* to element `off` of a uint8/int8 C array."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(builder.bitcast(data, _I8.as_pointer()), [off])
+
+
+def _load(builder, p, ty, byte_off=0):
+    if byte_off:
+        p = builder.gep(p, [_ir.Constant(_ir.IntType(64), byte_off)])
+    return builder.load(builder.bitcast(p, ty.as_pointer()), align=1)
+
+
+def _dpbusd(builder, acc, u, s):
+    fnty = _ir.FunctionType(_V16I32, [_V16I32, _V16I32, _V16I32])
+    fn = _cg.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, builder.bitcast(u, _V16I32), builder.bitcast(s, _V16I32)])
+
+
+def _reduce_add(builder, v):
+    n = v.type.count
+    fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(v.type.element, [v.type]),
+                                    f"llvm.vector.reduce.add.v{n}i{v.type.element.width}")
+    return builder.call(fn, [v])
+
+
+def _concat(builder, a, b):
+    n = a.type.count
+    return builder.shuffle_vector(a, b, _vconst(_ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+
+
+def _half(builder, p, byte_off):
+    h = _load(builder, p, _ir.HalfType(), byte_off)
+    return builder.fpext(h, _F32T)
+
+
+def _bcast(builder, v, idx):
+    """<len(idx) x i32> shuffle of v."""
+    return builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, len(idx)), idx))
+
+
+def _q4k_codegen(five):
+    def codegen(context, builder, sig, args):
+        row, o, xq, xo, bs, bo = args
+        p = _ptr(context, builder, sig.args[0], row, o)
+        x = _ptr(context, builder, sig.args[2], xq, xo)
+        bsum = builder.gep(builder.bitcast(context.make_array(sig.args[4])(context, builder, bs).data,
+                                           _I32.as_pointer()), [bo])
+        d = _half(builder, p, 0)
+        dmin = _half(builder, p, 2)
+        u0, u1, u2 = (_load(builder, p, _I32, 4 + 4 * i) for i in range(3))
+        km1, km2, km3 = (_ir.Constant(_I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+        c4, c6 = _ir.Constant(_I32, 4), _ir.Constant(_I32, 6)
+        sc_lo = builder.and_(u0, km1)
+        sc_hi = builder.or_(builder.and_(u2, km2), builder.shl(builder.and_(builder.lshr(u0, c6), km3), c4))
+        mn_lo = builder.and_(u1, km1)
+        mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), km2),
+                            builder.shl(builder.and_(builder.lshr(u1, c6), km3), c4))
+        v2 = _ir.VectorType(_I32, 2)
+        v8i8 = _ir.VectorType(_I8, 8)
+        v8i32 = _ir.VectorType(_I32, 8)
+
+        def bytes8(a, b):
+            v = builder.insert_element(_ir.Constant(v2, None), a, _ir.Constant(_I32, 0))
+            v = builder.insert_element(v, b, _ir.Constant(_I32, 1))
+            return builder.zext(builder.bitcast(v, v8i8), v8i32)
+
+        scales = bytes8(sc_lo, sc_hi)
+        mins = bytes8(mn_lo, mn_hi)
+        qoff = 48 if five else 16
+        if five:
+            qh = _load(builder, p, _V32I8, 16)
+            qh64 = _concat(builder, qh, qh)
+        m4 = _splat8(15)
+        acc = _ir.Constant(_V16I32, None)
+        zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+        first = True
+        for h in range(2):
+            q = _load(builder, p, _V64I8, qoff + 64 * h)
+            lo = builder.and_(q, m4)
+            hi = builder.lshr(q, _splat8(4))
+            if five:
+                for which in (0, 1):
+                    s0, s1 = 4 * h + which, 4 * h + 2 + which
+                    mask = _vconst(_V64I8, [1 << s0] * 32 + [(1 << s1) - (256 if s1 == 7 else 0)] * 32)
+                    bit = builder.icmp_unsigned("!=", builder.and_(qh64, mask), _splat8(0))
+                    add = builder.select(bit, _splat8(16), _splat8(0))
+                    if which == 0:
+                        lo = builder.or_(lo, add)
+                    else:
+                        hi = builder.or_(hi, add)
+            xa = _load(builder, x, _V32I8, 128 * h)
+            xb = _load(builder, x, _V32I8, 128 * h + 32)
+            xc = _load(builder, x, _V32I8, 128 * h + 64)
+            xd = _load(builder, x, _V32I8, 128 * h + 96)
+            dlo = _dpbusd(builder, zero, lo, _concat(builder, xa, xc))
+            dhi = _dpbusd(builder, zero, hi, _concat(builder, xb, xd))
+            slo = _bcast(builder, scales, [4 * h] * 8 + [4 * h + 2] * 8)
+            shi = _bcast(builder, scales, [4 * h + 1] * 8 + [4 * h + 3] * 8)
+            t = builder.add(builder.mul(dlo, slo), builder.mul(dhi, shi))
+            acc = t if first else builder.add(acc, t)
+            first = False
+        sumi = _reduce_add(builder, acc)
+        b8 = builder.load(builder.bitcast(bsum, v8i32.as_pointer()), align=4)
+        summ = _reduce_add(builder, builder.mul(mins, b8))
+        return builder.fsub(builder.fmul(d, builder.sitofp(sumi, _F32T)),
+                            builder.fmul(dmin, builder.sitofp(summ, _F32T)))
+    return codegen
+
+
+def _q6k_codegen(context, builder, sig, args):
+    row, o, xq, xo, bs, bo = args
+    p = _ptr(context, builder, sig.args[0], row, o)
+    x = _ptr(context, builder, sig.args[2], xq, xo)
+    bsum = builder.gep(builder.bitcast(context.make_array(sig.args[4])(context, builder, bs).data,
+                                       _I32.as_pointer()), [bo])
+    d = _half(builder, p, 208)
+    sc = builder.sext(_load(builder, p, _ir.VectorType(_I8, 16), 192), _V16I32)
+    m4, m3 = _splat8(15), _splat8(3, 32)
+    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+    acc = None
+    for n in range(2):
+        ql = _load(builder, p, _V64I8, 64 * n)
+        qh = _load(builder, p, _V32I8, 128 + 32 * n)
+        a = builder.and_(qh, m3)
+        b = builder.and_(builder.lshr(qh, _splat8(2, 32)), m3)
+        c = builder.and_(builder.lshr(qh, _splat8(4, 32)), m3)
+        e = builder.lshr(qh, _splat8(6, 32))
+        lo = builder.or_(builder.and_(ql, m4), builder.shl(_concat(builder, a, b), _splat8(4)))
+        hi = builder.or_(builder.lshr(ql, _splat8(4)), builder.shl(_concat(builder, c, e), _splat8(4)))
+        dlo = _dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * n))
+        dhi = _dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * n + 64))
+        g = 8 * n
+        slo = _bcast(builder, sc, [g + i // 4 for i in range(16)])
+        shi = _bcast(builder, sc, [g + 4 + i // 4 for i in range(16)])
+        t = builder.add(builder.mul(dlo, slo), builder.mul(dhi, shi))
+        acc = t if acc is None else builder.add(acc, t)
+    sumi = _reduce_add(builder, acc)
+    b16 = builder.load(builder.bitcast(bsum, _V16I32.as_pointer()), align=4)
+    off = _reduce_add(builder, builder.mul(sc, b16))
+    tot = builder.sub(sumi, builder.shl(off, _ir.Constant(_I32, 5)))
+    return builder.fmul(d, builder.sitofp(tot, _F32T))
+
+
+def _q8_0_codegen(context, builder, sig, args):
+    """Two Q8_0 blocks (68 bytes from o) against 64 activations: returns d0 * s0 + d1 * s1 (int sums).
+    vpdpbusd takes u8 x s8, so the weights go in as w + 128 (xor 0x80) and 128 * sum(x) is removed."""
+    row, o, xq, xo, bs, bo = args
+    p = _ptr(context, builder, sig.args[0], row, o)
+    x = _ptr(context, builder, sig.args[2], xq, xo)
+    bsum = builder.gep(builder.bitcast(context.make_array(sig.args[4])(context, builder, bs).data,
+                                       _I32.as_pointer()), [bo])
+    d0 = _half(builder, p, 0)
+    d1 = _half(builder, p, 34)
+    w = _concat(builder, _load(builder, p, _V32I8, 2), _load(builder, p, _V32I8, 36))
+    w = builder.xor(w, _splat8(-128))
+    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+    dd = _dpbusd(builder, zero, w, _load(builder, x, _V64I8, 0))
+    v8 = _ir.VectorType(_I32, 8)
+    s0 = _reduce_add(builder, _bcast(builder, dd, list(range(8))))
+    s1 = _reduce_add(builder, _bcast(builder, dd, list(range(8, 16))))
+    b0 = builder.load(bsum, align=4)
+    b1 = builder.load(builder.gep(bsum, [_ir.Constant(_ir.IntType(64), 1)]), align=4)
+    s0 = builder.sub(s0, builder.shl(b0, _ir.Constant(_I32, 7)))
+    s1 = builder.sub(s1, builder.shl(b1, _ir.Constant(_I32, 7)))
+    del v8
+    return builder.fadd(builder.fmul(d0, builder.sitofp(s0, _F32T)), builder.fmul(d1, builder.sitofp(s1, _F32T)))
+
+
+def _block_intrinsic(codegen):
+    def typer(typingctx, row, o, xq, xo, bs, bo):
+        return _nt.float32(row, o, xq, xo, bs, bo), codegen
+    return typer
+
+
+# (row uint8[:], o int, xq int8[:], xo int, bsums int32[:], bo int) -> float32 (before the d_x scale)
+_vq4k = intrinsic(_block_intrinsic(_q4k_codegen(False)))
+_vq5k = intrinsic(_block_intrinsic(_q4k_codegen(True)))
+_vq6k = intrinsic(_block_intrinsic(_q6k_codegen))
+_vq8_0x2 = intrinsic(_block_intrinsic(_q8_0_codegen))
+
+
+@njit(cache=True, fastmath=True)
+def quantize_q8k(x, xq, xd, bs16, bs32):
+    """x (K,) float32, K % 256 == 0 -> xq (K,) int8, xd (K/256,) float32, bs16 (K/16,), bs32 (K/32,) int32."""
+    for b in range(x.shape[0] // 256):
+        xb = x[256 * b:256 * b + 256]
+        amax = f32(0)
+        for i in range(256):
+            amax = max(amax, abs(xb[i]))
+        if amax == f32(0):
+            xd[b] = f32(0)
+            xq[256 * b:256 * b + 256] = 0
+        else:
+            iscale = f32(127) / amax
+            xd[b] = amax / f32(127)
+            for i in range(256):
+                xq[256 * b + i] = i8(min(max(np.rint(xb[i] * iscale), f32(-127)), f32(127)))
+        for g in range(16):
+            s = i32(0)
+            for i in range(16):
+                s += i32(xq[256 * b + 16 * g + i])
+            bs16[16 * b + g] = s
+        for g in range(8):
+            bs32[8 * b + g] = bs16[16 * b + 2 * g] + bs16[16 * b + 2 * g + 1]
+
+
+Q8_CODES = (_Q4_K, _Q5_K, _Q6_K, _Q8_0)
+
+
+@njit(inline="always")
+def _vdot_row(code, row, xq, xd, bs16, bs32):
+    acc = f32(0)
+    nb = xq.shape[0] // 256
+    if code == _Q4_K:
+        for b in range(nb):
+            acc += xd[b] * _vq4k(row, 144 * b, xq, 256 * b, bs32, 8 * b)
+    elif code == _Q5_K:
+        for b in range(nb):
+            acc += xd[b] * _vq5k(row, 176 * b, xq, 256 * b, bs32, 8 * b)
+    elif code == _Q6_K:
+        for b in range(nb):
+            acc += xd[b] * _vq6k(row, 210 * b, xq, 256 * b, bs16, 16 * b)
+    else:  # _Q8_0
+        for b in range(nb):
+            s = f32(0)
+            for j in range(4):
+                s += _vq8_0x2(row, 34 * (8 * b + 2 * j), xq, 256 * b + 64 * j, bs32, 8 * b + 2 * j)
+            acc += xd[b] * s
+    return acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_q8(code, w, x, out, nchunks):
+    """out[n] = w[n] . x with x quantized to Q8_K first; code in Q8_CODES, K % 256 == 0, HAVE_VNNI."""
+    K = x.shape[0]
+    xq = np.empty(K, np.int8)
+    xd = np.empty(K // 256, np.float32)
+    bs16 = np.empty(K // 16, np.int32)
+    bs32 = np.empty(K // 32, np.int32)
+    quantize_q8k(x, xq, xd, bs16, bs32)
+    nc, step = _chunks(w.shape[0], nchunks)
+    for c in prange(nc):
+        for n in range(c * step, min(w.shape[0], (c + 1) * step)):
+            out[n] = _vdot_row(code, w[n], xq, xd, bs16, bs32)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def moe_decode_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, weights, x, out, nchunks):
+    """One token's routed experts with 8-bit activations: out (D,) += sum_i weights[i] * expert_i(x).
+    Gate and up rows of one expert are dotted in the same job (x is quantized once); h is quantized once
+    per expert; then a parallel pass over output rows reads every routed expert's down row."""
+    n_e = experts.shape[0]
+    D = x.shape[0]
+    xq = np.empty(D, np.int8)
+    xd = np.empty(D // 256, np.float32)
+    bs16 = np.empty(D // 16, np.int32)
+    bs32 = np.empty(D // 32, np.int32)
+    quantize_q8k(x, xq, xd, bs16, bs32)
+    h = np.empty((n_e, F), np.float32)
+    nc, step = _chunks(n_e * F, nchunks)
+    for c in prange(nc):
+        for job in range(c * step, min(n_e * F, (c + 1) * step)):
+            i, f = job // F, job % F
+            e = experts[i]
+            g = _vdot_row(gcode, gate[e, f], xq, xd, bs16, bs32)
+            u = _vdot_row(ucode, up[e, up_off + f], xq, xd, bs16, bs32)
+            h[i, f] = g / (f32(1) + np.exp(-g)) * u
+    hq = np.empty((n_e, F), np.int8)
+    hd = np.empty((n_e, F // 256), np.float32)
+    hs16 = np.empty((n_e, F // 16), np.int32)
+    hs32 = np.empty((n_e, F // 32), np.int32)
+    for i in range(n_e):
+        quantize_q8k(h[i], hq[i], hd[i], hs16[i], hs32[i])
+    nc, step = _chunks(D, nchunks)
+    for c in prange(nc):
+        for drow in range(c * step, min(D, (c + 1) * step)):
+            acc = f32(0)
+            for i in range(n_e):
+                acc += weights[i] * _vdot_row(dcode, down[experts[i], drow], hq[i], hd[i], hs16[i], hs32[i])
+            out[drow] += acc
+
+
+__all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
+           "moe_decode_q8"]
