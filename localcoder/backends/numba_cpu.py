@@ -304,10 +304,17 @@ class NumbaBackend(NumpyBackend):
         out = np.zeros((T, D), np.float32)
         # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
         # expert's contribution to `out` in that order, so batching never changes the result
+        int8 = (T == 1 and self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0 and F % 256 == 0
+                and len(uniq) == expert_ids.size)
         done = 0
         for arrays, ids, slots in experts.fetch(uniq):
             gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
             n = len(ids)
+            if int8:  # one token: x quantized to Q8_K once, gate+up rows dotted in one job, h re-quantized
+                K.moe_decode_q8(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
+                                weights[done:done + n], x[0], out[0], self.nchunks)
+                done += n
+                continue
             K.moe_experts(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
                           starts[done:done + n + 1], tokens, weights, x, K.F16_LUT, out, self.nchunks)
             done += n
