@@ -245,7 +245,7 @@ def chat(
     repeat_penalty: float = RepeatOpt,
     seed: Optional[int] = SeedOpt,
     backend: str = BackendOpt,
-    ctx: int = typer.Option(32768, "--ctx", help="context size in tokens (up to the model's 262144)"),
+    ctx: Optional[int] = CtxOpt,
     history_dir: Optional[Path] = typer.Option(None, "--history-dir", help="where transcripts are saved on exit "
                                                "(default ~/.localcoder/history)"),
     no_history: bool = typer.Option(False, "--no-history", help="do not save the transcript on exit"),
@@ -282,7 +282,7 @@ def ask(
     repeat_penalty: float = RepeatOpt,
     seed: Optional[int] = SeedOpt,
     backend: str = BackendOpt,
-    ctx: int = typer.Option(32768, "--ctx"),
+    ctx: Optional[int] = CtxOpt,
     as_json: bool = typer.Option(False, "--json", help="print the answer with token counts and timings as JSON"),
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
