@@ -49,9 +49,9 @@ class Model:
         weights and 1.5 GB for the rest); otherwise use the memory map directly."""
         sets = [layer.experts for layer in self.weights.layers]
         expert_bytes = sum(t.nbytes for es in sets for t in es.tensors)
-        if expert_cache is None:
-            dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes
-            budget = available_memory() - dense - int(1.5e9)
+        dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes
+        if expert_cache is None:  # leave a fifth of the rest and 1 GB to the OS, the KV cache and activations
+            budget = int(0.8 * (available_memory() - dense)) - int(1e9)
         else:
             budget = parse_size(expert_cache)
         if budget >= expert_bytes and not trace:
@@ -59,6 +59,12 @@ class Model:
         if policy not in ("lru", "lfu"):
             raise LocalcoderError(f"unknown expert cache policy {policy!r}; choose lru or lfu")
         store = ExpertStore(sets, max(budget, 0), policy=policy, trace=[] if trace else None)
+        if budget < expert_bytes:
+            # every token needs every dense weight: keep them in process memory, where the page cache's LRU
+            # (busy with expert reads) cannot evict them (one sequential read of the dense bytes at start)
+            tensors = {name: t if "_exps" in name else replace(t, data=np.array(t.data))
+                       for name, t in self.file.tensors.items()}
+            self.weights = qwen3next.load_weights(self.config, tensors, str(self.file.path))
         layers = tuple(replace(layer, experts=replace(layer.experts, store=store)) for layer in self.weights.layers)
         self.weights = replace(self.weights, layers=layers)
         return store
