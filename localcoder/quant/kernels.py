@@ -651,6 +651,197 @@ _vq6k = intrinsic(_block_intrinsic(_q6k_codegen))
 _vq8_0x2 = intrinsic(_block_intrinsic(_q8_0_codegen))
 
 
+# Row-level intrinsics: the whole row . x in one loop of IR, float accumulators kept in vector registers
+# (one horizontal sum per row instead of two per block; scales applied with vcvtdq2ps + vfmadd instead of
+# vpmulld). x side: xq int8, xd (K/256) float32, bsf float32 sums (bs32 for Q4_K/Q5_K, 32*bs16 for Q6_K,
+# 128*bs32 for Q8_0) precomputed once per vector.
+
+_F16V, _F8V = _ir.VectorType(_F32T, 16), _ir.VectorType(_F32T, 8)
+_I64 = _ir.IntType(64)
+
+
+def _fma(builder, a, b, c):
+    n = a.type.count
+    fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(a.type, [a.type] * 3), f"llvm.fma.v{n}f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _hsum(builder, v):
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, _ir.Constant(_I32, 0))
+
+
+def _splatf(builder, s, n):
+    v = builder.insert_element(_ir.Constant(_ir.VectorType(_F32T, n), None), s, _ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, n), [0] * n))
+
+
+def _fzero(n):
+    return _ir.Constant(_ir.VectorType(_F32T, n), [_ir.Constant(_F32T, 0.0)] * n)
+
+
+def _row_args(context, builder, sig, args):
+    row, xq, xd, bsf, nb = args
+    rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, row).data, _I8.as_pointer())
+    xp = builder.bitcast(context.make_array(sig.args[1])(context, builder, xq).data, _I8.as_pointer())
+    dp = context.make_array(sig.args[2])(context, builder, xd).data
+    bp = context.make_array(sig.args[3])(context, builder, bsf).data
+    return rp, xp, dp, bp, nb
+
+
+def _row_q4k_codegen(five):
+    bsize = 176 if five else 144
+
+    def codegen(context, builder, sig, args):
+        rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
+        acc_p = _cg.alloca_once_value(builder, _fzero(16))
+        min_p = _cg.alloca_once_value(builder, _fzero(8))
+        v2, v8i8, v8i32 = _ir.VectorType(_I32, 2), _ir.VectorType(_I8, 8), _ir.VectorType(_I32, 8)
+        km1, km2, km3 = (_ir.Constant(_I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+        c4, c6 = _ir.Constant(_I32, 4), _ir.Constant(_I32, 6)
+        zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+        accs_p = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(3)]  # 4 independent fma chains
+        with _cg.for_range(builder, nb) as loop:
+            b = loop.index
+            p = builder.gep(rp, [builder.mul(b, _ir.Constant(_I64, bsize))])
+            x = builder.gep(xp, [builder.mul(b, _ir.Constant(_I64, 256))])
+            xdb = builder.load(builder.gep(dp, [b]))
+            bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(b, _ir.Constant(_I64, 8))]),
+                                              _F8V.as_pointer()), align=4)
+            d = builder.fmul(_half(builder, p, 0), xdb)
+            dmin = builder.fmul(_half(builder, p, 2), xdb)
+            u0, u1, u2 = (_load(builder, p, _I32, 4 + 4 * i) for i in range(3))
+            sc_lo = builder.and_(u0, km1)
+            sc_hi = builder.or_(builder.and_(u2, km2), builder.shl(builder.and_(builder.lshr(u0, c6), km3), c4))
+            mn_lo = builder.and_(u1, km1)
+            mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), km2),
+                                builder.shl(builder.and_(builder.lshr(u1, c6), km3), c4))
+
+            def bytes8f(a, c):
+                v = builder.insert_element(_ir.Constant(v2, None), a, _ir.Constant(_I32, 0))
+                v = builder.insert_element(v, c, _ir.Constant(_I32, 1))
+                return builder.uitofp(builder.bitcast(v, v8i8), _F8V)
+
+            scf = builder.fmul(bytes8f(sc_lo, sc_hi), _splatf(builder, d, 8))
+            mnf = builder.fmul(bytes8f(mn_lo, mn_hi), _splatf(builder, dmin, 8))
+            builder.store(_fma(builder, mnf, bs, builder.load(min_p)), min_p)
+            if five:
+                qh = _load(builder, p, _V32I8, 16)
+                qh64 = _concat(builder, qh, qh)
+            ptrs = [acc_p] + accs_p
+            for h in range(2):
+                q = _load(builder, p, _V64I8, (48 if five else 16) + 64 * h)
+                lo = builder.and_(q, _splat8(15))
+                hi = builder.lshr(q, _splat8(4))
+                if five:
+                    for which in (0, 1):
+                        s0, s1 = 4 * h + which, 4 * h + 2 + which
+                        mask = _vconst(_V64I8, [1 << s0] * 32 + [(1 << s1) - (256 if s1 == 7 else 0)] * 32)
+                        bit = builder.icmp_unsigned("!=", builder.and_(qh64, mask), _splat8(0))
+                        add = builder.select(bit, _splat8(16), _splat8(0))
+                        if which == 0:
+                            lo = builder.or_(lo, add)
+                        else:
+                            hi = builder.or_(hi, add)
+                # x arrives permuted per 256-block (Q4K_PERM): the 64 values under lo, then those under hi
+                dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * h)), _F16V)
+                dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * h + 64)), _F16V)
+                slo = _bcast(builder, scf, [4 * h] * 8 + [4 * h + 2] * 8)
+                shi = _bcast(builder, scf, [4 * h + 1] * 8 + [4 * h + 3] * 8)
+                pl, ph = ptrs[2 * h], ptrs[2 * h + 1]
+                builder.store(_fma(builder, dlo, slo, builder.load(pl)), pl)
+                builder.store(_fma(builder, dhi, shi, builder.load(ph)), ph)
+        tot = builder.fadd(builder.fadd(builder.load(acc_p), builder.load(accs_p[0])),
+                           builder.fadd(builder.load(accs_p[1]), builder.load(accs_p[2])))
+        return builder.fsub(_hsum(builder, tot), _hsum(builder, builder.load(min_p)))
+    return codegen
+
+
+def _row_q6k_codegen(context, builder, sig, args):
+    rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
+    acc_p = _cg.alloca_once_value(builder, _fzero(16))
+    off_p = _cg.alloca_once_value(builder, _fzero(16))
+    accs_p = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(3)]
+    m4, m3 = _splat8(15), _splat8(3, 32)
+    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+    with _cg.for_range(builder, nb) as loop:
+        b = loop.index
+        p = builder.gep(rp, [builder.mul(b, _ir.Constant(_I64, 210))])
+        x = builder.gep(xp, [builder.mul(b, _ir.Constant(_I64, 256))])
+        xdb = builder.load(builder.gep(dp, [b]))
+        bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(b, _ir.Constant(_I64, 16))]),
+                                          _F16V.as_pointer()), align=4)
+        d = builder.fmul(_half(builder, p, 208), xdb)
+        scf = builder.fmul(builder.sitofp(_load(builder, p, _ir.VectorType(_I8, 16), 192), _F16V),
+                           _splatf(builder, d, 16))
+        builder.store(_fma(builder, scf, bs, builder.load(off_p)), off_p)
+        ptrs = [acc_p] + accs_p
+        for n in range(2):
+            ql = _load(builder, p, _V64I8, 64 * n)
+            qh = _load(builder, p, _V32I8, 128 + 32 * n)
+            a = builder.and_(qh, m3)
+            bb = builder.and_(builder.lshr(qh, _splat8(2, 32)), m3)
+            c = builder.and_(builder.lshr(qh, _splat8(4, 32)), m3)
+            e = builder.lshr(qh, _splat8(6, 32))
+            lo = builder.or_(builder.and_(ql, m4), builder.shl(_concat(builder, a, bb), _splat8(4)))
+            hi = builder.or_(builder.lshr(ql, _splat8(4)), builder.shl(_concat(builder, c, e), _splat8(4)))
+            dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * n)), _F16V)
+            dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * n + 64)), _F16V)
+            g = 8 * n
+            pl, ph = ptrs[2 * n], ptrs[2 * n + 1]
+            builder.store(_fma(builder, dlo, _bcast(builder, scf, [g + i // 4 for i in range(16)]),
+                               builder.load(pl)), pl)
+            builder.store(_fma(builder, dhi, _bcast(builder, scf, [g + 4 + i // 4 for i in range(16)]),
+                               builder.load(ph)), ph)
+    tot = builder.fadd(builder.fadd(builder.load(acc_p), builder.load(accs_p[0])),
+                       builder.fadd(builder.load(accs_p[1]), builder.load(accs_p[2])))
+    return builder.fsub(_hsum(builder, tot), _hsum(builder, builder.load(off_p)))
+
+
+def _row_q8_0_codegen(context, builder, sig, args):
+    """nb = number of block pairs (K / 64); xd per 256 values (pair i uses xd[i // 4])."""
+    rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
+    acc_p = _cg.alloca_once_value(builder, _fzero(16))
+    off_p = _cg.alloca_once_value(builder, _fzero(2))
+    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+    v2f = _ir.VectorType(_F32T, 2)
+    with _cg.for_range(builder, nb) as loop:
+        i = loop.index
+        p = builder.gep(rp, [builder.mul(i, _ir.Constant(_I64, 68))])
+        x = builder.gep(xp, [builder.mul(i, _ir.Constant(_I64, 64))])
+        xdb = builder.load(builder.gep(dp, [builder.lshr(i, _ir.Constant(_I64, 2))]))
+        bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(i, _ir.Constant(_I64, 2))]),
+                                          v2f.as_pointer()), align=4)
+        d0 = builder.fmul(_half(builder, p, 0), xdb)
+        d1 = builder.fmul(_half(builder, p, 34), xdb)
+        dv = builder.insert_element(_ir.Constant(v2f, None), d0, _ir.Constant(_I32, 0))
+        dv = builder.insert_element(dv, d1, _ir.Constant(_I32, 1))
+        builder.store(_fma(builder, dv, bs, builder.load(off_p)), off_p)
+        w = _concat(builder, _load(builder, p, _V32I8, 2), _load(builder, p, _V32I8, 36))
+        w = builder.xor(w, _splat8(-128))
+        dot = builder.sitofp(_dpbusd(builder, zero, w, _load(builder, x, _V64I8, 0)), _F16V)
+        sv = _bcast(builder, dv, [0] * 8 + [1] * 8)
+        builder.store(_fma(builder, dot, sv, builder.load(acc_p)), acc_p)
+    return builder.fsub(_hsum(builder, builder.load(acc_p)), _hsum(builder, builder.load(off_p)))
+
+
+def _row_intrinsic(codegen):
+    def typer(typingctx, row, xq, xd, bsf, nb):
+        return _nt.float32(row, xq, xd, bsf, _nt.int64), codegen
+    return typer
+
+
+_rq4k = intrinsic(_row_intrinsic(_row_q4k_codegen(False)))
+_rq5k = intrinsic(_row_intrinsic(_row_q4k_codegen(True)))
+_rq6k = intrinsic(_row_intrinsic(_row_q6k_codegen))
+_rq8_0 = intrinsic(_row_intrinsic(_row_q8_0_codegen))
+
+
 @njit(cache=True, fastmath=True)
 def quantize_q8k(x, xq, xd, bs16, bs32):
     """x (K,) float32, K % 256 == 0 -> xq (K,) int8, xd (K/256,) float32, bs16 (K/16,), bs32 (K/32,) int32."""
@@ -679,26 +870,42 @@ def quantize_q8k(x, xq, xd, bs16, bs32):
 Q8_CODES = (_Q4_K, _Q5_K, _Q6_K, _Q8_0)
 
 
+# per 256-block order of x for the Q4_K/Q5_K row kernels: a 64-byte load of nibbles covers values 0-31 and
+# 64-95 (low nibbles), 32-63 and 96-127 (high nibbles), then the same for 128-255
+Q4K_PERM = np.concatenate([np.arange(32), np.arange(64, 96), np.arange(32, 64), np.arange(96, 128)])
+Q4K_PERM = np.concatenate([Q4K_PERM, Q4K_PERM + 128]).astype(np.int64)
+
+
 @njit(inline="always")
-def _vdot_row(code, row, xq, xd, bs16, bs32):
-    acc = f32(0)
+def _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128):
+    """Q8_K of x plus what the row kernels take: xqp = xq in Q4K_PERM order per block; float sums
+    bf32 = bs32, bf16 = 32 * bs16, bf128 = 128 * bs32."""
+    quantize_q8k(x, xq, xd, bs16, bs32)
+    for b in range(xq.shape[0] // 256):
+        for h in range(2):
+            for l in range(32):
+                o = 256 * b + 128 * h
+                xqp[o + l] = xq[o + l]
+                xqp[o + 32 + l] = xq[o + 64 + l]
+                xqp[o + 64 + l] = xq[o + 32 + l]
+                xqp[o + 96 + l] = xq[o + 96 + l]
+    for g in range(bs32.shape[0]):
+        bf32[g] = f32(bs32[g])
+        bf128[g] = f32(128) * f32(bs32[g])
+    for g in range(bs16.shape[0]):
+        bf16[g] = f32(32) * f32(bs16[g])
+
+
+@njit(inline="always")
+def _vdot_row(code, row, xq, xqp, xd, bf32, bf16, bf128):
     nb = xq.shape[0] // 256
     if code == _Q4_K:
-        for b in range(nb):
-            acc += xd[b] * _vq4k(row, 144 * b, xq, 256 * b, bs32, 8 * b)
-    elif code == _Q5_K:
-        for b in range(nb):
-            acc += xd[b] * _vq5k(row, 176 * b, xq, 256 * b, bs32, 8 * b)
-    elif code == _Q6_K:
-        for b in range(nb):
-            acc += xd[b] * _vq6k(row, 210 * b, xq, 256 * b, bs16, 16 * b)
-    else:  # _Q8_0
-        for b in range(nb):
-            s = f32(0)
-            for j in range(4):
-                s += _vq8_0x2(row, 34 * (8 * b + 2 * j), xq, 256 * b + 64 * j, bs32, 8 * b + 2 * j)
-            acc += xd[b] * s
-    return acc
+        return _rq4k(row, xqp, xd, bf32, nb)
+    if code == _Q5_K:
+        return _rq5k(row, xqp, xd, bf32, nb)
+    if code == _Q6_K:
+        return _rq6k(row, xq, xd, bf16, nb)
+    return _rq8_0(row, xq, xd, bf128, 4 * nb)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -706,14 +913,18 @@ def matvec_q8(code, w, x, out, nchunks):
     """out[n] = w[n] . x with x quantized to Q8_K first; code in Q8_CODES, K % 256 == 0, HAVE_VNNI."""
     K = x.shape[0]
     xq = np.empty(K, np.int8)
+    xqp = np.empty(K, np.int8)
     xd = np.empty(K // 256, np.float32)
     bs16 = np.empty(K // 16, np.int32)
     bs32 = np.empty(K // 32, np.int32)
-    quantize_q8k(x, xq, xd, bs16, bs32)
+    bf16 = np.empty(K // 16, np.float32)
+    bf32 = np.empty(K // 32, np.float32)
+    bf128 = np.empty(K // 32, np.float32)
+    _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128)
     nc, step = _chunks(w.shape[0], nchunks)
     for c in prange(nc):
         for n in range(c * step, min(w.shape[0], (c + 1) * step)):
-            out[n] = _vdot_row(code, w[n], xq, xd, bs16, bs32)
+            out[n] = _vdot_row(code, w[n], xq, xqp, xd, bf32, bf16, bf128)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -724,33 +935,40 @@ def moe_decode_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, weigh
     n_e = experts.shape[0]
     D = x.shape[0]
     xq = np.empty(D, np.int8)
+    xqp = np.empty(D, np.int8)
     xd = np.empty(D // 256, np.float32)
     bs16 = np.empty(D // 16, np.int32)
     bs32 = np.empty(D // 32, np.int32)
-    quantize_q8k(x, xq, xd, bs16, bs32)
+    bf16 = np.empty(D // 16, np.float32)
+    bf32 = np.empty(D // 32, np.float32)
+    bf128 = np.empty(D // 32, np.float32)
+    _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128)
     h = np.empty((n_e, F), np.float32)
     nc, step = _chunks(n_e * F, nchunks)
     for c in prange(nc):
         for job in range(c * step, min(n_e * F, (c + 1) * step)):
             i, f = job // F, job % F
             e = experts[i]
-            g = _vdot_row(gcode, gate[e, f], xq, xd, bs16, bs32)
-            u = _vdot_row(ucode, up[e, up_off + f], xq, xd, bs16, bs32)
+            g = _vdot_row(gcode, gate[e, f], xq, xqp, xd, bf32, bf16, bf128)
+            u = _vdot_row(ucode, up[e, up_off + f], xq, xqp, xd, bf32, bf16, bf128)
             h[i, f] = g / (f32(1) + np.exp(-g)) * u
     hq = np.empty((n_e, F), np.int8)
+    hqp = np.empty((n_e, F), np.int8)
     hd = np.empty((n_e, F // 256), np.float32)
     hs16 = np.empty((n_e, F // 16), np.int32)
     hs32 = np.empty((n_e, F // 32), np.int32)
+    hf16 = np.empty((n_e, F // 16), np.float32)
+    hf32 = np.empty((n_e, F // 32), np.float32)
+    hf128 = np.empty((n_e, F // 32), np.float32)
     for i in range(n_e):
-        quantize_q8k(h[i], hq[i], hd[i], hs16[i], hs32[i])
+        _quant_into(h[i], hq[i], hqp[i], hd[i], hs16[i], hs32[i], hf32[i], hf16[i], hf128[i])
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
         for drow in range(c * step, min(D, (c + 1) * step)):
             acc = f32(0)
             for i in range(n_e):
-                acc += weights[i] * _vdot_row(dcode, down[experts[i], drow], hq[i], hd[i], hs16[i], hs32[i])
+                acc += weights[i] * _vdot_row(dcode, down[experts[i], drow], hq[i], hqp[i], hd[i], hf32[i], hf16[i], hf128[i])
             out[drow] += acc
-
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
            "moe_decode_q8"]
