@@ -4,7 +4,9 @@
 
 Shapes: an expert-sized 2048 x 512... matrix (512 rows of 2048: one gate/up projection, 0.6 MB at Q4_K, so
 cache-resident: the kernel's compute speed) and the output head, 151936 x 2048 (streamed from memory).
-GB/s = bytes of the weight / time per matvec. Also the row dequantization speed (used by prefill tiles).
+GB/s = bytes of the weight / time per matvec, for float32 activations (matvec) and, where the CPU has
+AVX-512 VNNI, 8-bit Q8_K activations (matvec_q8: Q4_K, Q5_K, Q6_K, Q8_0; the decode default). Also the row
+dequantization speed (used by prefill tiles).
 """
 
 import argparse
@@ -50,23 +52,30 @@ def main():
     rng = np.random.default_rng(0)
     bw = measure_read_bandwidth(threads=args.threads)
     print(f"threads {args.threads}; measured read bandwidth {bw:.1f} GB/s")
-    print(f"{'type':8} {'expert 512x2048 matvec':>24} {'output 151936x2048 matvec':>26} {'dequant rows':>14}")
+    print(f"{'type':8} {'acts':5} {'expert 512x2048 matvec':>24} {'output 151936x2048 matvec':>26} {'dequant rows':>14}")
     for name in args.types.split(","):
         qtype = Q[name]
         code = K.KERNELS[qtype].code
-        row = []
+        int8 = K.HAVE_VNNI and code in K.Q8_CODES
+        rows = {"f32": [], "int8": []}
         for n in (512, 151936):
             w = random_rows(qtype, n, 2048, rng)
             x = rng.standard_normal(2048).astype(np.float32)
             out = np.empty(n, np.float32)
-            dt = timeit(lambda: K.matvec(code, w, x, K.F16_LUT, out, nchunks))
-            row.append(f"{w.nbytes / dt / 1e9:6.1f} GB/s {dt * 1e3:8.3f} ms")
+            runs = [("f32", lambda: K.matvec(code, w, x, K.F16_LUT, out, nchunks))]
+            if int8:
+                runs.append(("int8", lambda: K.matvec_q8(code, w, x, out, nchunks)))
+            for acts, f in runs:
+                dt = timeit(f)
+                rows[acts].append(f"{w.nbytes / dt / 1e9:6.1f} GB/s {dt * 1e3:8.3f} ms")
+            del w
         w = random_rows(qtype, 1024, 2048, rng)
         out = np.empty((1024, 2048), np.float32)
         dt = timeit(lambda: K.dequant_rows(code, w, K.F16_LUT, out, nchunks))
-        row.append(f"{1024 * 2048 / dt / 1e9:5.2f} Gw/s")
-        print(f"{name:8} {row[0]:>24} {row[1]:>26} {row[2]:>14}")
-
+        deq = f"{1024 * 2048 / dt / 1e9:5.2f} Gw/s"
+        print(f"{name:8} {'f32':5} {rows['f32'][0]:>24} {rows['f32'][1]:>26} {deq:>14}")
+        if int8:
+            print(f"{name:8} {'int8':5} {rows['int8'][0]:>24} {rows['int8'][1]:>26}")
 
 if __name__ == "__main__":
     main()
