@@ -253,3 +253,18 @@ def test_moe_int8_activations(fused):
     ref = NumpyBackend().moe(x, experts, ids, wts)
     assert np.linalg.norm(got - ref) <= 2 * INT8_NORM_REL * np.linalg.norm(ref)
     assert rel_err(NumbaBackend(int8_activations=False).moe(x, experts, ids, wts), ref) <= REL
+
+
+@needs_vnni
+def test_swiglu_int8_activations():
+    """The one-token shared expert goes through the fused 8-bit path; the float path stays exact."""
+    rng = np.random.default_rng(11)
+    D, F = 512, 256
+    gate, up = qtensor("g", Q.Q4_K, (F, D), rng), qtensor("u", Q.Q4_K, (F, D), rng)
+    down = qtensor("d", Q.Q6_K, (D, F), rng)
+    x = (0.1 * rng.standard_normal((1, D))).astype(np.float32)
+    ref = NumpyBackend().swiglu(x, gate, up, down)
+    got = NumbaBackend(int8_activations=True).swiglu(x, gate, up, down)
+    assert got.shape == (1, D)
+    assert np.linalg.norm(got - ref) <= 2 * INT8_NORM_REL * np.linalg.norm(ref)
+    assert rel_err(NumbaBackend(int8_activations=False).swiglu(x, gate, up, down), ref) <= REL

@@ -283,6 +283,16 @@ class NumbaBackend(NumpyBackend):
 
     # feed-forward -------------------------------------------------------------------------------------
     def swiglu(self, x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
+        codes = [K.kernel_for(t.ggml_type).code for t in (gate, up, down)]
+        F, D = gate.shape[0], gate.shape[1]
+        if (x.shape[0] == 1 and self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0
+                and F % 256 == 0 and up.shape[0] == F and down.shape == (D, F)):
+            # one token: the shared expert as a one-expert MoE (x quantized once, gate+up in one pass)
+            out = np.zeros(D, np.float32)
+            d = [np.ascontiguousarray(t.data)[None] for t in (gate, up, down)]
+            K.moe_decode_q8(*codes, d[0], d[1], 0, d[2], F, np.zeros(1, np.int64), np.ones(1, np.float32),
+                            np.ascontiguousarray(x[0], dtype=np.float32), out, self.nchunks)
+            return out[None]
         return self.matmul(numpy_ref.silu(self.matmul(x, gate)) * self.matmul(x, up), down)
 
     def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray) -> np.ndarray:

@@ -314,6 +314,8 @@ def _dot_row(code, row, x, xs, buf, f16):
     if code == _Q4_0:
         return _dot_q4_0(row, x, xs, f16)
     K = x.shape[0]
+    if code == _F32:  # the router: dot the stored floats in place
+        return _dot(row[:4 * K].view(np.float32), x, K)
     _deq_row(code, row, buf, K, f16)
     acc = f32(0)
     for i in range(K):
