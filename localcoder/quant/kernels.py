@@ -320,6 +320,8 @@ def _dot_row(code, row, x, xs, buf, f16):
         return _dot_q4_0(row, x, xs, f16)
     K = x.shape[0]
     if code == _F32:  # the router: dot the stored floats in place
+        if HAVE_VNNI and K % 64 == 0:
+            return _rf32(row, x, K // 64)
         return _dot(row[:4 * K].view(np.float32), x, K)
     _deq_row(code, row, buf, K, f16)
     acc = f32(0)
@@ -864,6 +866,31 @@ _rq4k = intrinsic(_row_intrinsic(_row_q4k_codegen(False)))
 _rq5k = intrinsic(_row_intrinsic(_row_q4k_codegen(True)))
 _rq6k = intrinsic(_row_intrinsic(_row_q6k_codegen))
 _rq8_0 = intrinsic(_row_intrinsic(_row_q8_0_codegen))
+
+
+def _row_f32_codegen(context, builder, sig, args):
+    """row (uint8 bytes of K float32) . x (K float32), K % 64 == 0: 4 vector accumulators + prefetch."""
+    row, x, n64 = args
+    rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, row).data, _I8.as_pointer())
+    xp = builder.bitcast(context.make_array(sig.args[1])(context, builder, x).data, _I8.as_pointer())
+    accs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(4)]
+    with _cg.for_range(builder, n64) as loop:
+        off = builder.mul(loop.index, _ir.Constant(_I64, 256))
+        p = builder.gep(rp, [off])
+        q = builder.gep(xp, [off])
+        _prefetch(builder, p, 256)
+        for j in range(4):
+            a = _load(builder, p, _F16V, 64 * j)
+            b = _load(builder, q, _F16V, 64 * j)
+            builder.store(_fma(builder, a, b, builder.load(accs[j])), accs[j])
+    tot = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                       builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+    return _hsum(builder, tot)
+
+
+@intrinsic
+def _rf32(typingctx, row, x, n64):
+    return _nt.float32(row, x, _nt.int64), _row_f32_codegen
 
 
 @njit(cache=True, fastmath=True)
