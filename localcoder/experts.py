@@ -171,6 +171,7 @@ class ExpertStore:
         n_layers = len(expert_sets)
         slots = max(int(budget_bytes // (per_expert * n_layers)), 1)
         self.n_slots = min(slots, max(es.n_expert for es in expert_sets))
+        self.resident = self.n_slots >= max(es.n_expert for es in expert_sets)
         self.budget_bytes = self.n_slots * per_expert * n_layers
         self.policy_name = policy
         self.layers: dict[int, _LayerSlots] = {}
@@ -239,9 +240,13 @@ class ExpertStore:
     def fetch(self, es: ExpertSet, ids: np.ndarray):
         """Yields (arrays, ids, slots) batches of at most n_slots experts. Lazy: a batch's slots may be reused
         by the next batch, so each must be consumed before asking for the next."""
-        ls = self._slots(es)
         if self.trace is not None:
             self.trace.append((es.layer, ids.tolist()))
+        if self.resident:  # everything fits: the memory map itself (kept only to count and trace)
+            self.counters.hits += len(ids)
+            yield tuple(t.data for t in es.tensors), ids, ids
+            return
+        ls = self._slots(es)
         t0 = time.perf_counter()
         for fut in list(ls.pending.values()):  # speculative reads for this layer, started a layer ago
             fut.exception()
@@ -272,6 +277,8 @@ class ExpertStore:
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""
+        if self.resident:
+            return
         ls = self._slots(es)
         with ls.lock:
             self._reap(ls)

@@ -93,3 +93,12 @@ def test_parse_size():
     assert parse_size("1.5GB") == int(1.5 * 1024 ** 3) and parse_size(1000) == 1000
     with pytest.raises(localcoder.errors.LocalcoderError):
         parse_size("lots")
+
+
+def test_trace_without_streaming_uses_the_map(path):
+    m = localcoder.load(path, backend="numpy", expert_cache="64G", expert_trace=True)
+    assert m.expert_store is not None and m.expert_store.resident
+    expect = run(localcoder.load(path, backend="numpy", expert_cache="64G"))
+    assert np.array_equal(run(m), expect)
+    c = m.expert_store.counters
+    assert c.misses == 0 and c.bytes_read == 0 and c.hits == sum(len(ids) for _, ids in m.expert_store.trace)

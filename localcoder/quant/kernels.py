@@ -1016,10 +1016,12 @@ def moe_decode_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, weigh
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
         for drow in range(c * step, min(D, (c + 1) * step)):
-            acc = f32(0)
+            # continue from out[drow] (not a fresh sum added at the end) so that calling this per batch of
+            # resident experts adds the same terms in the same order as one call: streaming never changes results
+            acc = out[drow]
             for i in range(n_e):
                 acc += weights[i] * _vdot_row(dcode, down[experts[i], drow], hq[i], hqp[i], hd[i], hf32[i], hf16[i], hf128[i])
-            out[drow] += acc
+            out[drow] = acc
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
            "moe_decode_q8"]
