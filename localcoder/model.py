@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import replace
 from typing import Iterator, Sequence
 
@@ -42,6 +43,7 @@ class Model:
                                   "trained context; choose a --ctx in that range")
         self.n_ctx = n_ctx
         self.forward_tokens = 0  # tokens run through the forward pass, for tests and stats
+        self._dense_copy: threading.Thread | None = None
         self.expert_store = self._expert_store(expert_cache, expert_policy, expert_trace)
 
     def _expert_store(self, expert_cache, policy: str, trace: bool) -> ExpertStore | None:
@@ -59,15 +61,22 @@ class Model:
         if policy not in ("lru", "lfu"):
             raise LocalcoderError(f"unknown expert cache policy {policy!r}; choose lru or lfu")
         store = ExpertStore(sets, max(budget, 0), policy=policy, trace=[] if trace else None)
-        if budget < expert_bytes:
-            # every token needs every dense weight: keep them in process memory, where the page cache's LRU
-            # (busy with expert reads) cannot evict them (one sequential read of the dense bytes at start)
-            tensors = {name: t if "_exps" in name else replace(t, data=np.array(t.data))
-                       for name, t in self.file.tensors.items()}
-            self.weights = qwen3next.load_weights(self.config, tensors, str(self.file.path))
         layers = tuple(replace(layer, experts=replace(layer.experts, store=store)) for layer in self.weights.layers)
         self.weights = replace(self.weights, layers=layers)
+        if budget < expert_bytes:
+            # every token needs every dense weight: keep them in process memory, where the page cache's LRU
+            # (busy with expert reads) cannot evict them. One sequential read, in the background so that the
+            # prompt is ready at once; the first forward pass waits for it.
+            self._dense_copy = threading.Thread(target=self._copy_dense, daemon=True)
+            self._dense_copy.start()
         return store
+
+    def _copy_dense(self) -> None:
+        tensors = {name: t if "_exps" in name else replace(t, data=np.array(t.data))
+                   for name, t in self.file.tensors.items()}
+        dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))
+        layers = tuple(replace(new, experts=old.experts) for new, old in zip(dense.layers, self.weights.layers))
+        self.weights = replace(dense, layers=layers)
 
     @property
     def path(self):
@@ -81,6 +90,9 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.n_vocab):
             raise LocalcoderError(f"token id out of range 0..{self.config.n_vocab - 1}")
+        if self._dense_copy is not None:
+            self._dense_copy.join()
+            self._dense_copy = None
         self.forward_tokens += len(ids)
         try:
             out = qwen3next.forward(self.backend, self.config, self.weights, ids, cache, all_logits)
