@@ -43,6 +43,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from ..errors import UnsupportedQuantType
 from ..gguf_file import QTensor
 from ..quant.formats import IQ4_KVALUES, _f16, _k_scale_min, _nibbles, _bits_le, get_format
 
@@ -328,7 +329,8 @@ def convert(w: QTensor, q6_k: str = "int8") -> MLXWeight:
         return _mxfp4(np.ascontiguousarray(rows).reshape(-1, fmt.type_size), shape)
     m = Q6_K_POLICIES[q6_k] if w.ggml_type == T.Q6_K else AFFINE.get(w.ggml_type)
     if m is None:
-        raise NotImplementedError(f"the MLX backend has no mapping for {fmt.name} (tensor {w.name})")
+        raise UnsupportedQuantType(f"the MLX backend has no mapping for {fmt.name} (tensor {w.name}); "
+                                   "use --backend numba or numpy")
     Kc = K * (2 if m.pad16 else 1)  # codes per row
     packed = np.empty((rows.shape[0], Kc * m.bits // 32), np.uint32)
     scales = np.empty((rows.shape[0], Kc // GROUP), np.float32)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 from numba import njit, prange
+from ..errors import UnsupportedQuantType
 
 Q = gguf.GGMLQuantizationType
 u8, i8, i32, f32 = np.uint8, np.int8, np.int32, np.float32
@@ -68,7 +69,7 @@ KERNELS = {
 def kernel_for(ggml_type) -> Kernel:
     k = KERNELS.get(Q(ggml_type))
     if k is None:
-        raise NotImplementedError(f"no Numba kernel for GGML type {Q(ggml_type).name}; supported: "
+        raise UnsupportedQuantType(f"no Numba kernel for GGML type {Q(ggml_type).name}; supported: "
                                   f"{', '.join(t.name for t in KERNELS)} (use --backend numpy)")
     return k
 
