@@ -102,7 +102,8 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 8 << 20) ->
 
 
 def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_tokens: int = 128,
-              threads: int | None = None, seed: int = 0, expert_cache=None, expert_policy: str = "lru") -> dict:
+              threads: int | None = None, seed: int = 0, expert_cache=None, expert_policy: str = "lru",
+              expert_prefetch: bool = True) -> dict:
     """Prompt processing (one prefill of `prompt_tokens` random ids) and generation (`gen_tokens` greedy
     single-token steps after it) on the model at model_path; returns the figures as a dict.
 
@@ -115,7 +116,7 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
     started = process_start_time()
     be = get_backend(backend, threads=threads) if isinstance(backend, str) else backend
     model = localcoder.load(model_path, backend=be, expert_cache=expert_cache, expert_policy=expert_policy,
-                            expert_trace=True)
+                            expert_trace=True, expert_prefetch=expert_prefetch)
     store = model.expert_store
     n_threads = getattr(model.backend, "threads", threads or 1)
     rng = np.random.default_rng(seed)

@@ -31,6 +31,8 @@ SeedOpt = typer.Option(None, "--seed")
 ExpertCacheOpt = typer.Option(None, "--expert-cache", help="memory for routed experts, e.g. 12G; experts that do "
                               "not fit are streamed from disk (default: from available RAM)")
 ExpertPolicyOpt = typer.Option("lru", "--expert-policy", help="expert cache policy: lru or lfu")
+ExpertPrefetchOpt = typer.Option(True, "--expert-prefetch/--no-expert-prefetch",
+                                 help="read the next layer's likely experts ahead (when streaming)")
 ExpertStatsOpt = typer.Option(None, "--expert-stats", help="write the per-layer routing trace (JSON lines) here")
 
 
@@ -397,6 +399,7 @@ def bench(
     backend: str = BackendOpt,
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
+    expert_prefetch: bool = ExpertPrefetchOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Prompt and generation tokens/s, bytes read per token, achieved GB/s against the measured bandwidth."""
@@ -418,7 +421,7 @@ def bench(
             _err(f"writing {model} (random weights, {dims.n_layer} layers, {quant}) once ...")
             write_synthetic(model, dims, quant)
     res = run_bench(model, backend, prompt_tokens, gen_tokens, threads, expert_cache=expert_cache,
-                    expert_policy=expert_policy)
+                    expert_policy=expert_policy, expert_prefetch=expert_prefetch)
     res["model"] = str(model)
     if as_json:
         print(json.dumps(res))

@@ -165,13 +165,14 @@ class ExpertStore:
     """Routed experts in a byte budget, streamed from the file on a miss (see the module docstring)."""
 
     def __init__(self, expert_sets: list[ExpertSet], budget_bytes: int, policy: str = "lru", io_threads: int = 4,
-                 trace: list | None = None):
+                 trace: list | None = None, speculate: bool = True):
         self.sets = expert_sets
         per_expert = max(es.expert_nbytes() for es in expert_sets)
         n_layers = len(expert_sets)
         slots = max(int(budget_bytes // (per_expert * n_layers)), 1)
         self.n_slots = min(slots, max(es.n_expert for es in expert_sets))
         self.resident = self.n_slots >= max(es.n_expert for es in expert_sets)
+        self.speculate = speculate  # speculative prefetch of the next layer's experts
         self.budget_bytes = self.n_slots * per_expert * n_layers
         self.policy_name = policy
         self.layers: dict[int, _LayerSlots] = {}
@@ -277,7 +278,7 @@ class ExpertStore:
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""
-        if self.resident:
+        if self.resident or not self.speculate:
             return
         ls = self._slots(es)
         with ls.lock:

@@ -28,7 +28,7 @@ class Model:
     """A loaded qwen3next GGUF: config, tokenizer, chat template, weights (mmapped) and a backend."""
 
     def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
-                 expert_policy: str = "lru", expert_trace: bool = False):
+                 expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = True):
         self.file = file
         embd = file.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
@@ -44,9 +44,9 @@ class Model:
         self.n_ctx = n_ctx
         self.forward_tokens = 0  # tokens run through the forward pass, for tests and stats
         self._dense_copy: threading.Thread | None = None
-        self.expert_store = self._expert_store(expert_cache, expert_policy, expert_trace)
+        self.expert_store = self._expert_store(expert_cache, expert_policy, expert_trace, expert_prefetch)
 
-    def _expert_store(self, expert_cache, policy: str, trace: bool) -> ExpertStore | None:
+    def _expert_store(self, expert_cache, policy: str, trace: bool, prefetch: bool) -> ExpertStore | None:
         """Stream experts when the budget cannot hold them all (default budget: available RAM less the dense
         weights and 1.5 GB for the rest); otherwise use the memory map directly."""
         sets = [layer.experts for layer in self.weights.layers]
@@ -60,7 +60,7 @@ class Model:
             return None
         if policy not in ("lru", "lfu"):
             raise LocalcoderError(f"unknown expert cache policy {policy!r}; choose lru or lfu")
-        store = ExpertStore(sets, max(budget, 0), policy=policy, trace=[] if trace else None)
+        store = ExpertStore(sets, max(budget, 0), policy=policy, trace=[] if trace else None, speculate=prefetch)
         layers = tuple(replace(layer, experts=replace(layer.experts, store=store)) for layer in self.weights.layers)
         self.weights = replace(self.weights, layers=layers)
         if budget < expert_bytes:
@@ -147,10 +147,10 @@ def available_memory() -> int:
 
 
 def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None, expert_cache=None,
-         expert_policy: str = "lru", expert_trace: bool = False) -> Model:
+         expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = True) -> Model:
     """Open and validate a qwen3next GGUF (nothing but its header is read here).
 
     expert_cache: byte budget for routed experts (int or "12G"); when it cannot hold them all, experts are
     streamed from disk (see localcoder.experts). Default: from available RAM."""
     return Model(GGUFFile(path), backend=backend, n_ctx=n_ctx, expert_cache=expert_cache,
-                 expert_policy=expert_policy, expert_trace=expert_trace)
+                 expert_policy=expert_policy, expert_trace=expert_trace, expert_prefetch=expert_prefetch)

@@ -37,6 +37,10 @@ import numpy as np
 from numba import njit, prange
 from ..errors import UnsupportedQuantType
 
+# Kernels whose sums run across experts may not reorder them: a batch of resident experts must add the same
+# terms in the same order as one call with all experts, so that expert streaming never changes results.
+_NO_REASSOC = {"nnan", "ninf", "nsz", "arcp", "afn"}
+
 Q = gguf.GGMLQuantizationType
 u8, i8, i32, f32 = np.uint8, np.int8, np.int32, np.float32
 M4, S4 = np.uint8(15), np.uint8(4)
@@ -384,7 +388,7 @@ def dequant_rows(code, w, f16, out, nchunks):
             _deq_row(code, w[n], out[n], K, f16)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
 def moe_experts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, x, f16, out, nchunks):
     """Routed SwiGLU experts of one step, accumulated into out (T, D).
 
@@ -979,7 +983,7 @@ def matvec_q8(code, w, x, out, nchunks):
             out[n] = _vdot_row(code, w[n], xq, xqp, xd, bf32, bf16, bf128)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
 def moe_decode_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, weights, x, out, nchunks):
     """One token's routed experts with 8-bit activations: out (D,) += sum_i weights[i] * expert_i(x).
     Gate and up rows of one expert are dotted in the same job (x is quantized once); h is quantized once
