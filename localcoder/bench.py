@@ -103,7 +103,7 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 8 << 20) ->
 
 def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_tokens: int = 128,
               threads: int | None = None, seed: int = 0, expert_cache=None, expert_policy: str = "lru",
-              expert_prefetch: bool = True) -> dict:
+              expert_prefetch: bool = False) -> dict:
     """Prompt processing (one prefill of `prompt_tokens` random ids) and generation (`gen_tokens` greedy
     single-token steps after it) on the model at model_path; returns the figures as a dict.
 

@@ -31,8 +31,8 @@ SeedOpt = typer.Option(None, "--seed")
 ExpertCacheOpt = typer.Option(None, "--expert-cache", help="memory for routed experts, e.g. 12G; experts that do "
                               "not fit are streamed from disk (default: from available RAM)")
 ExpertPolicyOpt = typer.Option("lru", "--expert-policy", help="expert cache policy: lru or lfu")
-ExpertPrefetchOpt = typer.Option(True, "--expert-prefetch/--no-expert-prefetch",
-                                 help="read the next layer's likely experts ahead (when streaming)")
+ExpertPrefetchOpt = typer.Option(False, "--expert-prefetch/--no-expert-prefetch",
+                                 help="read the next layer's likely experts ahead (when streaming; off by default: on uniform routing the wrong guesses cost more disk time than they save)")
 ExpertStatsOpt = typer.Option(None, "--expert-stats", help="write the per-layer routing trace (JSON lines) here")
 
 

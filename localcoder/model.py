@@ -28,7 +28,7 @@ class Model:
     """A loaded qwen3next GGUF: config, tokenizer, chat template, weights (mmapped) and a backend."""
 
     def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
-                 expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = True):
+                 expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False):
         self.file = file
         embd = file.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
@@ -147,7 +147,7 @@ def available_memory() -> int:
 
 
 def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None, expert_cache=None,
-         expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = True) -> Model:
+         expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False) -> Model:
     """Open and validate a qwen3next GGUF (nothing but its header is read here).
 
     expert_cache: byte budget for routed experts (int or "12G"); when it cannot hold them all, experts are

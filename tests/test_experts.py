@@ -31,7 +31,8 @@ def test_every_budget_gives_identical_logits(path, policy, backend):
     expect = run(resident)
     per_layer = max(layer.experts.expert_nbytes() for layer in resident.weights.layers) * resident.config.n_layer
     for n_slots in (1, 2, 3, 7):
-        m = localcoder.load(path, backend=backend, expert_cache=n_slots * per_layer, expert_policy=policy)
+        m = localcoder.load(path, backend=backend, expert_cache=n_slots * per_layer, expert_policy=policy,
+                            expert_prefetch=True)
         assert m.expert_store is not None and m.expert_store.n_slots == n_slots
         got = run(m)
         assert np.array_equal(got, expect), f"{n_slots} slots"
