@@ -31,6 +31,7 @@ SeedOpt = typer.Option(None, "--seed")
 ExpertCacheOpt = typer.Option(None, "--expert-cache", help="memory for routed experts, e.g. 12G; experts that do "
                               "not fit are streamed from disk (default: from available RAM)")
 ExpertPolicyOpt = typer.Option("lru", "--expert-policy", help="expert cache policy: lru or lfu")
+KvTypeOpt = typer.Option("f32", "--kv-type", help="attention KV cache precision: f32 or f16 (half the memory)")
 ExpertPrefetchOpt = typer.Option(False, "--expert-prefetch/--no-expert-prefetch",
                                  help="read the next layer's likely experts ahead (when streaming; off by default: on uniform routing the wrong guesses cost more disk time than they save)")
 ExpertStatsOpt = typer.Option(None, "--expert-stats", help="write the per-layer routing trace (JSON lines) here")
@@ -103,13 +104,15 @@ def run(
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
     expert_stats: Optional[Path] = ExpertStatsOpt,
+    kv_type: str = KvTypeOpt,
 ):
     """Generate text from a prompt, streamed to stdout; speed goes to stderr."""
     from .generate import GenerationStats
     from .sampling import make_sampler
 
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
-    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True)
+    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True,
+                            kv_type=kv_type)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = m.encode_chat(messages)
@@ -192,7 +195,8 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
 
 
 def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int], expert_cache=None,
-                        expert_policy: str = "lru", expert_stats: Optional[Path] = None, quiet: bool = False):
+                        expert_policy: str = "lru", expert_stats: Optional[Path] = None, quiet: bool = False,
+                        kv_type: str = "f32"):
     """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -208,7 +212,7 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
         file = GGUFFile(path)
         progress.update(task, advance=1, description="tokenizer, template, weights (memory-mapped)")
         m = Model(file, backend=backend, n_ctx=ctx, expert_cache=expert_cache, expert_policy=expert_policy,
-                  expert_trace=expert_stats is not None)
+                  expert_trace=expert_stats is not None, kv_type=kv_type)
         progress.update(task, advance=1)
     if not quiet:
         _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
@@ -224,12 +228,12 @@ def _stderr_console():
 
 
 def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-             expert_cache=None, expert_policy="lru"):
+             expert_cache=None, expert_policy="lru", kv_type="f32"):
     from .chat import ChatSession
     from .sampling import make_sampler
 
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
-    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy)
+    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, kv_type=kv_type)
     return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler)
 
 
@@ -253,13 +257,14 @@ def chat(
     no_history: bool = typer.Option(False, "--no-history", help="do not save the transcript on exit"),
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
+    kv_type: str = KvTypeOpt,
 ):
     """Interactive, offline code Q&A in the terminal."""
     from .paths import HOME
     from .repl import Repl, history_file
 
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy)
+                       expert_cache, expert_policy, kv_type)
     console = _stderr_console()
     if file:
         for f in session.add_files(file):
@@ -288,12 +293,13 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="print the answer with token counts and timings as JSON"),
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
+    kv_type: str = KvTypeOpt,
 ):
     """One question, one answer, for scripts: `git diff | localcoder ask "review this"`."""
     from .repl import answer_json
 
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy)
+                       expert_cache, expert_policy, kv_type)
     if file:
         session.add_files(file)
     if not sys.stdin.isatty():

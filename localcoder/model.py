@@ -22,13 +22,15 @@ from .models import qwen3next
 from .tokenizer import Tokenizer
 
 DEFAULT_CTX = 32768
+KV_TYPES = {"f32": np.float32, "f16": np.float16}  # f16 halves the attention cache (12 of 48 layers)
 
 
 class Model:
     """A loaded qwen3next GGUF: config, tokenizer, chat template, weights (mmapped) and a backend."""
 
     def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
-                 expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False):
+                 expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
+                 kv_type: str = "f32"):
         self.file = file
         embd = file.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
@@ -42,6 +44,9 @@ class Model:
             raise LocalcoderError(f"context {n_ctx} is outside 1..{self.config.n_ctx_train}, the model's "
                                   "trained context; choose a --ctx in that range")
         self.n_ctx = n_ctx
+        if kv_type not in KV_TYPES:
+            raise LocalcoderError(f"unknown KV cache type {kv_type!r}; choose f32 or f16")
+        self.kv_dtype = KV_TYPES[kv_type]
         self.forward_tokens = 0  # tokens run through the forward pass, for tests and stats
         self._dense_copy: threading.Thread | None = None
         self.expert_store = self._expert_store(expert_cache, expert_policy, expert_trace, expert_prefetch)
@@ -83,7 +88,7 @@ class Model:
         return self.file.path
 
     def new_cache(self) -> ModelCache:
-        return make_cache(self.config)
+        return make_cache(self.config, self.kv_dtype)
 
     def forward(self, ids: Sequence[int], cache: ModelCache, all_logits: bool = True) -> np.ndarray:
         """Process ids after the cache's history; logits (T, V) float32, or (1, V) for the last position."""
@@ -147,10 +152,12 @@ def available_memory() -> int:
 
 
 def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None, expert_cache=None,
-         expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False) -> Model:
+         expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
+         kv_type: str = "f32") -> Model:
     """Open and validate a qwen3next GGUF (nothing but its header is read here).
 
     expert_cache: byte budget for routed experts (int or "12G"); when it cannot hold them all, experts are
     streamed from disk (see localcoder.experts). Default: from available RAM."""
     return Model(GGUFFile(path), backend=backend, n_ctx=n_ctx, expert_cache=expert_cache,
-                 expert_policy=expert_policy, expert_trace=expert_trace, expert_prefetch=expert_prefetch)
+                 expert_policy=expert_policy, expert_trace=expert_trace, expert_prefetch=expert_prefetch,
+                 kv_type=kv_type)

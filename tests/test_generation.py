@@ -105,3 +105,14 @@ def test_python_api(tiny):
     text = tiny.render_chat([{"role": "user", "content": "hi"}])
     assert text.endswith("<|im_start|>assistant\n")
     assert tiny.logits(ids).shape == (len(ids), tiny.config.n_vocab)
+
+
+def test_f16_kv_cache_greedy_matches_f32(fixtures_dir):
+    path = fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-BF16.gguf"
+    ids = [750, 282, 579, 263, 580, 66, 72]
+    a = list(localcoder.load(path, backend="numpy").generate(ids, 8, greedy()))
+    m16 = localcoder.load(path, backend="numpy", kv_type="f16")
+    assert m16.new_cache().layers[3].k.dtype == np.float16
+    assert list(m16.generate(ids, 8, greedy())) == a
+    with pytest.raises(LocalcoderError, match="f32 or f16"):
+        localcoder.load(path, backend="numpy", kv_type="q8")
