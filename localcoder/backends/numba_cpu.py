@@ -81,38 +81,8 @@ def _solve_unit_lower(a, b):
 
 
 def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = numpy_ref.CHUNK):
-    """The chunked (WY) form of numpy_ref.gated_delta_chunked with batched BLAS matmuls and a Numba
-    triangular solve; returns (out, new state)."""
-    T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    pad = (-T) % chunk
-
-    def chunks(x):  # (T, H, ...) -> (H, N, C, ...)
-        x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return np.ascontiguousarray(np.moveaxis(x, 0, 1).reshape(H, -1, chunk, *x.shape[2:]))
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
-    k_beta = k * beta[..., None]
-    decay = np.cumsum(g, axis=-1)  # (H, N, C)
-    lower = np.tril(np.ones((chunk, chunk), dtype=bool))
-    pair = np.exp(np.where(lower, decay[..., :, None] - decay[..., None, :], -np.inf)).astype(np.float32)
-    kk = k @ np.swapaxes(k, -1, -2)
-    a = kk * beta[..., :, None] * pair  # strictly-lower part is used by the solve
-    ed = np.exp(decay)[..., None]
-    uw = _solve_unit_lower(a, np.concatenate([v * beta[..., None], k_beta * ed], axis=-1))
-    u, w = uw[..., :Dv], uw[..., Dv:]
-    attn = (q @ np.swapaxes(k, -1, -2)) * pair
-    q_dec = q * ed
-    k_dec = k * np.exp(decay[..., -1:] - decay)[..., None]
-    chunk_decay = np.exp(decay[..., -1])
-    state = np.array(state, dtype=np.float32, copy=True)
-    out = np.empty((H, q.shape[1], chunk, Dv), dtype=np.float32)
-    for n in range(q.shape[1]):
-        v_new = u[:, n] - w[:, n] @ state  # (H, C, Dv)
-        out[:, n] = q_dec[:, n] @ state + attn[:, n] @ v_new
-        state = state * chunk_decay[:, n, None, None] + np.swapaxes(k_dec[:, n], -1, -2) @ v_new
-    out = np.moveaxis(out.reshape(H, -1, Dv), 0, 1)[:T]
-    return np.ascontiguousarray(out), state
+    """numpy_ref.gated_delta_chunked (batched BLAS matmuls) with the Numba triangular solve."""
+    return numpy_ref.gated_delta_chunked(q, k, v, g, beta, state, chunk, solve=_solve_unit_lower)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,33 +45,37 @@ def gated_delta_recurrent(q, k, v, g, beta, state):
     return out, state
 
 
-def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
+def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = CHUNK, solve=None):
     """The same recurrence in chunks of `chunk` tokens (the WY / UT-transform form of transformers'
     torch_chunk_gated_delta_rule): within a chunk the delta-rule updates are condensed into a
-    triangular solve, and the state is carried from chunk to chunk."""
+    triangular solve, and the state is carried from chunk to chunk. `solve(a, b)` solves (I + strict_lower(a))
+    x = b; backends pass a faster one."""
+    solve = solve or _solve_unit_lower
     T, H, Dk = q.shape
     Dv = v.shape[-1]
     pad = (-T) % chunk
-    # (H, N, C, D) after padding the sequence to whole chunks
-    def chunks(x):
+
+    def chunks(x):  # (T, H, ...) -> (H, N, C, ...) after padding the sequence to whole chunks
         x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return np.ascontiguousarray(np.moveaxis(x, 0, 1).reshape(H, -1, chunk, *x.shape[2:]))
+
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
     k_beta = k * beta[..., None]
-    v_beta = v * beta[..., None]
     decay = np.cumsum(g, axis=-1)  # (H, N, C): log of the decay from the chunk start to each position
     lower = np.tril(np.ones((chunk, chunk), dtype=bool))
-    pair = np.where(lower, np.exp(np.where(lower, decay[..., :, None] - decay[..., None, :], 0)), 0).astype(np.float32)
-    # (I + A) with A strictly lower: A[i, j] = (k_beta_i . k_j) * decay(j -> i), j < i
-    a = np.where(np.tril(np.ones((chunk, chunk), dtype=bool), -1), (k_beta @ np.swapaxes(k, -1, -2)) * pair, 0)
-    a = a + np.eye(chunk, dtype=np.float32)
-    u = _solve_unit_lower(a, v_beta)  # new values, (H, N, C, Dv)
-    w = _solve_unit_lower(a, k_beta * np.exp(decay)[..., None])  # decayed keys reading the old state
+    # pair[i, j] = decay from position j to i (j <= i), 0 above the diagonal
+    pair = np.exp(np.where(lower, decay[..., :, None] - decay[..., None, :], -np.inf)).astype(np.float32)
+    # A[i, j] = (k_beta_i . k_j) * decay(j -> i); only its strictly lower part enters (I + A)
+    a = (k_beta @ np.swapaxes(k, -1, -2)) * pair
+    ed = np.exp(decay)[..., None]
+    # new values u and the decayed keys w that read the old state, in one solve: (H, N, C, Dv + Dk)
+    uw = solve(a, np.concatenate([v * beta[..., None], k_beta * ed], axis=-1))
+    u, w = uw[..., :Dv], uw[..., Dv:]
     attn = (q @ np.swapaxes(k, -1, -2)) * pair  # intra-chunk attention, causal incl. diagonal
-    q_dec = q * np.exp(decay)[..., None]
+    q_dec = q * ed
     k_dec = k * np.exp(decay[..., -1:] - decay)[..., None]
     chunk_decay = np.exp(decay[..., -1])  # (H, N)
-    state = state.astype(np.float32).copy()
+    state = np.array(state, dtype=np.float32, copy=True)
     out = np.empty((H, q.shape[1], chunk, Dv), dtype=np.float32)
     for n in range(q.shape[1]):
         v_new = u[:, n] - w[:, n] @ state  # (H, C, Dv)
@@ -82,7 +86,7 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
 
 
 def _solve_unit_lower(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve a x = b for unit lower-triangular a (..., C, C) by forward substitution over rows."""
+    """Solve (I + strict_lower(a)) x = b, a (..., C, C), by forward substitution over rows."""
     x = np.empty_like(b)
     for i in range(a.shape[-1]):
         x[..., i, :] = b[..., i, :] - np.einsum("...j,...jd->...d", a[..., i, :i], x[..., :i, :])
