@@ -7,6 +7,7 @@ Split models (`name-00001-of-00003.gguf`) open as one file set.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -145,7 +146,7 @@ def split_paths(path: Path) -> list[Path]:
     return paths
 
 
-def _open_one(path: Path) -> tuple[dict[str, Any], list[QTensor]]:
+def _open_one(path: Path) -> tuple[dict[str, Any], list[QTensor], np.memmap]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -179,7 +180,7 @@ def _open_one(path: Path) -> tuple[dict[str, Any], list[QTensor]]:
                             f"has {size:,} bytes; the download is incomplete, re-download it")
         data = reader.data[offset:offset + nbytes].reshape(*shape[:-1], row_bytes)
         tensors.append(QTensor(name, ggml_type, shape, data, offset, str(path)))
-    return metadata, tensors
+    return metadata, tensors, reader.data
 
 
 class GGUFFile:
@@ -197,8 +198,10 @@ class GGUFFile:
         self.path = self.paths[0]
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, QTensor] = {}
+        self.maps: list[np.memmap] = []
         for p in self.paths:
-            meta, tensors = _open_one(p)
+            meta, tensors, mapping = _open_one(p)
+            self.maps.append(mapping)
             if not self.metadata:
                 self.metadata = meta
             for t in tensors:
@@ -206,6 +209,14 @@ class GGUFFile:
                     raise GGUFError(f"tensor {t.name} appears twice in {p.name}; the file is corrupt")
                 self.tensors[t.name] = t
         self.file_size = sum(p.stat().st_size for p in self.paths)
+
+    def release_pages(self) -> None:
+        """Drop this process's mapped pages of the file (they stay in the page cache for others): after the
+        dense weights were copied out, nothing reads the map, and its pages need not count against RSS."""
+        for m in self.maps:
+            mm = getattr(m, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -82,6 +82,7 @@ class Model:
         dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))
         layers = tuple(replace(new, experts=old.experts) for new, old in zip(dense.layers, self.weights.layers))
         self.weights = replace(dense, layers=layers)
+        self.file.release_pages()
 
     @property
     def path(self):
