@@ -56,9 +56,14 @@ class Sampler:
             logits[recent] = np.where(vals > 0, vals / self.repeat_penalty, vals * self.repeat_penalty)
         if self.greedy:
             return int(np.argmax(logits))
-        order = np.argsort(-logits, kind="stable")
-        if self.top_k > 0:
-            order = order[: self.top_k]
+        if 0 < self.top_k < len(logits):
+            # top-k without sorting the whole vocabulary every token: every id tied with the k-th value is a
+            # candidate, so the stable sort of the candidates gives exactly the first k of a full stable argsort
+            kth = np.partition(logits, len(logits) - self.top_k)[len(logits) - self.top_k]
+            cand = np.flatnonzero(logits >= kth)
+            order = cand[np.argsort(-logits[cand], kind="stable")][: self.top_k]
+        else:
+            order = np.argsort(-logits, kind="stable")
         top = logits[order]
         probs = np.exp(top - top[0])
         probs /= probs.sum()

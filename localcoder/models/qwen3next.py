@@ -29,9 +29,13 @@ class Layer:
     tensors: dict[str, QTensor]  # this layer's tensors by GGUF name without the `blk.N.` prefix
     experts: ExpertSet
 
-    def __getattr__(self, name: str) -> QTensor | None:
-        tensors = self.__dict__.get("tensors", {})
-        return tensors.get(name + ".weight", tensors.get(name))
+    def __post_init__(self):
+        # layer.attn_qkv etc.: the tensors as attributes, set once (the forward pass reads them every token)
+        for name, t in self.tensors.items():
+            object.__setattr__(self, name.removesuffix(".weight"), t)
+
+    def __getattr__(self, name: str) -> None:
+        return None  # a tensor this layer's layout does not have (e.g. ssm_in when split)
 
 
 @dataclass(frozen=True)

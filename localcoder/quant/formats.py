@@ -20,6 +20,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -104,7 +105,7 @@ def _e8m0_half(e: np.ndarray) -> np.ndarray:
 # Base class and registry
 # ---------------------------------------------------------------------------------------------------------
 
-class QuantFormat:
+class QuantFormat(ABC):
     """One GGML type. Subclasses set `ggml_type`, `block_size`, `type_size` and `dequantize_blocks`;
     defining the subclass registers an instance in FORMATS."""
 
@@ -123,9 +124,9 @@ class QuantFormat:
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name}: {self.block_size} weights in {self.type_size} bytes>"
 
+    @abstractmethod
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         """blocks: uint8 (n_blocks, type_size) -> float32 (n_blocks, block_size)"""
-        raise NotImplementedError
 
     def row_bytes(self, n_cols: int) -> int:
         """Bytes of one row of n_cols weights."""
