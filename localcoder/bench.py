@@ -43,7 +43,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, threads: int
     return a.nbytes / best / 1e9
 
 
-def weight_bytes_per_token(model, expert_ids_per_layer=None) -> int:
+def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decoded token reads: dense weights of every layer and the output head, the
     routed experts (n_expert_used per layer) and one embedding row."""
     w, cfg = model.weights, model.config
