@@ -4,10 +4,11 @@ Each `*_exps` tensor stores one expert as one contiguous byte range, so an exper
 Files store the gate and up projections either as two tensors (`ffn_gate_exps`, `ffn_up_exps`) or fused
 (`ffn_gate_up_exps`, gate rows first); `ExpertSet` hides the difference.
 
-Two modes, chosen by the byte budget:
-- resident: the budget holds every expert, so the memory map is used directly (zero copy, the OS pages it);
-- streaming: each layer owns a few slots (expert-sized buffers); a routed expert that is not in a slot is read
-  with pread (readahead off, page cache dropped after the read) into a victim slot chosen by the policy.
+Each layer owns slots (expert-sized buffers in process memory); a routed expert that is not in a slot is read
+with pread (readahead off, page cache dropped after the read) into a free slot or a victim chosen by the
+policy. When the budget holds every expert, each is read once, on first use, and stays (resident); when it
+cannot, experts are streamed. A mapped store (Model(mmap=True)) hands out the memory map itself instead
+(zero copy, the OS pages it; kept to count and trace).
 Kernels see the same thing in both modes: arrays of expert rows (slots, rows, row_bytes) and, for each
 routed expert, the index of its slot. Results are bit-identical for every budget: only residency changes.
 """
@@ -165,13 +166,14 @@ class ExpertStore:
     """Routed experts in a byte budget, streamed from the file on a miss (see the module docstring)."""
 
     def __init__(self, expert_sets: list[ExpertSet], budget_bytes: int, policy: str = "lru", io_threads: int = 4,
-                 trace: list | None = None, speculate: bool = True):
+                 trace: list | None = None, speculate: bool = True, mapped: bool = False):
         self.sets = expert_sets
         per_expert = max(es.expert_nbytes() for es in expert_sets)
         n_layers = len(expert_sets)
         slots = max(int(budget_bytes // (per_expert * n_layers)), 1)
         self.n_slots = min(slots, max(es.n_expert for es in expert_sets))
         self.resident = self.n_slots >= max(es.n_expert for es in expert_sets)
+        self.mapped = mapped and self.resident  # the memory map, not slots
         self.speculate = speculate  # speculative prefetch of the next layer's experts
         self.budget_bytes = self.n_slots * per_expert * n_layers
         self.policy_name = policy
@@ -180,6 +182,7 @@ class ExpertStore:
         self.trace = trace  # when a list: (layer, expert ids) per fetch, for --expert-stats
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
+        self._background = ThreadPoolExecutor(2, thread_name_prefix="expert-preload")  # behind demand reads
         self._mutex = threading.Lock()
 
     def _fd(self, path: str) -> int:
@@ -243,15 +246,16 @@ class ExpertStore:
         by the next batch, so each must be consumed before asking for the next."""
         if self.trace is not None:
             self.trace.append((es.layer, ids.tolist()))
-        if self.resident:  # everything fits: the memory map itself (kept only to count and trace)
+        if self.mapped:  # everything fits: the memory map itself (kept only to count and trace)
             self.counters.hits += len(ids)
             yield tuple(t.data for t in es.tensors), ids, ids
             return
         ls = self._slots(es)
-        t0 = time.perf_counter()
-        for fut in list(ls.pending.values()):  # speculative reads for this layer, started a layer ago
-            fut.exception()
-        self.counters.io_wait_s += time.perf_counter() - t0
+        if not self.resident:  # streaming: let this layer's speculative reads (started a layer ago) land, so
+            t0 = time.perf_counter()  # that their slots can be victims again
+            for fut in list(ls.pending.values()):
+                fut.exception()
+            self.counters.io_wait_s += time.perf_counter() - t0
         for start in range(0, len(ids), ls.n_slots):
             chunk = ids[start:start + ls.n_slots]
             pinned = set(int(e) for e in chunk)
@@ -259,6 +263,17 @@ class ExpertStore:
             with ls.lock:
                 self._reap(ls)
                 for e in pinned:
+                    fut = ls.pending.get(e)
+                    if fut is not None:  # preloading: jump the queue if its read has not started, else wait
+                        if fut.cancel():
+                            del ls.pending[e]
+                            ls.prefetched.discard(e)
+                            self.counters.prefetches -= 1
+                            self.counters.misses += 1
+                            ls.policy.touch(e)
+                            jobs.append(self._pool.submit(self._read, ls, e, ls.slot_of[e]))
+                            continue
+                        jobs.append(fut)
                     if e in ls.slot_of:
                         self.counters.hits += 1
                         if e in ls.prefetched:
@@ -278,7 +293,7 @@ class ExpertStore:
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""
-        if self.resident or not self.speculate:
+        if self.resident or not self.speculate:  # nothing is ever evicted: no guess is worth a read
             return
         ls = self._slots(es)
         with ls.lock:
@@ -294,10 +309,33 @@ class ExpertStore:
                 ls.policy.touch(e)
                 ls.pending[e] = self._pool.submit(self._read, ls, e, slot)
 
+    def preload(self) -> None:
+        """When every expert has a slot: queue reads of all of them, layer by layer, on the I/O threads (a
+        forward pass waits only for its layer's queued reads). The steady state of a model that fits."""
+        if not self.resident or self.mapped:
+            return
+        for es in self.sets:
+            ls = self._slots(es)
+            with ls.lock:
+                for e in range(es.n_expert):
+                    if e not in ls.slot_of and e not in ls.pending:
+                        slot = self._claim(ls, e, set())
+                        self.counters.prefetches += 1
+                        ls.prefetched.add(e)
+                        ls.policy.touch(e)
+                        ls.pending[e] = self._background.submit(self._read, ls, e, slot)
+
+    def wait(self) -> None:
+        """Block until every queued read (preload or prefetch) has finished."""
+        for ls in list(self.layers.values()):
+            for fut in list(ls.pending.values()):
+                fut.exception()
+
     def resident_bytes(self) -> int:
         return sum(sum(a.nbytes for a in ls.arrays) for ls in self.layers.values())
 
     def close(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)

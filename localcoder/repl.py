@@ -174,7 +174,8 @@ class Repl:
             f"generation: {t.generated_tokens:,} tokens, {t.generate_tokens_per_s:.1f} tokens/s\n"
             f"context: {self.s.prefix.cache.pos:,}/{m.n_ctx:,} tokens, cache {self.s.prefix.cache.nbytes / 1e6:.1f} MB, "
             f"{len(self.s.prefix.checkpoints)} checkpoints\n"
-            f"memory: peak RSS {rss / 1e9:.2f} GB; model file {m.file.file_size / 1e9:.2f} GB (memory-mapped)\n"
+            f"memory: peak RSS {rss / 1e9:.2f} GB; model file {m.file.file_size / 1e9:.2f} GB "
+            f"({'memory-mapped' if m.mmap else 'read into memory as used'})\n"
             f"backend: {m.backend.name}", highlight=False)
         store = m.expert_store
         if store is not None:

@@ -1,7 +1,6 @@
 """Bad input: one line naming the problem and the fix, exit status 2, no traceback, no partial output."""
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import replace

@@ -26,9 +26,17 @@ def run(model, n_new=6):
 
 @pytest.mark.parametrize("policy,backend", [("lru", "numpy"), ("lfu", "numpy"), ("lru", "numba")])
 def test_every_budget_gives_identical_logits(path, policy, backend):
-    resident = localcoder.load(path, backend=backend, expert_cache="64G")
-    assert resident.expert_store is None
-    expect = run(resident)
+    mapped = localcoder.load(path, backend=backend, expert_cache="64G", mmap=True)
+    assert mapped.expert_store is None
+    expect = run(mapped)
+    resident = localcoder.load(path, backend=backend, expert_cache="64G")  # every expert read once into memory
+    assert resident.expert_store.resident and not resident.expert_store.mapped
+    assert np.array_equal(run(resident), expect)
+    c = resident.expert_store.counters  # every expert queued for reading at load, each read once
+    experts = [layer.experts for layer in resident.weights.layers]
+    # (an expert needed before its queued read started is read at once instead: a miss, not a prefetch)
+    assert c.misses + c.prefetches == sum(es.n_expert for es in experts)
+    assert c.bytes_read == sum(es.n_expert * es.expert_nbytes() for es in experts)
     per_layer = max(layer.experts.expert_nbytes() for layer in resident.weights.layers) * resident.config.n_layer
     for n_slots in (1, 2, 3, 7):
         m = localcoder.load(path, backend=backend, expert_cache=n_slots * per_layer, expert_policy=policy,
@@ -97,8 +105,8 @@ def test_parse_size():
 
 
 def test_trace_without_streaming_uses_the_map(path):
-    m = localcoder.load(path, backend="numpy", expert_cache="64G", expert_trace=True)
-    assert m.expert_store is not None and m.expert_store.resident
+    m = localcoder.load(path, backend="numpy", expert_cache="64G", expert_trace=True, mmap=True)
+    assert m.expert_store is not None and m.expert_store.mapped
     expect = run(localcoder.load(path, backend="numpy", expert_cache="64G"))
     assert np.array_equal(run(m), expect)
     c = m.expert_store.counters

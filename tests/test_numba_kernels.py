@@ -236,22 +236,25 @@ def test_matvec_int8_activations(qtype, threads):
 
 
 @needs_vnni
+@pytest.mark.parametrize("T", [1, 6])
 @pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
-def test_moe_int8_activations(fused):
-    """One token, k distinct experts: gate/up/down through Q8_K activations (h re-quantized per expert)."""
-    rng = np.random.default_rng(7 + fused)
+def test_moe_int8_activations(fused, T):
+    """k distinct experts per token, T tokens: gate/up/down through Q8_K activations (h re-quantized per
+    token and expert)."""
+    rng = np.random.default_rng(7 + fused + 10 * T)
     E, D, F, k = 8, 512, 256, 3
     down = qtensor("down", Q.Q6_K if fused else Q.Q8_0, (E, D, F), rng)
     if fused:
         experts = ExpertSet(0, down, gate_up=qtensor("gu", Q.Q4_K, (E, 2 * F, D), rng))
     else:
         experts = ExpertSet(0, down, gate=qtensor("g", Q.Q5_K, (E, F, D), rng), up=qtensor("u", Q.Q4_K, (E, F, D), rng))
-    x = (0.1 * rng.standard_normal((1, D))).astype(np.float32)
-    ids = rng.choice(E, k, replace=False)[None]
-    wts = rng.uniform(0.1, 1, (1, k)).astype(np.float32)
+    x = (0.1 * rng.standard_normal((T, D))).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+    wts = rng.uniform(0.1, 1, (T, k)).astype(np.float32)
     got = NumbaBackend(int8_activations=True).moe(x, experts, ids, wts)
     ref = NumpyBackend().moe(x, experts, ids, wts)
-    assert np.linalg.norm(got - ref) <= 2 * INT8_NORM_REL * np.linalg.norm(ref)
+    for t in range(T):
+        assert np.linalg.norm(got[t] - ref[t]) <= 2 * INT8_NORM_REL * np.linalg.norm(ref[t])
     assert rel_err(NumbaBackend(int8_activations=False).moe(x, experts, ids, wts), ref) <= REL
 
 

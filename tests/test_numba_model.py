@@ -70,9 +70,9 @@ def test_auto_backend_is_numba_on_x86():
 
 
 @pytest.mark.parametrize("q", ["Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
-def test_int8_decode_within_2x_llamacpp(tiny, q):
-    """Teacher-forced decode of p64 one token at a time through the 8-bit activation matvecs and experts;
-    every position's logits against transformers (same dequantized weights)."""
+def test_int8_activations_within_2x_llamacpp(tiny, q):
+    """p64 through the 8-bit activation kernels, teacher-forced one token at a time (matvecs and experts)
+    and as one prefill (experts): every position's logits against transformers (same dequantized weights)."""
     from localcoder.quant import kernels as K
     if not K.HAVE_VNNI:
         pytest.skip("8-bit activation kernels need AVX-512 VNNI")
@@ -82,9 +82,12 @@ def test_int8_decode_within_2x_llamacpp(tiny, q):
     cache = make_cache(model.config, np.float32)
     logits = np.concatenate([model.forward([t], cache, all_logits=False) for t in ids])
     want = ref["p64_logits"]
-    err = np.abs(logits - want).max()
-    rms = np.sqrt(np.mean((logits - want) ** 2) / np.mean(want ** 2))
-    assert err <= 2 * tol["max_abs"], f"{q}: max |delta| {err:.3g} > 2 x {tol['max_abs']:.3g}"
-    assert rms <= 2 * tol["rms_err_over_rms_ref"], f"{q}: rms ratio {rms:.3g} > 2 x {tol['rms_err_over_rms_ref']:.3g}"
-    print(f"{q}: int8 decode max |delta| {err:.3g} (llama.cpp {tol['max_abs']:.3g}), rms {rms:.3g} "
-          f"(llama.cpp {tol['rms_err_over_rms_ref']:.3g})")
+    prefilled = model.logits(ids)  # the same through prompt processing (8-bit activations in the experts)
+    for name, got in (("decode", logits), ("prefill", prefilled)):
+        err = np.abs(got - want).max()
+        rms = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+        assert err <= 2 * tol["max_abs"], f"{q} {name}: max |delta| {err:.3g} > 2 x {tol['max_abs']:.3g}"
+        assert rms <= 2 * tol["rms_err_over_rms_ref"], (
+            f"{q} {name}: rms ratio {rms:.3g} > 2 x {tol['rms_err_over_rms_ref']:.3g}")
+        print(f"{q}: int8 {name} max |delta| {err:.3g} (llama.cpp {tol['max_abs']:.3g}), rms {rms:.3g} "
+              f"(llama.cpp {tol['rms_err_over_rms_ref']:.3g})")

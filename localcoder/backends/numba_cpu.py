@@ -164,10 +164,10 @@ class NumbaBackend(NumpyBackend):
     """Weights read as stored. `threads` sets Numba's thread count.
 
     int8_activations (default: on where the CPU has AVX-512 VNNI): decode matrix-vector products (one token)
-    against Q4_K, Q5_K, Q6_K and Q8_0 weights, and the one-token routed experts, quantize the activation
-    vector to llama.cpp's Q8_K (int8 per 256 values) and run the block dots in int32 with vpdpbusd, as
+    against Q4_K, Q5_K, Q6_K and Q8_0 weights, and the routed experts of every step, quantize the
+    activations to llama.cpp's Q8_K (int8 per 256 values) and run the block dots in int32 with vpdpbusd, as
     llama.cpp does. Off: float32 activations everywhere (exact to 1e-5 against the NumPy reference).
-    Prompt processing (T > 1) always keeps float32 activations."""
+    The dense matrix products of prompt processing (T > 1) keep float32 activations."""
 
     name = "numba"
     xp = np
@@ -255,15 +255,18 @@ class NumbaBackend(NumpyBackend):
     def swiglu(self, x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
         codes = [K.kernel_for(t.ggml_type).code for t in (gate, up, down)]
         F, D = gate.shape[0], gate.shape[1]
-        if (x.shape[0] == 1 and self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0
-                and F % 256 == 0 and up.shape[0] == F and down.shape == (D, F)):
+        if (x.shape[0] == 1 and self._int8_ok(codes, D, F) and up.shape[0] == F and down.shape == (D, F)):
             # one token: the shared expert as a one-expert MoE (x quantized once, gate+up in one pass)
-            out = np.zeros(D, np.float32)
+            out = np.zeros((1, D), np.float32)
             d = [np.ascontiguousarray(t.data)[None] for t in (gate, up, down)]
-            K.moe_decode_q8(*codes, d[0], d[1], 0, d[2], F, np.zeros(1, np.int64), np.ones(1, np.float32),
-                            np.ascontiguousarray(x[0], dtype=np.float32), out, self.nchunks)
-            return out[None]
+            zero = np.zeros(1, np.int64)
+            K.moe_q8(*codes, d[0], d[1], 0, d[2], F, zero, np.array([0, 1], np.int64), zero,
+                     np.ones(1, np.float32), np.ascontiguousarray(x, dtype=np.float32), out, self.nchunks)
+            return out
         return self.matmul(numpy_ref.silu(self.matmul(x, gate)) * self.matmul(x, up), down)
+
+    def _int8_ok(self, codes, D: int, F: int) -> bool:
+        return self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0 and F % 256 == 0
 
     def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray) -> np.ndarray:
         """Routed experts' SwiGLU. x (T, D); expert_ids, expert_weights (T, k). Tokens are grouped by
@@ -284,19 +287,19 @@ class NumbaBackend(NumpyBackend):
         out = np.zeros((T, D), np.float32)
         # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
         # expert's contribution to `out` in that order, so batching never changes the result
-        int8 = (T == 1 and self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0 and F % 256 == 0
-                and len(uniq) == expert_ids.size)
+        # 8-bit activations for every step: each expert's rows are read once per step and dotted with its
+        # few tokens from L1
+        int8 = self._int8_ok(codes, D, F)
         done = 0
         for arrays, ids, slots in experts.fetch(uniq):
             gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
             n = len(ids)
-            if int8:  # one token: x quantized to Q8_K once, gate+up rows dotted in one job, h re-quantized
-                K.moe_decode_q8(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
-                                weights[done:done + n], x[0], out[0], self.nchunks)
-                done += n
-                continue
-            K.moe_experts(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
-                          starts[done:done + n + 1], tokens, weights, x, K.F16_LUT, out, self.nchunks)
+            args = (*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
+                    starts[done:done + n + 1], tokens, weights, x)
+            if int8:
+                K.moe_q8(*args, out, self.nchunks)
+            else:
+                K.moe_experts(*args, K.F16_LUT, out, self.nchunks)
             done += n
         return out
 
@@ -324,10 +327,11 @@ def warmup(progress=None) -> None:
     if K.HAVE_VNNI:
         K.matvec_q8(K.KERNELS[K.Q.Q4_K].code, np.zeros((2, 144), np.uint8), np.ones(256, np.float32),
                     np.empty(2, np.float32), be.nchunks)
-        K.moe_decode_q8(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q6_K].code,
-                        np.zeros((1, 256, 144), np.uint8), np.zeros((1, 256, 144), np.uint8), 0,
-                        np.zeros((1, 256, 210), np.uint8), 256, np.zeros(1, np.int64), one,
-                        np.ones(256, np.float32), np.zeros(256, np.float32), be.nchunks)
+        K.moe_q8(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q6_K].code,
+                 np.zeros((1, 256, 144), np.uint8), np.zeros((1, 256, 144), np.uint8), 0,
+                 np.zeros((1, 256, 210), np.uint8), 256, np.zeros(1, np.int64), np.array([0, 1], np.int64),
+                 np.zeros(1, np.int64), one, np.ones((1, 256), np.float32), np.zeros((1, 256), np.float32),
+                 be.nchunks)
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)
     be.gated_delta(q, q, q, -np.ones((2, 4), np.float32), np.ones((2, 4), np.float32), np.zeros((4, 8, 8), np.float32))
     _solve_unit_lower(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 3), np.float32))

@@ -343,6 +343,13 @@ def _dot(a, b, K):
     return acc
 
 
+@njit(cache=True, fastmath=True)
+def _dot_fm(a, b, K):
+    """_dot compiled on its own with reassociation (vectorized), for kernels that must not reassociate
+    their outer sums: a function's fastmath flags stay with its own instructions."""
+    return _dot(a, b, K)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # drivers: parallel over chunks of output rows (a few chunks per thread, scratch allocated once per chunk)
 
@@ -422,8 +429,8 @@ def moe_experts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts,
                 _deq_row(gcode, grow, gbuf, D, f16)
                 _deq_row(ucode, urow, ubuf, D, f16)
                 for p in range(p0, p1):
-                    g = _dot(gbuf, x[tokens[p]], D)
-                    u = _dot(ubuf, x[tokens[p]], D)
+                    g = _dot_fm(gbuf, x[tokens[p]], D)
+                    u = _dot_fm(ubuf, x[tokens[p]], D)
                     h[p, f] = g / (f32(1) + np.exp(-g)) * u
     hs = np.zeros((n_pairs, max(F // 16, 1)), np.float32)
     if F % 16 == 0:
@@ -442,7 +449,7 @@ def moe_experts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts,
                 else:
                     _deq_row(dcode, wrow, buf, F, f16)
                     for p in range(p0, p1):
-                        out[tokens[p], drow] += weights[p] * _dot(buf, h[p], F)
+                        out[tokens[p], drow] += weights[p] * _dot_fm(buf, h[p], F)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -471,7 +478,7 @@ from numba import types as _nt  # noqa: E402
 from numba.core import cgutils as _cg  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-_I8, _I16, _I32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32)
+_I8, _I32 = _ir.IntType(8), _ir.IntType(32)
 _V64I8, _V32I8, _V16I32 = _ir.VectorType(_I8, 64), _ir.VectorType(_I8, 32), _ir.VectorType(_I32, 16)
 _F32T = _ir.FloatType()
 
@@ -484,12 +491,6 @@ def _splat8(v, n=64):
     return _vconst(_ir.VectorType(_I8, n), [v] * n)
 
 
-def _ptr(context, builder, aryty, ary, off):
-    """i8* to element `off` of a uint8/int8 C array."""
-    data = context.make_array(aryty)(context, builder, ary).data
-    return builder.gep(builder.bitcast(data, _I8.as_pointer()), [off])
-
-
 def _load(builder, p, ty, byte_off=0):
     if byte_off:
         p = builder.gep(p, [_ir.Constant(_ir.IntType(64), byte_off)])
@@ -500,13 +501,6 @@ def _dpbusd(builder, acc, u, s):
     fnty = _ir.FunctionType(_V16I32, [_V16I32, _V16I32, _V16I32])
     fn = _cg.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
     return builder.call(fn, [acc, builder.bitcast(u, _V16I32), builder.bitcast(s, _V16I32)])
-
-
-def _reduce_add(builder, v):
-    n = v.type.count
-    fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(v.type.element, [v.type]),
-                                    f"llvm.vector.reduce.add.v{n}i{v.type.element.width}")
-    return builder.call(fn, [v])
 
 
 def _concat(builder, a, b):
@@ -522,147 +516,6 @@ def _half(builder, p, byte_off):
 def _bcast(builder, v, idx):
     """<len(idx) x i32> shuffle of v."""
     return builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, len(idx)), idx))
-
-
-def _q4k_codegen(five):
-    def codegen(context, builder, sig, args):
-        row, o, xq, xo, bs, bo = args
-        p = _ptr(context, builder, sig.args[0], row, o)
-        x = _ptr(context, builder, sig.args[2], xq, xo)
-        bsum = builder.gep(builder.bitcast(context.make_array(sig.args[4])(context, builder, bs).data,
-                                           _I32.as_pointer()), [bo])
-        d = _half(builder, p, 0)
-        dmin = _half(builder, p, 2)
-        u0, u1, u2 = (_load(builder, p, _I32, 4 + 4 * i) for i in range(3))
-        km1, km2, km3 = (_ir.Constant(_I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
-        c4, c6 = _ir.Constant(_I32, 4), _ir.Constant(_I32, 6)
-        sc_lo = builder.and_(u0, km1)
-        sc_hi = builder.or_(builder.and_(u2, km2), builder.shl(builder.and_(builder.lshr(u0, c6), km3), c4))
-        mn_lo = builder.and_(u1, km1)
-        mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), km2),
-                            builder.shl(builder.and_(builder.lshr(u1, c6), km3), c4))
-        v2 = _ir.VectorType(_I32, 2)
-        v8i8 = _ir.VectorType(_I8, 8)
-        v8i32 = _ir.VectorType(_I32, 8)
-
-        def bytes8(a, b):
-            v = builder.insert_element(_ir.Constant(v2, None), a, _ir.Constant(_I32, 0))
-            v = builder.insert_element(v, b, _ir.Constant(_I32, 1))
-            return builder.zext(builder.bitcast(v, v8i8), v8i32)
-
-        scales = bytes8(sc_lo, sc_hi)
-        mins = bytes8(mn_lo, mn_hi)
-        qoff = 48 if five else 16
-        if five:
-            qh = _load(builder, p, _V32I8, 16)
-            qh64 = _concat(builder, qh, qh)
-        m4 = _splat8(15)
-        acc = _ir.Constant(_V16I32, None)
-        zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
-        first = True
-        for h in range(2):
-            q = _load(builder, p, _V64I8, qoff + 64 * h)
-            lo = builder.and_(q, m4)
-            hi = builder.lshr(q, _splat8(4))
-            if five:
-                for which in (0, 1):
-                    s0, s1 = 4 * h + which, 4 * h + 2 + which
-                    mask = _vconst(_V64I8, [1 << s0] * 32 + [(1 << s1) - (256 if s1 == 7 else 0)] * 32)
-                    bit = builder.icmp_unsigned("!=", builder.and_(qh64, mask), _splat8(0))
-                    add = builder.select(bit, _splat8(16), _splat8(0))
-                    if which == 0:
-                        lo = builder.or_(lo, add)
-                    else:
-                        hi = builder.or_(hi, add)
-            xa = _load(builder, x, _V32I8, 128 * h)
-            xb = _load(builder, x, _V32I8, 128 * h + 32)
-            xc = _load(builder, x, _V32I8, 128 * h + 64)
-            xd = _load(builder, x, _V32I8, 128 * h + 96)
-            dlo = _dpbusd(builder, zero, lo, _concat(builder, xa, xc))
-            dhi = _dpbusd(builder, zero, hi, _concat(builder, xb, xd))
-            slo = _bcast(builder, scales, [4 * h] * 8 + [4 * h + 2] * 8)
-            shi = _bcast(builder, scales, [4 * h + 1] * 8 + [4 * h + 3] * 8)
-            t = builder.add(builder.mul(dlo, slo), builder.mul(dhi, shi))
-            acc = t if first else builder.add(acc, t)
-            first = False
-        sumi = _reduce_add(builder, acc)
-        b8 = builder.load(builder.bitcast(bsum, v8i32.as_pointer()), align=4)
-        summ = _reduce_add(builder, builder.mul(mins, b8))
-        return builder.fsub(builder.fmul(d, builder.sitofp(sumi, _F32T)),
-                            builder.fmul(dmin, builder.sitofp(summ, _F32T)))
-    return codegen
-
-
-def _q6k_codegen(context, builder, sig, args):
-    row, o, xq, xo, bs, bo = args
-    p = _ptr(context, builder, sig.args[0], row, o)
-    x = _ptr(context, builder, sig.args[2], xq, xo)
-    bsum = builder.gep(builder.bitcast(context.make_array(sig.args[4])(context, builder, bs).data,
-                                       _I32.as_pointer()), [bo])
-    d = _half(builder, p, 208)
-    sc = builder.sext(_load(builder, p, _ir.VectorType(_I8, 16), 192), _V16I32)
-    m4, m3 = _splat8(15), _splat8(3, 32)
-    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
-    acc = None
-    for n in range(2):
-        ql = _load(builder, p, _V64I8, 64 * n)
-        qh = _load(builder, p, _V32I8, 128 + 32 * n)
-        a = builder.and_(qh, m3)
-        b = builder.and_(builder.lshr(qh, _splat8(2, 32)), m3)
-        c = builder.and_(builder.lshr(qh, _splat8(4, 32)), m3)
-        e = builder.lshr(qh, _splat8(6, 32))
-        lo = builder.or_(builder.and_(ql, m4), builder.shl(_concat(builder, a, b), _splat8(4)))
-        hi = builder.or_(builder.lshr(ql, _splat8(4)), builder.shl(_concat(builder, c, e), _splat8(4)))
-        dlo = _dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * n))
-        dhi = _dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * n + 64))
-        g = 8 * n
-        slo = _bcast(builder, sc, [g + i // 4 for i in range(16)])
-        shi = _bcast(builder, sc, [g + 4 + i // 4 for i in range(16)])
-        t = builder.add(builder.mul(dlo, slo), builder.mul(dhi, shi))
-        acc = t if acc is None else builder.add(acc, t)
-    sumi = _reduce_add(builder, acc)
-    b16 = builder.load(builder.bitcast(bsum, _V16I32.as_pointer()), align=4)
-    off = _reduce_add(builder, builder.mul(sc, b16))
-    tot = builder.sub(sumi, builder.shl(off, _ir.Constant(_I32, 5)))
-    return builder.fmul(d, builder.sitofp(tot, _F32T))
-
-
-def _q8_0_codegen(context, builder, sig, args):
-    """Two Q8_0 blocks (68 bytes from o) against 64 activations: returns d0 * s0 + d1 * s1 (int sums).
-    vpdpbusd takes u8 x s8, so the weights go in as w + 128 (xor 0x80) and 128 * sum(x) is removed."""
-    row, o, xq, xo, bs, bo = args
-    p = _ptr(context, builder, sig.args[0], row, o)
-    x = _ptr(context, builder, sig.args[2], xq, xo)
-    bsum = builder.gep(builder.bitcast(context.make_array(sig.args[4])(context, builder, bs).data,
-                                       _I32.as_pointer()), [bo])
-    d0 = _half(builder, p, 0)
-    d1 = _half(builder, p, 34)
-    w = _concat(builder, _load(builder, p, _V32I8, 2), _load(builder, p, _V32I8, 36))
-    w = builder.xor(w, _splat8(-128))
-    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
-    dd = _dpbusd(builder, zero, w, _load(builder, x, _V64I8, 0))
-    v8 = _ir.VectorType(_I32, 8)
-    s0 = _reduce_add(builder, _bcast(builder, dd, list(range(8))))
-    s1 = _reduce_add(builder, _bcast(builder, dd, list(range(8, 16))))
-    b0 = builder.load(bsum, align=4)
-    b1 = builder.load(builder.gep(bsum, [_ir.Constant(_ir.IntType(64), 1)]), align=4)
-    s0 = builder.sub(s0, builder.shl(b0, _ir.Constant(_I32, 7)))
-    s1 = builder.sub(s1, builder.shl(b1, _ir.Constant(_I32, 7)))
-    del v8
-    return builder.fadd(builder.fmul(d0, builder.sitofp(s0, _F32T)), builder.fmul(d1, builder.sitofp(s1, _F32T)))
-
-
-def _block_intrinsic(codegen):
-    def typer(typingctx, row, o, xq, xo, bs, bo):
-        return _nt.float32(row, o, xq, xo, bs, bo), codegen
-    return typer
-
-
-# (row uint8[:], o int, xq int8[:], xo int, bsums int32[:], bo int) -> float32 (before the d_x scale)
-_vq4k = intrinsic(_block_intrinsic(_q4k_codegen(False)))
-_vq5k = intrinsic(_block_intrinsic(_q4k_codegen(True)))
-_vq6k = intrinsic(_block_intrinsic(_q6k_codegen))
-_vq8_0x2 = intrinsic(_block_intrinsic(_q8_0_codegen))
 
 
 # Row-level intrinsics: the whole row . x in one loop of IR, float accumulators kept in vector registers
@@ -729,7 +582,7 @@ def _row_q4k_codegen(five):
         rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
         acc_p = _cg.alloca_once_value(builder, _fzero(16))
         min_p = _cg.alloca_once_value(builder, _fzero(8))
-        v2, v8i8, v8i32 = _ir.VectorType(_I32, 2), _ir.VectorType(_I8, 8), _ir.VectorType(_I32, 8)
+        v2, v8i8 = _ir.VectorType(_I32, 2), _ir.VectorType(_I8, 8)
         km1, km2, km3 = (_ir.Constant(_I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
         c4, c6 = _ir.Constant(_I32, 4), _ir.Constant(_I32, 6)
         zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
@@ -952,7 +805,7 @@ def _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128):
         bf16[g] = f32(32) * f32(bs16[g])
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=True)
 def _vdot_row(code, row, xq, xqp, xd, bf32, bf16, bf128):
     nb = xq.shape[0] // 256
     if code == _Q4_K:
@@ -983,50 +836,62 @@ def matvec_q8(code, w, x, out, nchunks):
             out[n] = _vdot_row(code, w[n], xq, xqp, xd, bf32, bf16, bf128)
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def quantize_rows_q8(x, xq, xqp, xd, bf16, bf32, bf128):
+    """Q8_K of every row of x (T, K) plus the row kernels' sums (see _quant_into), parallel over rows."""
+    T, K = x.shape
+    for t in prange(T):
+        bs16 = np.empty(K // 16, np.int32)
+        bs32 = np.empty(K // 32, np.int32)
+        _quant_into(x[t], xq[t], xqp[t], xd[t], bs16, bs32, bf32[t], bf16[t], bf128[t])
+
+
+@njit(inline="always")
+def _q8_buffers(T, K):
+    return (np.empty((T, K), np.int8), np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32),
+            np.empty((T, K // 16), np.float32), np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32))
+
+
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
-def moe_decode_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, weights, x, out, nchunks):
-    """One token's routed experts with 8-bit activations: out (D,) += sum_i weights[i] * expert_i(x).
-    Gate and up rows of one expert are dotted in the same job (x is quantized once); h is quantized once
-    per expert; then a parallel pass over output rows reads every routed expert's down row."""
+def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, x, out, nchunks):
+    """Routed SwiGLU experts of one step with 8-bit activations, accumulated into out (T, D); arguments as
+    moe_experts. Each token's x is quantized to Q8_K once; a job (expert, ff row) dots that expert's gate and
+    up rows with each of its tokens (the rows stay in L1 after the first); each (token, expert) h is
+    quantized once; then a parallel pass over output rows reads every routed expert's down row once.
+    Reassociation is confined to the row dots (_vdot_row compiles on its own), so the experts add into out
+    in the order given: calling this per batch of resident experts equals one call (streaming never
+    changes results)."""
     n_e = experts.shape[0]
-    D = x.shape[0]
-    xq = np.empty(D, np.int8)
-    xqp = np.empty(D, np.int8)
-    xd = np.empty(D // 256, np.float32)
-    bs16 = np.empty(D // 16, np.int32)
-    bs32 = np.empty(D // 32, np.int32)
-    bf16 = np.empty(D // 16, np.float32)
-    bf32 = np.empty(D // 32, np.float32)
-    bf128 = np.empty(D // 32, np.float32)
-    _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128)
-    h = np.empty((n_e, F), np.float32)
+    T, D = x.shape
+    n_pairs = tokens.shape[0]
+    xq, xqp, xd, xf16, xf32, xf128 = _q8_buffers(T, D)
+    quantize_rows_q8(x, xq, xqp, xd, xf16, xf32, xf128)
+    h = np.empty((n_pairs, F), np.float32)
     nc, step = _chunks(n_e * F, nchunks)
     for c in prange(nc):
         for job in range(c * step, min(n_e * F, (c + 1) * step)):
             i, f = job // F, job % F
             e = experts[i]
-            g = _vdot_row(gcode, gate[e, f], xq, xqp, xd, bf32, bf16, bf128)
-            u = _vdot_row(ucode, up[e, up_off + f], xq, xqp, xd, bf32, bf16, bf128)
-            h[i, f] = g / (f32(1) + np.exp(-g)) * u
-    hq = np.empty((n_e, F), np.int8)
-    hqp = np.empty((n_e, F), np.int8)
-    hd = np.empty((n_e, F // 256), np.float32)
-    hs16 = np.empty((n_e, F // 16), np.int32)
-    hs32 = np.empty((n_e, F // 32), np.int32)
-    hf16 = np.empty((n_e, F // 16), np.float32)
-    hf32 = np.empty((n_e, F // 32), np.float32)
-    hf128 = np.empty((n_e, F // 32), np.float32)
-    for i in range(n_e):
-        _quant_into(h[i], hq[i], hqp[i], hd[i], hs16[i], hs32[i], hf32[i], hf16[i], hf128[i])
+            grow, urow = gate[e, f], up[e, up_off + f]
+            for p in range(starts[i], starts[i + 1]):
+                t = tokens[p]
+                g = _vdot_row(gcode, grow, xq[t], xqp[t], xd[t], xf32[t], xf16[t], xf128[t])
+                u = _vdot_row(ucode, urow, xq[t], xqp[t], xd[t], xf32[t], xf16[t], xf128[t])
+                h[p, f] = g / (f32(1) + np.exp(-g)) * u
+    hq, hqp, hd, hf16, hf32, hf128 = _q8_buffers(n_pairs, F)
+    quantize_rows_q8(h, hq, hqp, hd, hf16, hf32, hf128)
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
-        for drow in range(c * step, min(D, (c + 1) * step)):
-            # continue from out[drow] (not a fresh sum added at the end) so that calling this per batch of
-            # resident experts adds the same terms in the same order as one call: streaming never changes results
-            acc = out[drow]
-            for i in range(n_e):
-                acc += weights[i] * _vdot_row(dcode, down[experts[i], drow], hq[i], hqp[i], hd[i], hf32[i], hf16[i], hf128[i])
-            out[drow] = acc
+        # expert-major within a chunk of output rows: a contiguous run of each expert's down rows (few TLB
+        # misses when hundreds of experts are routed); every out element still adds experts in order
+        for i in range(n_e):
+            e = experts[i]
+            for drow in range(c * step, min(D, (c + 1) * step)):
+                wrow = down[e, drow]
+                for p in range(starts[i], starts[i + 1]):
+                    out[tokens[p], drow] += weights[p] * _vdot_row(dcode, wrow, hq[p], hqp[p], hd[p], hf32[p],
+                                                                   hf16[p], hf128[p])
+
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
-           "moe_decode_q8"]
+           "moe_q8", "quantize_rows_q8"]
