@@ -60,6 +60,11 @@ class ExpertSet:
             return iter([(tuple(t.data for t in self.tensors), ids, ids)])
         return self.store.fetch(self, ids)
 
+    @property
+    def speculative(self) -> bool:
+        """Whether guessed experts are worth reading ahead (streaming with speculative prefetch on)."""
+        return self.store is not None and self.store.speculate and not self.store.resident
+
     def prefetch(self, ids) -> None:
         if self.store is not None:
             self.store.prefetch(self, np.asarray(ids, dtype=np.int64))

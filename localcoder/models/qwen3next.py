@@ -168,7 +168,7 @@ def route(be, cfg: ModelConfig, w: Layer, x):
 
 def moe(be, cfg: ModelConfig, w: Layer, x, next_layer: Layer | None = None):
     ids, weights = route(be, cfg, w, x)
-    if next_layer is not None and next_layer.experts.store is not None:
+    if next_layer is not None and next_layer.experts.speculative:
         # streaming: guess the next layer's experts by applying its router to this layer's input, and start
         # reading them now (Eliseev & Mazur); a wrong guess costs bandwidth, never correctness
         guess, _ = route(be, cfg, next_layer, x)

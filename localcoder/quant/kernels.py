@@ -578,8 +578,7 @@ def _row_args(context, builder, sig, args):
 def _row_q4k_codegen(five):
     bsize = 176 if five else 144
 
-    def codegen(context, builder, sig, args):
-        rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
+    def codegen(builder, rp, xp, dp, bp, nb):
         acc_p = _cg.alloca_once_value(builder, _fzero(16))
         min_p = _cg.alloca_once_value(builder, _fzero(8))
         v2, v8i8 = _ir.VectorType(_I32, 2), _ir.VectorType(_I8, 8)
@@ -644,8 +643,7 @@ def _row_q4k_codegen(five):
     return codegen
 
 
-def _row_q6k_codegen(context, builder, sig, args):
-    rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
+def _row_q6k_codegen(builder, rp, xp, dp, bp, nb):
     acc_p = _cg.alloca_once_value(builder, _fzero(16))
     off_p = _cg.alloca_once_value(builder, _fzero(16))
     accs_p = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(3)]
@@ -686,9 +684,8 @@ def _row_q6k_codegen(context, builder, sig, args):
     return builder.fsub(_hsum(builder, tot), _hsum(builder, builder.load(off_p)))
 
 
-def _row_q8_0_codegen(context, builder, sig, args):
+def _row_q8_0_codegen(builder, rp, xp, dp, bp, nb):
     """nb = number of block pairs (K / 64); xd per 256 values (pair i uses xd[i // 4])."""
-    rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
     acc_p = _cg.alloca_once_value(builder, _fzero(16))
     off_p = _cg.alloca_once_value(builder, _fzero(2))
     zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
@@ -714,9 +711,36 @@ def _row_q8_0_codegen(context, builder, sig, args):
     return builder.fsub(_hsum(builder, builder.load(acc_p)), _hsum(builder, builder.load(off_p)))
 
 
-def _row_intrinsic(codegen):
+def _row_intrinsic(emit):
+    """(row uint8[:], xq int8[:], xd float32[:], bsf float32[:], nb) -> float32: row . x."""
     def typer(typingctx, row, xq, xd, bsf, nb):
+        def codegen(context, builder, sig, args):
+            return emit(builder, *_row_args(context, builder, sig, args))
         return _nt.float32(row, xq, xd, bsf, _nt.int64), codegen
+    return typer
+
+
+def _rows_intrinsic(emit):
+    """(w uint8[:, :] C-contiguous, r0, r1, xq, xd, bsf, nb, out float32[:], o, wgt) -> None:
+    out[o + r - r0] += wgt * (w[r] . x) for r0 <= r < r1, in one loop of IR (no per-row call: the experts'
+    down rows are short, 2-8 blocks). fmul then fadd, as the scalar code would (no contraction)."""
+    def typer(typingctx, w, r0, r1, xq, xd, bsf, nb, out, o, wgt):
+        def codegen(context, builder, sig, args):
+            w_, r0_, r1_, xq_, xd_, bsf_, nb_, out_, o_, wgt_ = args
+            wa = context.make_array(sig.args[0])(context, builder, w_)
+            base = builder.bitcast(wa.data, _I8.as_pointer())
+            stride = builder.extract_value(wa.strides, 0)
+            xp = builder.bitcast(context.make_array(sig.args[3])(context, builder, xq_).data, _I8.as_pointer())
+            dp = context.make_array(sig.args[4])(context, builder, xd_).data
+            bp = context.make_array(sig.args[5])(context, builder, bsf_).data
+            op = context.make_array(sig.args[7])(context, builder, out_).data
+            with _cg.for_range(builder, builder.sub(r1_, r0_)) as loop:
+                r = builder.add(r0_, loop.index)
+                v = emit(builder, builder.gep(base, [builder.mul(r, stride)]), xp, dp, bp, nb_)
+                dst = builder.gep(op, [builder.add(o_, loop.index)])
+                builder.store(builder.fadd(builder.load(dst), builder.fmul(wgt_, v)), dst)
+            return context.get_dummy_value()
+        return _nt.void(w, _nt.int64, _nt.int64, xq, xd, bsf, _nt.int64, out, _nt.int64, _nt.float32), codegen
     return typer
 
 
@@ -724,6 +748,10 @@ _rq4k = intrinsic(_row_intrinsic(_row_q4k_codegen(False)))
 _rq5k = intrinsic(_row_intrinsic(_row_q4k_codegen(True)))
 _rq6k = intrinsic(_row_intrinsic(_row_q6k_codegen))
 _rq8_0 = intrinsic(_row_intrinsic(_row_q8_0_codegen))
+_rsq4k = intrinsic(_rows_intrinsic(_row_q4k_codegen(False)))
+_rsq5k = intrinsic(_rows_intrinsic(_row_q4k_codegen(True)))
+_rsq6k = intrinsic(_rows_intrinsic(_row_q6k_codegen))
+_rsq8_0 = intrinsic(_rows_intrinsic(_row_q8_0_codegen))
 
 
 def _row_f32_codegen(context, builder, sig, args):
@@ -805,7 +833,7 @@ def _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128):
         bf16[g] = f32(32) * f32(bs16[g])
 
 
-@njit(cache=True, fastmath=True)
+@njit(inline="always")
 def _vdot_row(code, row, xq, xqp, xd, bf32, bf16, bf128):
     nb = xq.shape[0] // 256
     if code == _Q4_K:
@@ -815,6 +843,20 @@ def _vdot_row(code, row, xq, xqp, xd, bf32, bf16, bf128):
     if code == _Q6_K:
         return _rq6k(row, xq, xd, bf16, nb)
     return _rq8_0(row, xq, xd, bf128, 4 * nb)
+
+
+@njit(inline="always")
+def _vdot_rows(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, out, o, wgt):
+    """out[o + r - r0] += wgt * (w[r] . x) for rows r0..r1 of w (N, row_bytes), x as in _vdot_row."""
+    nb = xq.shape[0] // 256
+    if code == _Q4_K:
+        _rsq4k(w, r0, r1, xqp, xd, bf32, nb, out, o, wgt)
+    elif code == _Q5_K:
+        _rsq5k(w, r0, r1, xqp, xd, bf32, nb, out, o, wgt)
+    elif code == _Q6_K:
+        _rsq6k(w, r0, r1, xq, xd, bf16, nb, out, o, wgt)
+    else:
+        _rsq8_0(w, r0, r1, xq, xd, bf128, 4 * nb, out, o, wgt)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -884,13 +926,11 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     for c in prange(nc):
         # expert-major within a chunk of output rows: a contiguous run of each expert's down rows (few TLB
         # misses when hundreds of experts are routed); every out element still adds experts in order
+        r0, r1 = c * step, min(D, (c + 1) * step)
         for i in range(n_e):
-            e = experts[i]
-            for drow in range(c * step, min(D, (c + 1) * step)):
-                wrow = down[e, drow]
-                for p in range(starts[i], starts[i + 1]):
-                    out[tokens[p], drow] += weights[p] * _vdot_row(dcode, wrow, hq[p], hqp[p], hd[p], hf32[p],
-                                                                   hf16[p], hf128[p])
+            for p in range(starts[i], starts[i + 1]):
+                _vdot_rows(dcode, down[experts[i]], r0, r1, hq[p], hqp[p], hd[p], hf32[p], hf16[p], hf128[p],
+                           out[tokens[p]], r0, weights[p])
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
