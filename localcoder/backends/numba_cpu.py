@@ -30,8 +30,9 @@ TILE_BYTES = 64 << 20  # float32 scratch per BLAS tile (few, large tiles: OpenBL
 # DeltaNet
 
 @njit(cache=True, parallel=True, fastmath=True)
-def gated_delta_recurrent(q, k, v, g, beta, state, out):
-    """Token by token, in place on state (Hv, Dk, Dv). q, k (T, Hv, Dk); v, out (T, Hv, Dv); g, beta (T, Hv).
+def gated_delta_recurrent(q, k, v, g, beta, state, new_state, out):
+    """Token by token from state to new_state (Hv, Dk, Dv); state is only read, so a caller's snapshot
+    needs no copy. q, k (T, Hv, Dk); v, out (T, Hv, Dv); g, beta (T, Hv).
     Per head: S <- S*exp(g); S <- S + k (x) beta (v - S^T k); o = S^T q. One read pass (S^T k and S^T q of
     the decayed state) and one update pass per token, head by head so the 64 KiB state stays in cache:
     o = exp(g) S^T q + delta (k . q)."""
@@ -39,6 +40,7 @@ def gated_delta_recurrent(q, k, v, g, beta, state, out):
     Dv = v.shape[2]
     for h in prange(H):
         S = state[h]
+        N = new_state[h]
         kv = np.empty(Dv, np.float32)
         sq = np.empty(Dv, np.float32)
         for t in range(T):
@@ -60,7 +62,8 @@ def gated_delta_recurrent(q, k, v, g, beta, state, out):
             for i in range(Dk):
                 ki = kt[i]
                 for j in range(Dv):
-                    S[i, j] = decay * S[i, j] + ki * kv[j]
+                    N[i, j] = decay * S[i, j] + ki * kv[j]
+            S = N  # later tokens update new_state in place
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -244,12 +247,12 @@ class NumbaBackend(NumpyBackend):
     def gated_delta(self, q, k, v, g, beta, state):
         if q.shape[0] >= numpy_ref.CHUNK:
             return gated_delta_chunked(q, k, v, g, beta, state)
-        state = np.array(state, dtype=np.float32, copy=True)  # callers keep their snapshot intact
+        new_state = np.empty(state.shape, np.float32)  # state stays intact: callers may hold it in a snapshot
         out = np.empty(v.shape, np.float32)
         c = np.ascontiguousarray
         gated_delta_recurrent(c(q, dtype=f32), c(k, dtype=f32), c(v, dtype=f32), c(g, dtype=f32),
-                              c(beta, dtype=f32), state, out)
-        return out, state
+                              c(beta, dtype=f32), c(state, dtype=f32), new_state, out)
+        return out, new_state
 
     # feed-forward -------------------------------------------------------------------------------------
     def swiglu(self, x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
