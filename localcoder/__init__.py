@@ -1,5 +1,12 @@
 """localcoder: a local, offline runtime for Qwen3-Coder-Next (GGUF arch `qwen3next`)."""
 
+import os as _os
+
+# OpenBLAS worker threads spin for ~2**28 cycles after each call (its THREAD_TIMEOUT), taking the cores
+# from the Numba kernels that run between BLAS calls in prompt processing (measured, 2 cores: pp128 59 -> 89
+# tokens/s with 2**4). Read when numpy loads OpenBLAS, so it must be set before the first `import numpy`.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 __version__ = "0.1.0"
 
 

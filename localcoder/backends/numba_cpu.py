@@ -94,19 +94,25 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = numpy_ref.CHUNK):
 @njit(cache=True, parallel=True, fastmath=True)
 def conv1d_silu(x, w, conv_state, out):
     """out[t, c] = silu(sum_j full[t + j, c] w[c, j]) with full = [conv_state; x]. x (T, C), w (C, Kc),
-    conv_state (Kc-1, C)."""
+    conv_state (Kc-1, C). Parallel over channel ranges, vectorised along channels (rows of x are contiguous)."""
     T, C = x.shape
     Kc = w.shape[1]
+    wt = np.ascontiguousarray(w.T)  # (Kc, C)
     nc = min(C // 64, 64) if C >= 64 else 1
     step = (C + nc - 1) // nc
     for cc in prange(nc):
-        for c in range(cc * step, min(C, (cc + 1) * step)):
-            for t in range(T):
-                acc = f32(0)
-                for j in range(Kc):
-                    s = t + j - (Kc - 1)
-                    acc += (conv_state[Kc - 1 + s, c] if s < 0 else x[s, c]) * w[c, j]
-                out[t, c] = acc / (f32(1) + np.exp(-acc))
+        c0, c1 = cc * step, min(C, (cc + 1) * step)
+        acc = np.empty(c1 - c0, np.float32)
+        for t in range(T):
+            acc[:] = 0
+            for j in range(Kc):
+                s = t + j - (Kc - 1)
+                src = conv_state[Kc - 1 + s] if s < 0 else x[s]
+                for c in range(c0, c1):
+                    acc[c - c0] += src[c] * wt[j, c]
+            for c in range(c0, c1):
+                a = acc[c - c0]
+                out[t, c] = a / (f32(1) + np.exp(-a))
 
 
 def _load(a, i, lut):
@@ -183,6 +189,7 @@ class NumbaBackend(NumpyBackend):
         self.threads = numba.get_num_threads()
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
+        self._tile = np.empty(0, np.float32)
 
     # weights ------------------------------------------------------------------------------------------
     def prepare(self, w: QTensor) -> QTensor:
@@ -214,12 +221,18 @@ class NumbaBackend(NumpyBackend):
             K.matmul_rows(kern.code, data, x, K.F16_LUT, out, self.nchunks)
             return out
         rows = max(1, min(N, TILE_BYTES // (4 * w.shape[1])))
-        tile = np.empty((rows, w.shape[1]), np.float32)
+        tile = self._scratch(rows * w.shape[1]).reshape(rows, w.shape[1])
         for n0 in range(0, N, rows):
             n1 = min(N, n0 + rows)
             K.dequant_rows(kern.code, data[n0:n1], K.F16_LUT, tile[:n1 - n0], self.nchunks)
             np.matmul(x, tile[:n1 - n0].T, out=out[:, n0:n1])
         return out
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """n float32 of scratch kept between calls (a fresh 64 MiB tile per matmul costs its page faults)."""
+        if self._tile.size < n:
+            self._tile = np.empty(n, np.float32)
+        return self._tile[:n]
 
     def embed(self, ids: np.ndarray, w: QTensor) -> np.ndarray:
         kern = K.kernel_for(w.ggml_type)
