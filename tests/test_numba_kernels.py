@@ -118,13 +118,21 @@ def _delta_inputs(T, H=4, Dk=16, Dv=8, seed=0):
     return q, k, v, g, beta, state
 
 
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 4, 128), (64, 256)])
+def test_norms(shape, backend):
+    rng = np.random.default_rng(len(shape))
+    x = (3 * rng.standard_normal((*shape[:-1], 2 * shape[-1]))).astype(np.float32)[..., ::2]  # strided input
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    ref = NumpyBackend()
+    assert rel_err(backend.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6)) <= REL
+    assert rel_err(backend.l2_norm(x, 1e-6), ref.l2_norm(x, 1e-6)) <= REL
+
+
 @pytest.mark.parametrize("T", [1, 3, 64, 100])
 def test_gated_delta(T, backend):
     q, k, v, g, beta, state = _delta_inputs(T)
     ref_o, ref_s = numpy_ref.gated_delta_recurrent(q, k, v, g, beta, state)
-    before = state.copy()
-    o, s = backend.gated_delta(q, k, v, g, beta, state)
-    np.testing.assert_array_equal(state, before)  # the caller's state is not modified
+    o, s = backend.gated_delta(q, k, v, g, beta, state.copy())  # (decode updates the state in place)
     assert rel_err(o, ref_o) <= REL and rel_err(s, ref_s) <= REL
     o2, s2 = gated_delta_chunked(q, k, v, g, beta, state)  # chunked vs recurrent at every T
     assert rel_err(o2, ref_o) <= REL and rel_err(s2, ref_s) <= REL
@@ -133,7 +141,7 @@ def test_gated_delta(T, backend):
 def test_gated_delta_real_head_dims():
     q, k, v, g, beta, state = _delta_inputs(70, H=2, Dk=128, Dv=128, seed=1)
     ref_o, ref_s = numpy_ref.gated_delta_chunked(q, k, v, g, beta, state)
-    o, s = NumbaBackend().gated_delta(q[:5], k[:5], v[:5], g[:5], beta[:5], state)
+    o, s = NumbaBackend().gated_delta(q[:5], k[:5], v[:5], g[:5], beta[:5], state.copy())
     r5 = numpy_ref.gated_delta_recurrent(q[:5], k[:5], v[:5], g[:5], beta[:5], state)
     assert rel_err(o, r5[0]) <= REL and rel_err(s, r5[1]) <= REL
     o, s = gated_delta_chunked(q, k, v, g, beta, state)

@@ -31,8 +31,8 @@ TILE_BYTES = 64 << 20  # float32 scratch per BLAS tile (few, large tiles: OpenBL
 
 @njit(cache=True, parallel=True, fastmath=True)
 def gated_delta_recurrent(q, k, v, g, beta, state, new_state, out):
-    """Token by token from state to new_state (Hv, Dk, Dv); state is only read, so a caller's snapshot
-    needs no copy. q, k (T, Hv, Dk); v, out (T, Hv, Dv); g, beta (T, Hv).
+    """Token by token from state to new_state (Hv, Dk, Dv), which may be state itself (in place).
+    q, k (T, Hv, Dk); v, out (T, Hv, Dv); g, beta (T, Hv).
     Per head: S <- S*exp(g); S <- S + k (x) beta (v - S^T k); o = S^T q. One read pass (S^T k and S^T q of
     the decayed state) and one update pass per token, head by head so the 64 KiB state stays in cache:
     o = exp(g) S^T q + delta (k . q)."""
@@ -86,6 +86,28 @@ def _solve_unit_lower(a, b):
 def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = numpy_ref.CHUNK):
     """numpy_ref.gated_delta_chunked (batched BLAS matmuls) with the Numba triangular solve."""
     return numpy_ref.gated_delta_chunked(q, k, v, g, beta, state, chunk, solve=_solve_unit_lower)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# norms (decode calls them ~40 times per token on rows of 128-2048: NumPy's per-call cost dominates there)
+
+@njit(cache=True, fastmath=True)
+def rms_norm_rows(x, w, eps, out):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows of x (R, D); w (D,), or (0,) for no weight
+    (then eps is added to the plain sum of squares: the L2 norm)."""
+    R, D = x.shape
+    scaled = w.shape[0] > 0
+    for r in range(R):
+        s = f32(0)
+        for i in range(D):
+            s += x[r, i] * x[r, i]
+        inv = f32(1) / np.sqrt((s / f32(D) if scaled else s) + eps)
+        if scaled:
+            for i in range(D):
+                out[r, i] = x[r, i] * inv * w[i]
+        else:
+            for i in range(D):
+                out[r, i] = x[r, i] * inv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,6 +271,19 @@ class NumbaBackend(NumpyBackend):
                          f32(q.shape[-1] ** -0.5), K.F16_LUT, out)
         return out
 
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        return self._norm(x, np.asarray(w, np.float32), eps)
+
+    def l2_norm(self, x: np.ndarray, eps: float) -> np.ndarray:
+        return self._norm(x, np.empty(0, np.float32), eps)
+
+    @staticmethod
+    def _norm(x, w, eps):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        rms_norm_rows(x.reshape(-1, x.shape[-1]), w, f32(eps), out.reshape(-1, x.shape[-1]))
+        return out
+
     def conv1d(self, x: np.ndarray, w: np.ndarray, conv_state: np.ndarray):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
@@ -260,7 +295,10 @@ class NumbaBackend(NumpyBackend):
     def gated_delta(self, q, k, v, g, beta, state):
         if q.shape[0] >= numpy_ref.CHUNK:
             return gated_delta_chunked(q, k, v, g, beta, state)
-        new_state = np.empty(state.shape, np.float32)  # state stays intact: callers may hold it in a snapshot
+        # the state is updated in place (the model replaces its reference with the result anyway and
+        # snapshots/checkpoints are copies): one read and one write of the 2 MiB per layer and token
+        new_state = state if state.dtype == np.float32 and state.flags.c_contiguous and state.flags.writeable \
+            else np.empty(state.shape, np.float32)
         out = np.empty(v.shape, np.float32)
         c = np.ascontiguousarray
         gated_delta_recurrent(c(q, dtype=f32), c(k, dtype=f32), c(v, dtype=f32), c(g, dtype=f32),
