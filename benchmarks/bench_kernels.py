@@ -46,8 +46,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
     ap.add_argument("--types", default=",".join(t.name for t in K.KERNELS))
+    ap.add_argument("--delta", action="store_true", help="gated delta: recurrent vs chunked prompt kernels")
     args = ap.parse_args()
     numba.set_num_threads(args.threads)
+    if args.delta:
+        return bench_delta()
     nchunks = 4 * args.threads
     rng = np.random.default_rng(0)
     bw = measure_read_bandwidth(threads=args.threads)
@@ -76,6 +79,23 @@ def main():
         print(f"{name:8} {'f32':5} {rows['f32'][0]:>24} {rows['f32'][1]:>26} {deq:>14}")
         if int8:
             print(f"{name:8} {'int8':5} {rows['int8'][0]:>24} {rows['int8'][1]:>26}")
+
+def bench_delta():
+    """ms per layer of the DeltaNet recurrence over a prompt (32 value heads, 128 x 128 state)."""
+    from localcoder.backends.numba_cpu import gated_delta_chunked, gated_delta_recurrent
+    rng = np.random.default_rng(0)
+    H, Dk, Dv = 32, 128, 128
+    print(f"{'T':>5} {'recurrent':>12} {'chunked':>12}")
+    for T in (1, 16, 64, 128, 512):
+        q = (0.05 * rng.standard_normal((T, H, Dk))).astype(np.float32)
+        v = rng.standard_normal((T, H, Dv)).astype(np.float32)
+        g, beta = np.full((T, H), -0.1, np.float32), np.full((T, H), 0.5, np.float32)
+        state = (0.01 * rng.standard_normal((H, Dk, Dv))).astype(np.float32)
+        out = np.empty((T, H, Dv), np.float32)
+        rec = timeit(lambda: gated_delta_recurrent(q, q, v, g, beta, state, np.empty_like(state), out))
+        chk = timeit(lambda: gated_delta_chunked(q, q, v, g, beta, state))
+        print(f"{T:5d} {rec * 1e3:9.2f} ms {chk * 1e3:9.2f} ms")
+
 
 if __name__ == "__main__":
     main()
