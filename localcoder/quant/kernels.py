@@ -575,27 +575,51 @@ def _row_args(context, builder, sig, args):
     return rp, xp, dp, bp, nb
 
 
+# The emitters take NT tokens' activations (lists of pointers) and return NT dot products: a block's weights
+# are loaded, unpacked and scaled once and dotted with each token (the prompt path, where a routed expert
+# sees a few tokens). One token keeps 4 independent fma chains; several keep 2 each (register budget).
+
+def _accs(builder, nt, width=16):
+    n = 4 if nt == 1 else 2
+    return [[_cg.alloca_once_value(builder, _fzero(width)) for _ in range(n)] for _ in range(nt)]
+
+
+def _token_block(builder, xp, dp, bp, b, vt):
+    """Block b of one token: (its 256 int8 values, its scale d_x, its vt-vector of group sums)."""
+    x = builder.gep(xp, [builder.mul(b, _ir.Constant(_I64, 256))])
+    xdb = builder.load(builder.gep(dp, [b]))
+    bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(b, _ir.Constant(_I64, vt.count))]),
+                                      vt.as_pointer()), align=4)
+    return x, xdb, bs
+
+
+def _acc_add(builder, ptr, a, b):
+    builder.store(_fma(builder, a, b, builder.load(ptr)), ptr)
+
+
+def _acc_total(builder, ptrs):
+    vals = [builder.load(p) for p in ptrs]
+    while len(vals) > 1:
+        vals = [builder.fadd(vals[i], vals[i + 1]) for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
 def _row_q4k_codegen(five):
     bsize = 176 if five else 144
 
-    def codegen(builder, rp, xp, dp, bp, nb):
-        acc_p = _cg.alloca_once_value(builder, _fzero(16))
-        min_p = _cg.alloca_once_value(builder, _fzero(8))
+    def codegen(builder, rp, xps, dps, bps, nb):
+        nt = len(xps)
+        accs = _accs(builder, nt)
+        mins = [_cg.alloca_once_value(builder, _fzero(8)) for _ in range(nt)]
         v2, v8i8 = _ir.VectorType(_I32, 2), _ir.VectorType(_I8, 8)
         km1, km2, km3 = (_ir.Constant(_I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
         c4, c6 = _ir.Constant(_I32, 4), _ir.Constant(_I32, 6)
         zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
-        accs_p = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(3)]  # 4 independent fma chains
         with _cg.for_range(builder, nb) as loop:
             b = loop.index
             p = builder.gep(rp, [builder.mul(b, _ir.Constant(_I64, bsize))])
             _prefetch(builder, p, bsize)
-            x = builder.gep(xp, [builder.mul(b, _ir.Constant(_I64, 256))])
-            xdb = builder.load(builder.gep(dp, [b]))
-            bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(b, _ir.Constant(_I64, 8))]),
-                                              _F8V.as_pointer()), align=4)
-            d = builder.fmul(_half(builder, p, 0), xdb)
-            dmin = builder.fmul(_half(builder, p, 2), xdb)
+            dw, dminw = _half(builder, p, 0), _half(builder, p, 2)
             u0, u1, u2 = (_load(builder, p, _I32, 4 + 4 * i) for i in range(3))
             sc_lo = builder.and_(u0, km1)
             sc_hi = builder.or_(builder.and_(u2, km2), builder.shl(builder.and_(builder.lshr(u0, c6), km3), c4))
@@ -608,13 +632,16 @@ def _row_q4k_codegen(five):
                 v = builder.insert_element(v, c, _ir.Constant(_I32, 1))
                 return builder.uitofp(builder.bitcast(v, v8i8), _F8V)
 
-            scf = builder.fmul(bytes8f(sc_lo, sc_hi), _splatf(builder, d, 8))
-            mnf = builder.fmul(bytes8f(mn_lo, mn_hi), _splatf(builder, dmin, 8))
-            builder.store(_fma(builder, mnf, bs, builder.load(min_p)), min_p)
+            scb, mnb = bytes8f(sc_lo, sc_hi), bytes8f(mn_lo, mn_hi)
+            xs, scfs = [], []
+            for j in range(nt):
+                x, xdb, bs = _token_block(builder, xps[j], dps[j], bps[j], b, _F8V)
+                xs.append(x)
+                scfs.append(builder.fmul(scb, _splatf(builder, builder.fmul(dw, xdb), 8)))
+                _acc_add(builder, mins[j], builder.fmul(mnb, _splatf(builder, builder.fmul(dminw, xdb), 8)), bs)
             if five:
                 qh = _load(builder, p, _V32I8, 16)
                 qh64 = _concat(builder, qh, qh)
-            ptrs = [acc_p] + accs_p
             for h in range(2):
                 q = _load(builder, p, _V64I8, (48 if five else 16) + 64 * h)
                 lo = builder.and_(q, _splat8(15))
@@ -629,39 +656,39 @@ def _row_q4k_codegen(five):
                             lo = builder.or_(lo, add)
                         else:
                             hi = builder.or_(hi, add)
-                # x arrives permuted per 256-block (Q4K_PERM): the 64 values under lo, then those under hi
-                dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * h)), _F16V)
-                dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * h + 64)), _F16V)
-                slo = _bcast(builder, scf, [4 * h] * 8 + [4 * h + 2] * 8)
-                shi = _bcast(builder, scf, [4 * h + 1] * 8 + [4 * h + 3] * 8)
-                pl, ph = ptrs[2 * h], ptrs[2 * h + 1]
-                builder.store(_fma(builder, dlo, slo, builder.load(pl)), pl)
-                builder.store(_fma(builder, dhi, shi, builder.load(ph)), ph)
-        tot = builder.fadd(builder.fadd(builder.load(acc_p), builder.load(accs_p[0])),
-                           builder.fadd(builder.load(accs_p[1]), builder.load(accs_p[2])))
-        return builder.fsub(_hsum(builder, tot), _hsum(builder, builder.load(min_p)))
+                for j in range(nt):
+                    # x arrives permuted per 256-block (Q4K_PERM): the 64 values under lo, then those under hi
+                    x = xs[j]
+                    dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * h)), _F16V)
+                    dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * h + 64)), _F16V)
+                    slo = _bcast(builder, scfs[j], [4 * h] * 8 + [4 * h + 2] * 8)
+                    shi = _bcast(builder, scfs[j], [4 * h + 1] * 8 + [4 * h + 3] * 8)
+                    a = accs[j]
+                    _acc_add(builder, a[(2 * h) % len(a)], dlo, slo)
+                    _acc_add(builder, a[(2 * h + 1) % len(a)], dhi, shi)
+        return [builder.fsub(_hsum(builder, _acc_total(builder, accs[j])), _hsum(builder, builder.load(mins[j])))
+                for j in range(nt)]
     return codegen
 
 
-def _row_q6k_codegen(builder, rp, xp, dp, bp, nb):
-    acc_p = _cg.alloca_once_value(builder, _fzero(16))
-    off_p = _cg.alloca_once_value(builder, _fzero(16))
-    accs_p = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(3)]
+def _row_q6k_codegen(builder, rp, xps, dps, bps, nb):
+    nt = len(xps)
+    accs = _accs(builder, nt)
+    offs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(nt)]
     m4, m3 = _splat8(15), _splat8(3, 32)
     zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
     with _cg.for_range(builder, nb) as loop:
         b = loop.index
         p = builder.gep(rp, [builder.mul(b, _ir.Constant(_I64, 210))])
         _prefetch(builder, p, 210)
-        x = builder.gep(xp, [builder.mul(b, _ir.Constant(_I64, 256))])
-        xdb = builder.load(builder.gep(dp, [b]))
-        bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(b, _ir.Constant(_I64, 16))]),
-                                          _F16V.as_pointer()), align=4)
-        d = builder.fmul(_half(builder, p, 208), xdb)
-        scf = builder.fmul(builder.sitofp(_load(builder, p, _ir.VectorType(_I8, 16), 192), _F16V),
-                           _splatf(builder, d, 16))
-        builder.store(_fma(builder, scf, bs, builder.load(off_p)), off_p)
-        ptrs = [acc_p] + accs_p
+        dw = _half(builder, p, 208)
+        scb = builder.sitofp(_load(builder, p, _ir.VectorType(_I8, 16), 192), _F16V)
+        xs, scfs = [], []
+        for j in range(nt):
+            x, xdb, bs = _token_block(builder, xps[j], dps[j], bps[j], b, _F16V)
+            xs.append(x)
+            scfs.append(builder.fmul(scb, _splatf(builder, builder.fmul(dw, xdb), 16)))
+            _acc_add(builder, offs[j], scfs[j], bs)
         for n in range(2):
             ql = _load(builder, p, _V64I8, 64 * n)
             qh = _load(builder, p, _V32I8, 128 + 32 * n)
@@ -671,51 +698,52 @@ def _row_q6k_codegen(builder, rp, xp, dp, bp, nb):
             e = builder.lshr(qh, _splat8(6, 32))
             lo = builder.or_(builder.and_(ql, m4), builder.shl(_concat(builder, a, bb), _splat8(4)))
             hi = builder.or_(builder.lshr(ql, _splat8(4)), builder.shl(_concat(builder, c, e), _splat8(4)))
-            dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * n)), _F16V)
-            dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * n + 64)), _F16V)
             g = 8 * n
-            pl, ph = ptrs[2 * n], ptrs[2 * n + 1]
-            builder.store(_fma(builder, dlo, _bcast(builder, scf, [g + i // 4 for i in range(16)]),
-                               builder.load(pl)), pl)
-            builder.store(_fma(builder, dhi, _bcast(builder, scf, [g + 4 + i // 4 for i in range(16)]),
-                               builder.load(ph)), ph)
-    tot = builder.fadd(builder.fadd(builder.load(acc_p), builder.load(accs_p[0])),
-                       builder.fadd(builder.load(accs_p[1]), builder.load(accs_p[2])))
-    return builder.fsub(_hsum(builder, tot), _hsum(builder, builder.load(off_p)))
+            for j in range(nt):
+                dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, xs[j], _V64I8, 128 * n)), _F16V)
+                dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, xs[j], _V64I8, 128 * n + 64)), _F16V)
+                acc = accs[j]
+                _acc_add(builder, acc[(2 * n) % len(acc)], dlo, _bcast(builder, scfs[j], [g + i // 4 for i in range(16)]))
+                _acc_add(builder, acc[(2 * n + 1) % len(acc)], dhi,
+                         _bcast(builder, scfs[j], [g + 4 + i // 4 for i in range(16)]))
+    return [builder.fsub(_hsum(builder, _acc_total(builder, accs[j])), _hsum(builder, builder.load(offs[j])))
+            for j in range(nt)]
 
 
-def _row_q8_0_codegen(builder, rp, xp, dp, bp, nb):
+def _row_q8_0_codegen(builder, rp, xps, dps, bps, nb):
     """nb = number of block pairs (K / 64); xd per 256 values (pair i uses xd[i // 4])."""
-    acc_p = _cg.alloca_once_value(builder, _fzero(16))
-    off_p = _cg.alloca_once_value(builder, _fzero(2))
+    nt = len(xps)
+    accs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(nt)]
+    offs = [_cg.alloca_once_value(builder, _fzero(2)) for _ in range(nt)]
     zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
     v2f = _ir.VectorType(_F32T, 2)
     with _cg.for_range(builder, nb) as loop:
         i = loop.index
         p = builder.gep(rp, [builder.mul(i, _ir.Constant(_I64, 68))])
         _prefetch(builder, p, 68)
-        x = builder.gep(xp, [builder.mul(i, _ir.Constant(_I64, 64))])
-        xdb = builder.load(builder.gep(dp, [builder.lshr(i, _ir.Constant(_I64, 2))]))
-        bs = builder.load(builder.bitcast(builder.gep(bp, [builder.mul(i, _ir.Constant(_I64, 2))]),
-                                          v2f.as_pointer()), align=4)
-        d0 = builder.fmul(_half(builder, p, 0), xdb)
-        d1 = builder.fmul(_half(builder, p, 34), xdb)
-        dv = builder.insert_element(_ir.Constant(v2f, None), d0, _ir.Constant(_I32, 0))
-        dv = builder.insert_element(dv, d1, _ir.Constant(_I32, 1))
-        builder.store(_fma(builder, dv, bs, builder.load(off_p)), off_p)
+        d0w, d1w = _half(builder, p, 0), _half(builder, p, 34)
         w = _concat(builder, _load(builder, p, _V32I8, 2), _load(builder, p, _V32I8, 36))
         w = builder.xor(w, _splat8(-128))
-        dot = builder.sitofp(_dpbusd(builder, zero, w, _load(builder, x, _V64I8, 0)), _F16V)
-        sv = _bcast(builder, dv, [0] * 8 + [1] * 8)
-        builder.store(_fma(builder, dot, sv, builder.load(acc_p)), acc_p)
-    return builder.fsub(_hsum(builder, builder.load(acc_p)), _hsum(builder, builder.load(off_p)))
+        for j in range(nt):
+            x = builder.gep(xps[j], [builder.mul(i, _ir.Constant(_I64, 64))])
+            xdb = builder.load(builder.gep(dps[j], [builder.lshr(i, _ir.Constant(_I64, 2))]))
+            bs = builder.load(builder.bitcast(builder.gep(bps[j], [builder.mul(i, _ir.Constant(_I64, 2))]),
+                                              v2f.as_pointer()), align=4)
+            dv = builder.insert_element(_ir.Constant(v2f, None), builder.fmul(d0w, xdb), _ir.Constant(_I32, 0))
+            dv = builder.insert_element(dv, builder.fmul(d1w, xdb), _ir.Constant(_I32, 1))
+            _acc_add(builder, offs[j], dv, bs)
+            dot = builder.sitofp(_dpbusd(builder, zero, w, _load(builder, x, _V64I8, 0)), _F16V)
+            _acc_add(builder, accs[j], dot, _bcast(builder, dv, [0] * 8 + [1] * 8))
+    return [builder.fsub(_hsum(builder, builder.load(accs[j])), _hsum(builder, builder.load(offs[j])))
+            for j in range(nt)]
 
 
 def _row_intrinsic(emit):
     """(row uint8[:], xq int8[:], xd float32[:], bsf float32[:], nb) -> float32: row . x."""
     def typer(typingctx, row, xq, xd, bsf, nb):
         def codegen(context, builder, sig, args):
-            return emit(builder, *_row_args(context, builder, sig, args))
+            rp, xp, dp, bp, nb = _row_args(context, builder, sig, args)
+            return emit(builder, rp, [xp], [dp], [bp], nb)[0]
         return _nt.float32(row, xq, xd, bsf, _nt.int64), codegen
     return typer
 
@@ -736,11 +764,42 @@ def _rows_intrinsic(emit):
             op = context.make_array(sig.args[7])(context, builder, out_).data
             with _cg.for_range(builder, builder.sub(r1_, r0_)) as loop:
                 r = builder.add(r0_, loop.index)
-                v = emit(builder, builder.gep(base, [builder.mul(r, stride)]), xp, dp, bp, nb_)
+                v = emit(builder, builder.gep(base, [builder.mul(r, stride)]), [xp], [dp], [bp], nb_)[0]
                 dst = builder.gep(op, [builder.add(o_, loop.index)])
                 builder.store(builder.fadd(builder.load(dst), builder.fmul(wgt_, v)), dst)
             return context.get_dummy_value()
         return _nt.void(w, _nt.int64, _nt.int64, xq, xd, bsf, _nt.int64, out, _nt.int64, _nt.float32), codegen
+    return typer
+
+
+def _tokens_intrinsic(emit):
+    """(row uint8[:], xq int8[:, :], xd float32[:, :], bsf float32[:, :], p0, nt, nb, res float32[:]) -> None:
+    res[j] = row . x[p0 + j] for j < nt, nt 4 or else 2 (rows of the 2-D activation arrays: one token each)."""
+    def typer(typingctx, row, xq, xd, bsf, p0, nt, nb, res):
+        def codegen(context, builder, sig, args):
+            row_, xq_, xd_, bsf_, p0_, nt_, nb_, res_ = args
+            rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, row_).data, _I8.as_pointer())
+            op = context.make_array(sig.args[7])(context, builder, res_).data
+            arrays = []
+            for k, a in ((1, xq_), (2, xd_), (3, bsf_)):
+                arr = context.make_array(sig.args[k])(context, builder, a)
+                arrays.append((builder.bitcast(arr.data, _I8.as_pointer()), builder.extract_value(arr.strides, 0),
+                               _I8.as_pointer() if k == 1 else _F32T.as_pointer()))
+
+            def tokens(n):
+                lists = [[builder.bitcast(builder.gep(base, [builder.mul(builder.add(p0_, _ir.Constant(_I64, j)),
+                                                                           stride)]), ty) for j in range(n)]
+                         for base, stride, ty in arrays]
+                for j, v in enumerate(emit(builder, rp, *lists, nb_)):
+                    builder.store(v, builder.gep(op, [_ir.Constant(_I64, j)]))
+
+            with builder.if_else(builder.icmp_signed("==", nt_, _ir.Constant(_I64, 4))) as (four, two):
+                with four:
+                    tokens(4)
+                with two:
+                    tokens(2)
+            return context.get_dummy_value()
+        return _nt.void(row, xq, xd, bsf, _nt.int64, _nt.int64, _nt.int64, res), codegen
     return typer
 
 
@@ -752,6 +811,10 @@ _rsq4k = intrinsic(_rows_intrinsic(_row_q4k_codegen(False)))
 _rsq5k = intrinsic(_rows_intrinsic(_row_q4k_codegen(True)))
 _rsq6k = intrinsic(_rows_intrinsic(_row_q6k_codegen))
 _rsq8_0 = intrinsic(_rows_intrinsic(_row_q8_0_codegen))
+_tq4k = intrinsic(_tokens_intrinsic(_row_q4k_codegen(False)))
+_tq5k = intrinsic(_tokens_intrinsic(_row_q4k_codegen(True)))
+_tq6k = intrinsic(_tokens_intrinsic(_row_q6k_codegen))
+_tq8_0 = intrinsic(_tokens_intrinsic(_row_q8_0_codegen))
 
 
 def _row_f32_codegen(context, builder, sig, args):
@@ -846,6 +909,20 @@ def _vdot_row(code, row, xq, xqp, xd, bf32, bf16, bf128):
 
 
 @njit(inline="always")
+def _vdot_tokens(code, row, xq, xqp, xd, bf32, bf16, bf128, p0, nt, res):
+    """res[j] = row . x[p0 + j] for j < nt (2 or 4), x as in _vdot_row but 2-D (one row per token)."""
+    nb = xq.shape[1] // 256
+    if code == _Q4_K:
+        _tq4k(row, xqp, xd, bf32, p0, nt, nb, res)
+    elif code == _Q5_K:
+        _tq5k(row, xqp, xd, bf32, p0, nt, nb, res)
+    elif code == _Q6_K:
+        _tq6k(row, xq, xd, bf16, p0, nt, nb, res)
+    else:
+        _tq8_0(row, xq, xd, bf128, p0, nt, 4 * nb, res)
+
+
+@njit(inline="always")
 def _vdot_rows(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, out, o, wgt):
     """out[o + r - r0] += wgt * (w[r] . x) for rows r0..r1 of w (N, row_bytes), x as in _vdot_row."""
     nb = xq.shape[0] // 256
@@ -897,28 +974,40 @@ def _q8_buffers(T, K):
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
 def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, x, out, nchunks):
     """Routed SwiGLU experts of one step with 8-bit activations, accumulated into out (T, D); arguments as
-    moe_experts. Each token's x is quantized to Q8_K once; a job (expert, ff row) dots that expert's gate and
-    up rows with each of its tokens (the rows stay in L1 after the first); each (token, expert) h is
-    quantized once; then a parallel pass over output rows reads every routed expert's down row once.
-    Reassociation is confined to the row dots (_vdot_row compiles on its own), so the experts add into out
-    in the order given: calling this per batch of resident experts equals one call (streaming never
-    changes results)."""
+    moe_experts. Each token's x is quantized to Q8_K once. Gate/up: a job (expert, ff row) dots that
+    expert's gate and up rows with each of its tokens, up to 4 tokens per pass over the row (_vdot_tokens:
+    each block unpacked once); each (token, expert) h is quantized once; then a parallel pass over output
+    rows reads every routed expert's down rows, again up to 4 tokens per pass.
+    The block dots are intrinsics whose float ops carry no fast-math flags, and this kernel does not
+    reassociate (_NO_REASSOC): experts add into out in the order given, so calling this per batch of
+    resident experts equals one call (streaming never changes results)."""
     n_e = experts.shape[0]
     T, D = x.shape
     n_pairs = tokens.shape[0]
     xq, xqp, xd, xf16, xf32, xf128 = _q8_buffers(T, D)
     quantize_rows_q8(x, xq, xqp, xd, xf16, xf32, xf128)
+    # activations in pair order, so that an expert's tokens are consecutive rows (for _vdot_tokens)
+    pq, pqp, pd, pf16, pf32, pf128 = xq[tokens], xqp[tokens], xd[tokens], xf16[tokens], xf32[tokens], xf128[tokens]
     h = np.empty((n_pairs, F), np.float32)
     nc, step = _chunks(n_e * F, nchunks)
     for c in prange(nc):
+        gres = np.empty(4, np.float32)
+        ures = np.empty(4, np.float32)
         for job in range(c * step, min(n_e * F, (c + 1) * step)):
             i, f = job // F, job % F
             e = experts[i]
             grow, urow = gate[e, f], up[e, up_off + f]
-            for p in range(starts[i], starts[i + 1]):
-                t = tokens[p]
-                g = _vdot_row(gcode, grow, xq[t], xqp[t], xd[t], xf32[t], xf16[t], xf128[t])
-                u = _vdot_row(ucode, urow, xq[t], xqp[t], xd[t], xf32[t], xf16[t], xf128[t])
+            p, p1 = starts[i], starts[i + 1]
+            while p1 - p >= 2:
+                nt = 4 if p1 - p >= 4 else 2
+                _vdot_tokens(gcode, grow, pq, pqp, pd, pf32, pf16, pf128, p, nt, gres)
+                _vdot_tokens(ucode, urow, pq, pqp, pd, pf32, pf16, pf128, p, nt, ures)
+                for j in range(nt):
+                    h[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
+                p += nt
+            if p < p1:
+                g = _vdot_row(gcode, grow, pq[p], pqp[p], pd[p], pf32[p], pf16[p], pf128[p])
+                u = _vdot_row(ucode, urow, pq[p], pqp[p], pd[p], pf32[p], pf16[p], pf128[p])
                 h[p, f] = g / (f32(1) + np.exp(-g)) * u
     hq, hqp, hd, hf16, hf32, hf128 = _q8_buffers(n_pairs, F)
     quantize_rows_q8(h, hq, hqp, hd, hf16, hf32, hf128)
@@ -927,10 +1016,25 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
         # expert-major within a chunk of output rows: a contiguous run of each expert's down rows (few TLB
         # misses when hundreds of experts are routed); every out element still adds experts in order
         r0, r1 = c * step, min(D, (c + 1) * step)
+        res = np.empty(4, np.float32)
         for i in range(n_e):
-            for p in range(starts[i], starts[i + 1]):
-                _vdot_rows(dcode, down[experts[i]], r0, r1, hq[p], hqp[p], hd[p], hf32[p], hf16[p], hf128[p],
-                           out[tokens[p]], r0, weights[p])
+            e, p0, p1 = experts[i], starts[i], starts[i + 1]
+            if p1 - p0 == 1:  # one token: the rows in one IR loop
+                _vdot_rows(dcode, down[e], r0, r1, hq[p0], hqp[p0], hd[p0], hf32[p0], hf16[p0], hf128[p0],
+                           out[tokens[p0]], r0, weights[p0])
+                continue
+            for r in range(r0, r1):
+                wrow = down[e, r]
+                p = p0
+                while p1 - p >= 2:
+                    nt = 4 if p1 - p >= 4 else 2
+                    _vdot_tokens(dcode, wrow, hq, hqp, hd, hf32, hf16, hf128, p, nt, res)
+                    for j in range(nt):
+                        out[tokens[p + j], r] += weights[p + j] * res[j]
+                    p += nt
+                if p < p1:
+                    out[tokens[p], r] += weights[p] * _vdot_row(dcode, wrow, hq[p], hqp[p], hd[p], hf32[p],
+                                                                hf16[p], hf128[p])
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
