@@ -244,6 +244,23 @@ def test_matvec_int8_activations(qtype, threads):
 
 
 @needs_vnni
+@pytest.mark.parametrize("T", [2, 7])
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=[t.name for t in Q8_TYPES])
+def test_matmul_int8_activations(qtype, T):
+    """Short prompts: each row unpacked once per group of 4 tokens (groups of 4, then 2, then 1)."""
+    be = NumbaBackend(threads=2)
+    try:
+        rng = np.random.default_rng(200 + int(qtype) + T)
+        w = qtensor("w", qtype, (45, 512), rng)
+        x = rng.standard_normal((T, 512)).astype(np.float32)
+        got = be.matmul(x, w)
+        for t in range(T):
+            check_int8(got[t], dense(w).astype(np.float64), x[t])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@needs_vnni
 @pytest.mark.parametrize("T", [1, 6])
 @pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
 def test_moe_int8_activations(fused, T):

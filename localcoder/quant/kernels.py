@@ -971,6 +971,30 @@ def _q8_buffers(T, K):
             np.empty((T, K // 16), np.float32), np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32))
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def matmul_q8(code, w, x, out, nchunks):
+    """out[t, n] = w[n] . x[t] for T tokens with 8-bit activations (x quantized to Q8_K once per token):
+    each weight row is unpacked once per group of 4 tokens (_vdot_tokens). w (N, row_bytes), x (T, K)."""
+    T, K = x.shape
+    N = w.shape[0]
+    xq, xqp, xd, xf16, xf32, xf128 = _q8_buffers(T, K)
+    quantize_rows_q8(x, xq, xqp, xd, xf16, xf32, xf128)
+    nc, step = _chunks(N, nchunks)
+    for c in prange(nc):
+        res = np.empty(4, np.float32)
+        for n in range(c * step, min(N, (c + 1) * step)):
+            row = w[n]
+            t = 0
+            while T - t >= 2:
+                nt = 4 if T - t >= 4 else 2
+                _vdot_tokens(code, row, xq, xqp, xd, xf32, xf16, xf128, t, nt, res)
+                for j in range(nt):
+                    out[t + j, n] = res[j]
+                t += nt
+            if t < T:
+                out[t, n] = _vdot_row(code, row, xq[t], xqp[t], xd[t], xf32[t], xf16[t], xf128[t])
+
+
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
 def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, x, out, nchunks):
     """Routed SwiGLU experts of one step with 8-bit activations, accumulated into out (T, D); arguments as
@@ -1038,4 +1062,4 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
-           "moe_q8", "quantize_rows_q8"]
+           "moe_q8", "quantize_rows_q8", "matmul_q8"]
