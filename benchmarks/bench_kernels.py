@@ -81,20 +81,22 @@ def main():
             print(f"{name:8} {'int8':5} {rows['int8'][0]:>24} {rows['int8'][1]:>26}")
 
 def bench_delta():
-    """ms per layer of the DeltaNet recurrence over a prompt (32 value heads, 128 x 128 state)."""
-    from localcoder.backends.numba_cpu import gated_delta_chunked, gated_delta_recurrent
+    """ms per layer of the DeltaNet recurrence over T tokens (32 value heads, 128 x 128 state): the decode
+    step kernel, the tiled recurrent kernel and the chunked (batched BLAS) form."""
+    from localcoder.backends.numba_cpu import gated_delta_chunked, gated_delta_recurrent, gated_delta_step
     rng = np.random.default_rng(0)
     H, Dk, Dv = 32, 128, 128
-    print(f"{'T':>5} {'recurrent':>12} {'chunked':>12}")
+    print(f"{'T':>5} {'step':>12} {'tiled':>12} {'chunked':>12}")
     for T in (1, 16, 64, 128, 512):
         q = (0.05 * rng.standard_normal((T, H, Dk))).astype(np.float32)
         v = rng.standard_normal((T, H, Dv)).astype(np.float32)
         g, beta = np.full((T, H), -0.1, np.float32), np.full((T, H), 0.5, np.float32)
         state = (0.01 * rng.standard_normal((H, Dk, Dv))).astype(np.float32)
         out = np.empty((T, H, Dv), np.float32)
+        step = timeit(lambda: gated_delta_step(q, q, v, g, beta, state, np.empty_like(state), out))
         rec = timeit(lambda: gated_delta_recurrent(q, q, v, g, beta, state, np.empty_like(state), out))
         chk = timeit(lambda: gated_delta_chunked(q, q, v, g, beta, state))
-        print(f"{T:5d} {rec * 1e3:9.2f} ms {chk * 1e3:9.2f} ms")
+        print(f"{T:5d} {step * 1e3:9.2f} ms {rec * 1e3:9.2f} ms {chk * 1e3:9.2f} ms")
 
 
 if __name__ == "__main__":

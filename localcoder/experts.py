@@ -159,6 +159,10 @@ class _LayerSlots:
         self.es = es
         self.n_slots = n_slots
         self.arrays = tuple(np.empty((n_slots, *t.data.shape[1:]), dtype=np.uint8) for t in es.tensors)
+        # what kernels get: read-only views, the same array type as a memory map's (one compilation each)
+        self.views = tuple(a.view() for a in self.arrays)
+        for v in self.views:
+            v.flags.writeable = False
         self.slot_of: dict[int, int] = {}
         self.free = list(range(n_slots - 1, -1, -1))
         self.policy = policy
@@ -294,7 +298,7 @@ class ExpertStore:
                 job.result()
             self.counters.io_wait_s += time.perf_counter() - t0
             slots = np.array([ls.slot_of[int(e)] for e in chunk], dtype=np.int64)
-            yield ls.arrays, chunk, slots
+            yield ls.views, chunk, slots
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""

@@ -87,7 +87,7 @@ class Model:
         return store
 
     def _copy_dense(self) -> None:
-        tensors = {name: t if "_exps" in name else replace(t, data=np.array(t.data))
+        tensors = {name: t if "_exps" in name else replace(t, data=_readonly(np.array(t.data)))
                    for name, t in self.file.tensors.items()}
         dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))
         layers = tuple(replace(new, experts=old.experts) for new, old in zip(dense.layers, self.weights.layers))
@@ -139,6 +139,13 @@ class Model:
     def encode_chat(self, messages: list[dict], tools=None, add_generation_prompt: bool = True) -> list[int]:
         text = self.render_chat(messages, tools, add_generation_prompt)
         return self.tokenizer.encode(text, parse_special=True)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """Weights are read-only wherever they live (map, copy, expert slot), so a kernel sees one array type
+    and is compiled once: two compilations of a fast-math kernel need not round alike."""
+    a.flags.writeable = False
+    return a
 
 
 def parse_size(size) -> int:
