@@ -772,34 +772,74 @@ def _rows_intrinsic(emit):
     return typer
 
 
+def _act_arrays(context, builder, sig, args, idxs):
+    """(base i8*, row stride, element pointer type) of the 2-D activation arrays xq, xd, bsf."""
+    out = []
+    for k in idxs:
+        arr = context.make_array(sig.args[k])(context, builder, args[k])
+        out.append((builder.bitcast(arr.data, _I8.as_pointer()), builder.extract_value(arr.strides, 0),
+                    _I8.as_pointer() if k == idxs[0] else _F32T.as_pointer()))
+    return out
+
+
+def _emit_tokens(builder, emit, rp, arrays, p0, nt, nb, use):
+    """use(j, row . x[p0 + j]) for j < nt, where nt is 4 or else 2 (two unrolled variants)."""
+    def variant(n):
+        lists = [[builder.bitcast(builder.gep(base, [builder.mul(builder.add(p0, _ir.Constant(_I64, j)), stride)]),
+                                  ty) for j in range(n)] for base, stride, ty in arrays]
+        for j, v in enumerate(emit(builder, rp, *lists, nb)):
+            use(j, v)
+
+    with builder.if_else(builder.icmp_signed("==", nt, _ir.Constant(_I64, 4))) as (four, two):
+        with four:
+            variant(4)
+        with two:
+            variant(2)
+
+
 def _tokens_intrinsic(emit):
     """(row uint8[:], xq int8[:, :], xd float32[:, :], bsf float32[:, :], p0, nt, nb, res float32[:]) -> None:
     res[j] = row . x[p0 + j] for j < nt, nt 4 or else 2 (rows of the 2-D activation arrays: one token each)."""
     def typer(typingctx, row, xq, xd, bsf, p0, nt, nb, res):
         def codegen(context, builder, sig, args):
-            row_, xq_, xd_, bsf_, p0_, nt_, nb_, res_ = args
-            rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, row_).data, _I8.as_pointer())
-            op = context.make_array(sig.args[7])(context, builder, res_).data
-            arrays = []
-            for k, a in ((1, xq_), (2, xd_), (3, bsf_)):
-                arr = context.make_array(sig.args[k])(context, builder, a)
-                arrays.append((builder.bitcast(arr.data, _I8.as_pointer()), builder.extract_value(arr.strides, 0),
-                               _I8.as_pointer() if k == 1 else _F32T.as_pointer()))
-
-            def tokens(n):
-                lists = [[builder.bitcast(builder.gep(base, [builder.mul(builder.add(p0_, _ir.Constant(_I64, j)),
-                                                                           stride)]), ty) for j in range(n)]
-                         for base, stride, ty in arrays]
-                for j, v in enumerate(emit(builder, rp, *lists, nb_)):
-                    builder.store(v, builder.gep(op, [_ir.Constant(_I64, j)]))
-
-            with builder.if_else(builder.icmp_signed("==", nt_, _ir.Constant(_I64, 4))) as (four, two):
-                with four:
-                    tokens(4)
-                with two:
-                    tokens(2)
+            rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, _I8.as_pointer())
+            op = context.make_array(sig.args[7])(context, builder, args[7]).data
+            _emit_tokens(builder, emit, rp, _act_arrays(context, builder, sig, args, (1, 2, 3)), args[4], args[5],
+                         args[6], lambda j, v: builder.store(v, builder.gep(op, [_ir.Constant(_I64, j)])))
             return context.get_dummy_value()
         return _nt.void(row, xq, xd, bsf, _nt.int64, _nt.int64, _nt.int64, res), codegen
+    return typer
+
+
+def _rows_tokens_intrinsic(emit):
+    """(w uint8[:, :], r0, r1, xq, xd, bsf (2-D), p0, nt, nb, out float32[:, :], tokens int64[:],
+    weights float32[:]) -> None: out[tokens[p0 + j], r] += weights[p0 + j] * (w[r] . x[p0 + j]) for
+    r0 <= r < r1 and j < nt (4 or else 2): an expert's down rows against its tokens in one loop of IR."""
+    def typer(typingctx, w, r0, r1, xq, xd, bsf, p0, nt, nb, out, tokens, weights):
+        def codegen(context, builder, sig, args):
+            wa = context.make_array(sig.args[0])(context, builder, args[0])
+            base, wstride = builder.bitcast(wa.data, _I8.as_pointer()), builder.extract_value(wa.strides, 0)
+            arrays = _act_arrays(context, builder, sig, args, (3, 4, 5))
+            oa = context.make_array(sig.args[9])(context, builder, args[9])
+            obase, ostride = builder.bitcast(oa.data, _I8.as_pointer()), builder.extract_value(oa.strides, 0)
+            tp = context.make_array(sig.args[10])(context, builder, args[10]).data
+            wp = context.make_array(sig.args[11])(context, builder, args[11]).data
+            p0 = args[6]
+            with _cg.for_range(builder, builder.sub(args[2], args[1])) as loop:
+                r = builder.add(args[1], loop.index)
+
+                def use(j, v):
+                    p = builder.add(p0, _ir.Constant(_I64, j))
+                    row_ptr = builder.gep(obase, [builder.mul(builder.load(builder.gep(tp, [p])), ostride)])
+                    dst = builder.gep(builder.bitcast(row_ptr, _F32T.as_pointer()), [r])
+                    wgt = builder.load(builder.gep(wp, [p]))
+                    builder.store(builder.fadd(builder.load(dst), builder.fmul(wgt, v)), dst)
+
+                _emit_tokens(builder, emit, builder.gep(base, [builder.mul(r, wstride)]), arrays, p0, args[7],
+                             args[8], use)
+            return context.get_dummy_value()
+        return _nt.void(w, _nt.int64, _nt.int64, xq, xd, bsf, _nt.int64, _nt.int64, _nt.int64, out, tokens,
+                        weights), codegen
     return typer
 
 
@@ -815,6 +855,10 @@ _tq4k = intrinsic(_tokens_intrinsic(_row_q4k_codegen(False)))
 _tq5k = intrinsic(_tokens_intrinsic(_row_q4k_codegen(True)))
 _tq6k = intrinsic(_tokens_intrinsic(_row_q6k_codegen))
 _tq8_0 = intrinsic(_tokens_intrinsic(_row_q8_0_codegen))
+_rtq4k = intrinsic(_rows_tokens_intrinsic(_row_q4k_codegen(False)))
+_rtq5k = intrinsic(_rows_tokens_intrinsic(_row_q4k_codegen(True)))
+_rtq6k = intrinsic(_rows_tokens_intrinsic(_row_q6k_codegen))
+_rtq8_0 = intrinsic(_rows_tokens_intrinsic(_row_q8_0_codegen))
 
 
 def _row_f32_codegen(context, builder, sig, args):
@@ -920,6 +964,20 @@ def _vdot_tokens(code, row, xq, xqp, xd, bf32, bf16, bf128, p0, nt, res):
         _tq6k(row, xq, xd, bf16, p0, nt, nb, res)
     else:
         _tq8_0(row, xq, xd, bf128, p0, nt, 4 * nb, res)
+
+
+@njit(inline="always")
+def _vdot_rows_tokens(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, p0, nt, out, tokens, weights):
+    """out[tokens[p0 + j], r] += weights[p0 + j] * (w[r] . x[p0 + j]), rows r0..r1, j < nt (4 or else 2)."""
+    nb = xq.shape[1] // 256
+    if code == _Q4_K:
+        _rtq4k(w, r0, r1, xqp, xd, bf32, p0, nt, nb, out, tokens, weights)
+    elif code == _Q5_K:
+        _rtq5k(w, r0, r1, xqp, xd, bf32, p0, nt, nb, out, tokens, weights)
+    elif code == _Q6_K:
+        _rtq6k(w, r0, r1, xq, xd, bf16, p0, nt, nb, out, tokens, weights)
+    else:
+        _rtq8_0(w, r0, r1, xq, xd, bf128, p0, nt, 4 * nb, out, tokens, weights)
 
 
 @njit(inline="always")
@@ -1040,25 +1098,21 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
         # expert-major within a chunk of output rows: a contiguous run of each expert's down rows (few TLB
         # misses when hundreds of experts are routed); every out element still adds experts in order
         r0, r1 = c * step, min(D, (c + 1) * step)
-        res = np.empty(4, np.float32)
         for i in range(n_e):
             e, p0, p1 = experts[i], starts[i], starts[i + 1]
             if p1 - p0 == 1:  # one token: the rows in one IR loop
                 _vdot_rows(dcode, down[e], r0, r1, hq[p0], hqp[p0], hd[p0], hf32[p0], hf16[p0], hf128[p0],
                            out[tokens[p0]], r0, weights[p0])
                 continue
-            for r in range(r0, r1):
-                wrow = down[e, r]
-                p = p0
-                while p1 - p >= 2:
-                    nt = 4 if p1 - p >= 4 else 2
-                    _vdot_tokens(dcode, wrow, hq, hqp, hd, hf32, hf16, hf128, p, nt, res)
-                    for j in range(nt):
-                        out[tokens[p + j], r] += weights[p + j] * res[j]
-                    p += nt
-                if p < p1:
-                    out[tokens[p], r] += weights[p] * _vdot_row(dcode, wrow, hq[p], hqp[p], hd[p], hf32[p],
-                                                                hf16[p], hf128[p])
+            p = p0
+            while p1 - p >= 2:  # groups of 4 (or 2) tokens, all rows of the chunk in one loop of IR
+                nt = 4 if p1 - p >= 4 else 2
+                _vdot_rows_tokens(dcode, down[e], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, out, tokens,
+                                  weights)
+                p += nt
+            if p < p1:
+                _vdot_rows(dcode, down[e], r0, r1, hq[p], hqp[p], hd[p], hf32[p], hf16[p], hf128[p],
+                           out[tokens[p]], r0, weights[p])
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
