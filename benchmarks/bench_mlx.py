@@ -29,9 +29,13 @@ def main() -> None:
     ap.add_argument("--expert-budget-gib", type=float, default=None,
                     help="bytes of converted experts to hold (default: 70%% of available memory); layers "
                          "past it stream their experts through an LRU cache")
+    ap.add_argument("--ops", action="store_true", help="only the device's matrix-vector speed per weight format")
     args = ap.parse_args()
 
     import mlx.core as mx
+
+    if args.ops:
+        return bench_ops(mx)
 
     import localcoder
     from localcoder.backends.mlx_backend import MLXBackend
@@ -73,6 +77,35 @@ def main() -> None:
     print(f"tg{args.tg}: {args.tg / tg:.2f} tokens/s ({tg / args.tg * 1e3:.0f} ms/token)")
     if streamed:
         print(f"expert cache: {s.hits} hits, {s.misses} misses, {s.bytes / 2 ** 30:.2f} GiB held")
+
+
+def bench_ops(mx) -> None:
+    """GB/s of one-token matrix-vector products on MLX's default device: the ceiling of any MLX decode path."""
+    print(f"MLX {mx.__version__} on {mx.default_device()}: (1 x 2048) @ (32768 x 2048)^T")
+    x32 = mx.random.normal((1, 2048))
+    for label, bits in (("4-bit group 32", 4), ("8-bit group 32", 8), ("float32", None), ("bfloat16", 16)):
+        w = mx.random.normal((32768, 2048))
+        if bits in (4, 8):
+            wq, sc, bi = mx.quantize(w, group_size=32, bits=bits)
+            mx.eval(wq, sc, bi)
+            nbytes = wq.nbytes + sc.nbytes + bi.nbytes
+
+            def f():
+                return mx.quantized_matmul(x32, wq, sc, bi, transpose=True, group_size=32, bits=bits)
+        else:
+            w = w.astype(mx.bfloat16) if bits == 16 else w
+            x = x32.astype(w.dtype)
+            mx.eval(w, x)
+            nbytes = w.nbytes
+
+            def f():
+                return x @ w.T
+        mx.eval(f())
+        t0 = time.perf_counter()
+        for _ in range(5):
+            mx.eval(f())
+        dt = (time.perf_counter() - t0) / 5
+        print(f"  {label:16} {dt * 1e3:8.2f} ms  {nbytes / dt / 1e9:6.2f} GB/s")
 
 
 if __name__ == "__main__":

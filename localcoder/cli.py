@@ -416,16 +416,9 @@ def bench(
     if (model is None) == (synthetic is None):
         raise LocalcoderError("give either -m MODEL.gguf or --synthetic qwen3-coder-next")
     if synthetic is not None:
-        from .paths import HOME
-        from .synthetic import PRESETS, with_layers, write_synthetic
+        from .synthetic import ensure_synthetic
 
-        if synthetic not in PRESETS or synthetic == "demo":
-            raise LocalcoderError(f"unknown synthetic model {synthetic!r}; use qwen3-coder-next")
-        dims = with_layers(PRESETS[synthetic], layers)
-        model = HOME / "synthetic" / f"{synthetic}-{dims.n_layer}L-{quant}.gguf"
-        if not model.exists():
-            _err(f"writing {model} (random weights, {dims.n_layer} layers, {quant}) once ...")
-            write_synthetic(model, dims, quant)
+        model = ensure_synthetic(synthetic, layers, quant, announce=_err)
     res = run_bench(model, backend, prompt_tokens, gen_tokens, threads, expert_cache=expert_cache,
                     expert_policy=expert_policy, expert_prefetch=expert_prefetch)
     res["model"] = str(model)

@@ -255,3 +255,19 @@ def with_layers(dims: Dims, n_layer: int | None) -> Dims:
         raise LocalcoderError(f"--layers {n_layer} must be a positive multiple of {dims.full_attention_interval} "
                               "(the DeltaNet/attention pattern)")
     return replace(dims, n_layer=n_layer)
+
+
+def ensure_synthetic(name: str, layers: int | None = None, quant: str = "q4_k_m", announce=None) -> Path:
+    """The synthetic model `name` (a PRESETS key other than demo), written once into ~/.localcoder/synthetic/.
+    announce(message) is called before a file is written."""
+    from .paths import HOME
+
+    if name not in PRESETS or name == "demo":
+        raise LocalcoderError(f"unknown synthetic model {name!r}; use qwen3-coder-next")
+    dims = with_layers(PRESETS[name], layers)
+    path = HOME / "synthetic" / f"{name}-{dims.n_layer}L-{quant}.gguf"
+    if not path.exists():
+        if announce:
+            announce(f"writing {path} (random weights, {dims.n_layer} layers, {quant}) once ...")
+        write_synthetic(path, dims, quant)
+    return path
