@@ -19,7 +19,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,6 +142,48 @@ POLICIES = {"lru": LRU, "lfu": LFUDecay}
 
 # ---- the store ------------------------------------------------------------------------------------------
 
+class _DaemonPool:
+    """A few daemon threads running submitted calls in order, with futures that can be cancelled until they
+    start. Unlike ThreadPoolExecutor (which finishes every queued call before the interpreter exits), a
+    process that is done does not wait for a background preload of the rest of the model."""
+
+    def __init__(self, n: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._n = n
+        for i in range(n):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                fut.set_exception(exc)
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; the threads end when they reach the end of the queue."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self._n):
+            self._queue.put(None)
+
+
 @dataclass
 class ExpertCounters:
     hits: int = 0
@@ -191,7 +234,7 @@ class ExpertStore:
         self.trace = trace  # when a list: (layer, expert ids) per fetch, for --expert-stats
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
-        self._background = ThreadPoolExecutor(2, thread_name_prefix="expert-preload")  # behind demand reads
+        self._background = _DaemonPool(2, "expert-preload")  # behind demand reads; never delays exit
         self._mutex = threading.Lock()
 
     def _fd(self, path: str) -> int:
@@ -344,7 +387,7 @@ class ExpertStore:
         return sum(sum(a.nbytes for a in ls.arrays) for ls in self.layers.values())
 
     def close(self) -> None:
-        self._background.shutdown(wait=True, cancel_futures=True)
+        self._background.shutdown()
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)

@@ -112,3 +112,26 @@ def test_trace_without_streaming_uses_the_map(path):
     assert np.array_equal(run(m), expect)
     c = m.expert_store.counters
     assert c.misses == 0 and c.bytes_read == 0 and c.hits == sum(len(ids) for _, ids in m.expert_store.trace)
+
+
+def test_background_reads_never_delay_exit():
+    """Preload reads run on daemon threads, and what has not started is cancelled by shutdown: a process that
+    is done does not wait for the rest of the model to be read."""
+    import threading
+
+    from localcoder.experts import _DaemonPool
+    pool = _DaemonPool(1, "test-pool")
+    gate = threading.Event()
+    first = pool.submit(gate.wait, 5)
+    queued = [pool.submit(lambda i=i: i) for i in range(3)]
+    for _ in range(500):  # until the worker has taken the first call
+        if first.running():
+            break
+        gate.wait(0.01)
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("test-pool"))
+    pool.shutdown()
+    gate.set()
+    assert first.result(timeout=5) is True
+    assert all(f.cancelled() for f in queued)
+    f = _DaemonPool(2, "test-pool-2").submit(lambda: 41 + 1)
+    assert f.result(timeout=5) == 42
