@@ -79,18 +79,22 @@ def disk_read_bytes() -> int:
         return -1
 
 
-def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, threads: int = 4) -> float:
+def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, threads: int | None = None) -> float:
     """Read bandwidth of the file's storage in GB/s, read the way the expert store reads: `threads` threads of
     `chunk`-byte preads (an expert's size) spread over `nbytes` from the middle of the file, readahead off,
     after dropping those pages from the page cache (so it measures the disk, not RAM)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .experts import IO_THREADS
+
+    threads = threads or IO_THREADS
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         nbytes = min(nbytes, size)
         start = max((size - nbytes) // 2 // 4096 * 4096, 0)
         if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
         # every 2nd chunk, in an order that jumps around: no two reads of one thread are neighbours
         offsets = [start + i * chunk for i in range(0, nbytes // chunk, 2)]
