@@ -85,7 +85,7 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, th
     after dropping those pages from the page cache (so it measures the disk, not RAM)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .experts import IO_THREADS
+    from .experts import IO_THREADS, background_thread
 
     threads = threads or IO_THREADS
     fd = os.open(path, os.O_RDONLY)
@@ -111,7 +111,7 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, th
             return got
 
         t = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(threads, initializer=background_thread) as pool:
             done = sum(pool.map(read, offsets))
         seconds = time.perf_counter() - t
         if hasattr(os, "posix_fadvise"):

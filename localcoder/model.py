@@ -16,7 +16,7 @@ from .cache import ModelCache, make_cache
 from .chat_template import template_from_metadata
 from .config import ModelConfig
 from .errors import LocalcoderError
-from .experts import ExpertStore
+from .experts import ExpertStore, background_thread
 from .gguf_file import GGUFFile
 from .models import qwen3next
 from .tokenizer import Tokenizer
@@ -87,6 +87,7 @@ class Model:
         return store
 
     def _copy_dense(self) -> None:
+        background_thread()
         tensors = dict(self.file.tensors)
         copies = {name: np.empty(t.data.shape, np.uint8) for name, t in tensors.items() if "_exps" not in name}
         _pread_all([(tensors[name].path, tensors[name].file_offset, a) for name, a in copies.items()])
@@ -165,7 +166,7 @@ def _pread_all(jobs: list[tuple[str, int, np.ndarray]], piece: int = 8 << 20, th
                                           "download or convert it again")
                 got += n
 
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(threads, initializer=background_thread) as pool:
             list(pool.map(read, pieces))
     finally:
         for fd in fds.values():
