@@ -7,6 +7,13 @@ import os as _os
 # tokens/s with 2**4). Read when numpy loads OpenBLAS, so it must be set before the first `import numpy`.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+# OpenBLAS starts its threads when numpy loads: load it with SIGINT blocked so that they never take Ctrl-C
+# (see localcoder.threads)
+from .threads import sigint_blocked as _sigint_blocked  # noqa: E402
+
+with _sigint_blocked():
+    import numpy  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 

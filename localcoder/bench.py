@@ -85,7 +85,8 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, th
     after dropping those pages from the page cache (so it measures the disk, not RAM)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .experts import IO_THREADS, background_thread
+    from .experts import IO_THREADS
+    from .threads import background_thread
 
     threads = threads or IO_THREADS
     fd = os.open(path, os.O_RDONLY)

@@ -16,17 +16,17 @@ routed expert, the index of its slot. Results are bit-identical for every budget
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
-import queue
-import signal
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .gguf_file import QTensor
+from .threads import background_thread
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,6 @@ POLICIES = {"lru": LRU, "lfu": LFUDecay}
 
 
 # ---- the store ------------------------------------------------------------------------------------------
-
-def background_thread() -> None:
-    """Call first in a helper thread: it no longer takes SIGINT, so the user's Ctrl-C always reaches the main
-    thread (a signal the kernel hands to a helper thread leaves the main thread blocked in input())."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 IO_THREADS = 8  # concurrent expert reads: this VM's disk gave 1.2 / 1.7 / 2.0 GB/s at 1 / 4 / 8 readers

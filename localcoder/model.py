@@ -16,7 +16,8 @@ from .cache import ModelCache, make_cache
 from .chat_template import template_from_metadata
 from .config import ModelConfig
 from .errors import LocalcoderError
-from .experts import ExpertStore, background_thread
+from .experts import ExpertStore
+from .threads import background_thread
 from .gguf_file import GGUFFile
 from .models import qwen3next
 from .tokenizer import Tokenizer

@@ -17,6 +17,7 @@ from numba.extending import overload
 
 from ..gguf_file import QTensor
 from ..quant import kernels as K
+from ..threads import sigint_blocked
 from . import numpy_ref
 from .numpy_ref import NumpyBackend
 
@@ -268,6 +269,9 @@ class NumbaBackend(NumpyBackend):
         if threads:
             numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
         self.threads = numba.get_num_threads()
+        with sigint_blocked():  # the thread pool starts with the first parallel kernel: never takes Ctrl-C
+            x = np.zeros((1, 64), np.float32)
+            conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
         self._tile = np.empty(0, np.float32)
