@@ -748,30 +748,6 @@ def _row_intrinsic(emit):
     return typer
 
 
-def _rows_intrinsic(emit):
-    """(w uint8[:, :] C-contiguous, r0, r1, xq, xd, bsf, nb, out float32[:], o, wgt) -> None:
-    out[o + r - r0] += wgt * (w[r] . x) for r0 <= r < r1, in one loop of IR (no per-row call: the experts'
-    down rows are short, 2-8 blocks). fmul then fadd, as the scalar code would (no contraction)."""
-    def typer(typingctx, w, r0, r1, xq, xd, bsf, nb, out, o, wgt):
-        def codegen(context, builder, sig, args):
-            w_, r0_, r1_, xq_, xd_, bsf_, nb_, out_, o_, wgt_ = args
-            wa = context.make_array(sig.args[0])(context, builder, w_)
-            base = builder.bitcast(wa.data, _I8.as_pointer())
-            stride = builder.extract_value(wa.strides, 0)
-            xp = builder.bitcast(context.make_array(sig.args[3])(context, builder, xq_).data, _I8.as_pointer())
-            dp = context.make_array(sig.args[4])(context, builder, xd_).data
-            bp = context.make_array(sig.args[5])(context, builder, bsf_).data
-            op = context.make_array(sig.args[7])(context, builder, out_).data
-            with _cg.for_range(builder, builder.sub(r1_, r0_)) as loop:
-                r = builder.add(r0_, loop.index)
-                v = emit(builder, builder.gep(base, [builder.mul(r, stride)]), [xp], [dp], [bp], nb_)[0]
-                dst = builder.gep(op, [builder.add(o_, loop.index)])
-                builder.store(builder.fadd(builder.load(dst), builder.fmul(wgt_, v)), dst)
-            return context.get_dummy_value()
-        return _nt.void(w, _nt.int64, _nt.int64, xq, xd, bsf, _nt.int64, out, _nt.int64, _nt.float32), codegen
-    return typer
-
-
 def _act_arrays(context, builder, sig, args, idxs):
     """(base i8*, row stride, element pointer type) of the 2-D activation arrays xq, xd, bsf."""
     out = []
@@ -783,23 +759,27 @@ def _act_arrays(context, builder, sig, args, idxs):
 
 
 def _emit_tokens(builder, emit, rp, arrays, p0, nt, nb, use):
-    """use(j, row . x[p0 + j]) for j < nt, where nt is 4 or else 2 (two unrolled variants)."""
+    """use(j, row . x[p0 + j]) for j < nt, where nt is 4, 2 or else 1 (three unrolled variants)."""
     def variant(n):
         lists = [[builder.bitcast(builder.gep(base, [builder.mul(builder.add(p0, _ir.Constant(_I64, j)), stride)]),
                                   ty) for j in range(n)] for base, stride, ty in arrays]
         for j, v in enumerate(emit(builder, rp, *lists, nb)):
             use(j, v)
 
-    with builder.if_else(builder.icmp_signed("==", nt, _ir.Constant(_I64, 4))) as (four, two):
+    with builder.if_else(builder.icmp_signed("==", nt, _ir.Constant(_I64, 4))) as (four, fewer):
         with four:
             variant(4)
-        with two:
-            variant(2)
+        with fewer:
+            with builder.if_else(builder.icmp_signed("==", nt, _ir.Constant(_I64, 2))) as (two, one):
+                with two:
+                    variant(2)
+                with one:
+                    variant(1)
 
 
 def _tokens_intrinsic(emit):
     """(row uint8[:], xq int8[:, :], xd float32[:, :], bsf float32[:, :], p0, nt, nb, res float32[:]) -> None:
-    res[j] = row . x[p0 + j] for j < nt, nt 4 or else 2 (rows of the 2-D activation arrays: one token each)."""
+    res[j] = row . x[p0 + j] for j < nt, nt 4, 2 or 1 (rows of the 2-D activation arrays: one token each)."""
     def typer(typingctx, row, xq, xd, bsf, p0, nt, nb, res):
         def codegen(context, builder, sig, args):
             rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, _I8.as_pointer())
@@ -814,7 +794,8 @@ def _tokens_intrinsic(emit):
 def _rows_tokens_intrinsic(emit):
     """(w uint8[:, :], r0, r1, xq, xd, bsf (2-D), p0, nt, nb, out float32[:, :], tokens int64[:],
     weights float32[:]) -> None: out[tokens[p0 + j], r] += weights[p0 + j] * (w[r] . x[p0 + j]) for
-    r0 <= r < r1 and j < nt (4 or else 2): an expert's down rows against its tokens in one loop of IR."""
+    r0 <= r < r1 and j < nt (4, 2 or 1): an expert's down rows against its tokens in one loop of IR (no
+    per-row call: the experts' down rows are short, 2-8 blocks). fmul then fadd, as scalar code would."""
     def typer(typingctx, w, r0, r1, xq, xd, bsf, p0, nt, nb, out, tokens, weights):
         def codegen(context, builder, sig, args):
             wa = context.make_array(sig.args[0])(context, builder, args[0])
@@ -847,10 +828,6 @@ _rq4k = intrinsic(_row_intrinsic(_row_q4k_codegen(False)))
 _rq5k = intrinsic(_row_intrinsic(_row_q4k_codegen(True)))
 _rq6k = intrinsic(_row_intrinsic(_row_q6k_codegen))
 _rq8_0 = intrinsic(_row_intrinsic(_row_q8_0_codegen))
-_rsq4k = intrinsic(_rows_intrinsic(_row_q4k_codegen(False)))
-_rsq5k = intrinsic(_rows_intrinsic(_row_q4k_codegen(True)))
-_rsq6k = intrinsic(_rows_intrinsic(_row_q6k_codegen))
-_rsq8_0 = intrinsic(_rows_intrinsic(_row_q8_0_codegen))
 _tq4k = intrinsic(_tokens_intrinsic(_row_q4k_codegen(False)))
 _tq5k = intrinsic(_tokens_intrinsic(_row_q4k_codegen(True)))
 _tq6k = intrinsic(_tokens_intrinsic(_row_q6k_codegen))
@@ -953,8 +930,14 @@ def _vdot_row(code, row, xq, xqp, xd, bf32, bf16, bf128):
 
 
 @njit(inline="always")
+def _group(n):
+    """Tokens per pass over a weight row when n are left: 4, 2 or 1."""
+    return 4 if n >= 4 else (2 if n >= 2 else 1)
+
+
+@njit(inline="always")
 def _vdot_tokens(code, row, xq, xqp, xd, bf32, bf16, bf128, p0, nt, res):
-    """res[j] = row . x[p0 + j] for j < nt (2 or 4), x as in _vdot_row but 2-D (one row per token)."""
+    """res[j] = row . x[p0 + j] for j < nt (4, 2 or 1), x as in _vdot_row but 2-D (one row per token)."""
     nb = xq.shape[1] // 256
     if code == _Q4_K:
         _tq4k(row, xqp, xd, bf32, p0, nt, nb, res)
@@ -968,7 +951,7 @@ def _vdot_tokens(code, row, xq, xqp, xd, bf32, bf16, bf128, p0, nt, res):
 
 @njit(inline="always")
 def _vdot_rows_tokens(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, p0, nt, out, tokens, weights):
-    """out[tokens[p0 + j], r] += weights[p0 + j] * (w[r] . x[p0 + j]), rows r0..r1, j < nt (4 or else 2)."""
+    """out[tokens[p0 + j], r] += weights[p0 + j] * (w[r] . x[p0 + j]), rows r0..r1, j < nt (4, 2 or 1)."""
     nb = xq.shape[1] // 256
     if code == _Q4_K:
         _rtq4k(w, r0, r1, xqp, xd, bf32, p0, nt, nb, out, tokens, weights)
@@ -978,20 +961,6 @@ def _vdot_rows_tokens(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, p0, nt, o
         _rtq6k(w, r0, r1, xq, xd, bf16, p0, nt, nb, out, tokens, weights)
     else:
         _rtq8_0(w, r0, r1, xq, xd, bf128, p0, nt, 4 * nb, out, tokens, weights)
-
-
-@njit(inline="always")
-def _vdot_rows(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, out, o, wgt):
-    """out[o + r - r0] += wgt * (w[r] . x) for rows r0..r1 of w (N, row_bytes), x as in _vdot_row."""
-    nb = xq.shape[0] // 256
-    if code == _Q4_K:
-        _rsq4k(w, r0, r1, xqp, xd, bf32, nb, out, o, wgt)
-    elif code == _Q5_K:
-        _rsq5k(w, r0, r1, xqp, xd, bf32, nb, out, o, wgt)
-    elif code == _Q6_K:
-        _rsq6k(w, r0, r1, xq, xd, bf16, nb, out, o, wgt)
-    else:
-        _rsq8_0(w, r0, r1, xq, xd, bf128, 4 * nb, out, o, wgt)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -1041,16 +1010,13 @@ def matmul_q8(code, w, x, out, nchunks):
     for c in prange(nc):
         res = np.empty(4, np.float32)
         for n in range(c * step, min(N, (c + 1) * step)):
-            row = w[n]
             t = 0
-            while T - t >= 2:
-                nt = 4 if T - t >= 4 else 2
-                _vdot_tokens(code, row, xq, xqp, xd, xf32, xf16, xf128, t, nt, res)
+            while t < T:
+                nt = _group(T - t)
+                _vdot_tokens(code, w[n], xq, xqp, xd, xf32, xf16, xf128, t, nt, res)
                 for j in range(nt):
                     out[t + j, n] = res[j]
                 t += nt
-            if t < T:
-                out[t, n] = _vdot_row(code, row, xq[t], xqp[t], xd[t], xf32[t], xf16[t], xf128[t])
 
 
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
@@ -1080,17 +1046,13 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
             e = experts[i]
             grow, urow = gate[e, f], up[e, up_off + f]
             p, p1 = starts[i], starts[i + 1]
-            while p1 - p >= 2:
-                nt = 4 if p1 - p >= 4 else 2
+            while p < p1:
+                nt = _group(p1 - p)
                 _vdot_tokens(gcode, grow, pq, pqp, pd, pf32, pf16, pf128, p, nt, gres)
                 _vdot_tokens(ucode, urow, pq, pqp, pd, pf32, pf16, pf128, p, nt, ures)
                 for j in range(nt):
                     h[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
                 p += nt
-            if p < p1:
-                g = _vdot_row(gcode, grow, pq[p], pqp[p], pd[p], pf32[p], pf16[p], pf128[p])
-                u = _vdot_row(ucode, urow, pq[p], pqp[p], pd[p], pf32[p], pf16[p], pf128[p])
-                h[p, f] = g / (f32(1) + np.exp(-g)) * u
     hq, hqp, hd, hf16, hf32, hf128 = _q8_buffers(n_pairs, F)
     quantize_rows_q8(h, hq, hqp, hd, hf16, hf32, hf128)
     nc, step = _chunks(D, nchunks)
@@ -1099,20 +1061,12 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
         # misses when hundreds of experts are routed); every out element still adds experts in order
         r0, r1 = c * step, min(D, (c + 1) * step)
         for i in range(n_e):
-            e, p0, p1 = experts[i], starts[i], starts[i + 1]
-            if p1 - p0 == 1:  # one token: the rows in one IR loop
-                _vdot_rows(dcode, down[e], r0, r1, hq[p0], hqp[p0], hd[p0], hf32[p0], hf16[p0], hf128[p0],
-                           out[tokens[p0]], r0, weights[p0])
-                continue
-            p = p0
-            while p1 - p >= 2:  # groups of 4 (or 2) tokens, all rows of the chunk in one loop of IR
-                nt = 4 if p1 - p >= 4 else 2
-                _vdot_rows_tokens(dcode, down[e], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, out, tokens,
-                                  weights)
+            p, p1 = starts[i], starts[i + 1]
+            while p < p1:  # groups of 4, 2 or 1 tokens, all rows of the chunk in one loop of IR
+                nt = _group(p1 - p)
+                _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, out,
+                                  tokens, weights)
                 p += nt
-            if p < p1:
-                _vdot_rows(dcode, down[e], r0, r1, hq[p], hqp[p], hd[p], hf32[p], hf16[p], hf128[p],
-                           out[tokens[p]], r0, weights[p])
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
