@@ -86,6 +86,7 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, th
     from concurrent.futures import ThreadPoolExecutor
 
     from .experts import IO_THREADS
+    from .gguf_file import pread_full
     from .threads import background_thread
 
     threads = threads or IO_THREADS
@@ -102,14 +103,7 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, th
         offsets = offsets[0::3] + offsets[1::3] + offsets[2::3]
 
         def read(off: int) -> int:
-            buf = bytearray(chunk)
-            got = 0
-            while got < chunk:
-                n = os.preadv(fd, [memoryview(buf)[got:]], off + got)
-                if n <= 0:
-                    break
-                got += n
-            return got
+            return pread_full(fd, memoryview(bytearray(chunk)), off)
 
         t = time.perf_counter()
         with ThreadPoolExecutor(threads, initializer=background_thread) as pool:

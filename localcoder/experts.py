@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gguf_file import QTensor
+from .gguf_file import QTensor, pread_full
 from .threads import background_thread
 
 
@@ -264,13 +264,8 @@ class ExpertStore:
             n = arr[slot].nbytes
             offset = t.file_offset + e * n
             fd = self._fd(t.path)
-            view = memoryview(arr[slot].reshape(-1))
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [view[got:]], offset + got)
-                if k <= 0:
-                    raise OSError(f"short read of expert {e} in {t.name}")
-                got += k
+            if pread_full(fd, memoryview(arr[slot].reshape(-1)), offset) < n:
+                raise OSError(f"short read of expert {e} in {t.name}")
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)  # the slot is the copy we keep
             total += n

@@ -25,6 +25,18 @@ GGUF_MAGIC = b"GGUF"
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Read len(view) bytes at offset into view (pread, retried after short reads); returns the bytes read,
+    fewer only where the file ends."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
 @dataclass(frozen=True)
 class QTensor:
     """One weight as stored: raw GGML blocks in the file's memory map.

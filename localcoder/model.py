@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .errors import LocalcoderError
 from .experts import ExpertStore
 from .threads import background_thread
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, pread_full
 from .models import qwen3next
 from .tokenizer import Tokenizer
 
@@ -159,13 +159,8 @@ def _pread_all(jobs: list[tuple[str, int, np.ndarray]], piece: int = 8 << 20, th
 
         def read(job) -> None:
             fd, offset, view = job
-            got = 0
-            while got < len(view):
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n <= 0:
-                    raise LocalcoderError(f"the model file ended early at byte {offset + got}; it is truncated: "
-                                          "download or convert it again")
-                got += n
+            if pread_full(fd, view, offset) < len(view):
+                raise LocalcoderError("the model file ended early; it is truncated: download or convert it again")
 
         with ThreadPoolExecutor(threads, initializer=background_thread) as pool:
             list(pool.map(read, pieces))
