@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -196,9 +194,6 @@ class Repl:
 
     def run(self) -> None:
         c = self.console
-        if threading.current_thread() is threading.main_thread():
-            # Ctrl-C raises KeyboardInterrupt here even if this process was started with SIGINT ignored
-            signal.signal(signal.SIGINT, signal.default_int_handler)
         c.print("Type a question; /help for commands; Ctrl-D to quit.", style="dim")
         try:
             while True:
