@@ -30,3 +30,34 @@ def gguf_metadata(path) -> dict:
     from localcoder.gguf_file import GGUFFile
 
     return dict(GGUFFile(path).metadata)
+
+
+def delta_inputs(rng, T, H, Dk, Dv, g_max=2.0, state_scale=1.0):
+    """Random gated-delta inputs (q, k, v, g, beta, state) as the model makes them: q and k L2-normalised
+    (q scaled by Dk^-1/2), g <= 0, beta in (0, 1)."""
+    import numpy as np
+
+    from localcoder.backends.numpy_ref import NumpyBackend
+    nb = NumpyBackend()
+    q = nb.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6) * np.float32(Dk ** -0.5)
+    k = nb.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6)
+    v = rng.standard_normal((T, H, Dv)).astype(np.float32)
+    g = -rng.uniform(0.01, g_max, (T, H)).astype(np.float32)
+    beta = rng.uniform(0, 1, (T, H)).astype(np.float32)
+    state = rng.standard_normal((H, Dk, Dv)).astype(np.float32) * state_scale
+    return q, k, v, g, beta, state
+
+
+def greedy_decode(model, prompt_ids, cache, n=32):
+    """Prefill prompt_ids into cache, then n greedy single-token steps: (tokens, the logits each token was
+    chosen from)."""
+    import numpy as np
+
+    from localcoder.generate import prefill
+    logits = prefill(model, list(prompt_ids), cache)
+    tokens, step_logits = [], []
+    for _ in range(n):
+        step_logits.append(logits)
+        tokens.append(int(np.argmax(logits)))
+        logits = model.forward([tokens[-1]], cache, all_logits=False)[-1]
+    return tokens, np.array(step_logits)

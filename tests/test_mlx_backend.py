@@ -24,6 +24,7 @@ from localcoder.experts import ExpertSet  # noqa: E402
 from localcoder.generate import prefill  # noqa: E402
 from localcoder.gguf_file import GGUFFile, QTensor  # noqa: E402
 from localcoder.quant.formats import get_format  # noqa: E402
+from conftest import delta_inputs  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TOL = 1e-5
@@ -168,14 +169,7 @@ def test_small_ops_match_reference(be):
 
 
 def _delta_inputs(rng, T, H=3, Dk=32, Dv=48):
-    nb = NumpyBackend()
-    q = nb.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6) * np.float32(Dk ** -0.5)
-    k = nb.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6)
-    v = rng.standard_normal((T, H, Dv)).astype(np.float32)
-    g = -rng.uniform(0.01, 1.0, (T, H)).astype(np.float32)
-    beta = rng.uniform(0, 1, (T, H)).astype(np.float32)
-    state = rng.standard_normal((H, Dk, Dv)).astype(np.float32) * 0.1
-    return q, k, v, g, beta, state
+    return delta_inputs(rng, T, H, Dk, Dv, g_max=1.0, state_scale=0.1)
 
 
 def test_gated_delta_chunked_vs_recurrent_vs_reference():

@@ -6,6 +6,7 @@ Tolerance: max |delta logits| <= 1e-5 at every position of every prompt (llama.c
 
 import numpy as np
 import pytest
+from conftest import greedy_decode
 
 import localcoder
 from localcoder.generate import prefill
@@ -55,15 +56,9 @@ def test_greedy_decode_matches_transformers(tiny):
     """32 greedy tokens through the decode path (KV cache, conv state, recurrent state)."""
     model, ref = _model(tiny, "BF16"), _ref(tiny, "BF16")
     for p in ("p7", "p64", "p300"):
-        cache = model.new_cache()
-        logits = prefill(model, ref[f"{p}_ids"].tolist(), cache)
-        tokens, step_logits = [], [logits]
-        for _ in range(32):
-            tokens.append(int(np.argmax(logits)))
-            logits = model.forward([tokens[-1]], cache, all_logits=False)[-1]
-            step_logits.append(logits)
+        tokens, step_logits = greedy_decode(model, ref[f"{p}_ids"], model.new_cache())
         assert tokens == ref[f"{p}_hf_greedy32"].tolist(), p
-        err = np.abs(np.array(step_logits[:32]) - ref[f"{p}_hf_greedy32_logits"]).max()
+        err = np.abs(step_logits - ref[f"{p}_hf_greedy32_logits"]).max()
         assert err <= TOL, f"{p}: decode logits max |delta| {err:.3g}"
 
 

@@ -16,6 +16,7 @@ import gguf
 import numba
 import numpy as np
 import pytest
+from conftest import delta_inputs
 
 from localcoder.backends import numpy_ref
 from localcoder.backends.numba_cpu import NumbaBackend, gated_delta_chunked
@@ -107,15 +108,7 @@ def test_embed(backend):
 
 
 def _delta_inputs(T, H=4, Dk=16, Dv=8, seed=0):
-    rng = np.random.default_rng(seed)
-    be = NumpyBackend()
-    q = be.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6) * np.float32(Dk ** -0.5)
-    k = be.l2_norm(rng.standard_normal((T, H, Dk)).astype(np.float32), 1e-6)
-    v = rng.standard_normal((T, H, Dv)).astype(np.float32)
-    g = -rng.uniform(0.01, 2, (T, H)).astype(np.float32)
-    beta = rng.uniform(0, 1, (T, H)).astype(np.float32)
-    state = rng.standard_normal((H, Dk, Dv)).astype(np.float32)
-    return q, k, v, g, beta, state
+    return delta_inputs(np.random.default_rng(seed), T, H, Dk, Dv)
 
 
 @pytest.mark.parametrize("shape", [(1, 2048), (3, 4, 128), (64, 256)])
@@ -173,19 +166,24 @@ def test_attention_with_cache(T, past, kv_dtype, backend):
     assert rel_err(backend.attention(q, k, v, pos), ref) <= REL
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
-@pytest.mark.parametrize("T", [1, 3, 64])
-def test_moe(T, fused, backend):
-    rng = np.random.default_rng(T + 10 * fused)
-    E, D, F, k = 8, 256, 256, 3
-    down = qtensor("down", Q.Q6_K if fused else Q.Q4_0, (E, D, F), rng)
+def _moe_case(rng, T, fused, D, down_type, up_type, E=8, F=256, k=3):
+    """k distinct experts per token out of E: fused gate_up (Q4_K) with Q6_K down, or Q5_K gate, up_type up and
+    down_type down; x, routing and weights for T tokens."""
+    down = qtensor("down", Q.Q6_K if fused else down_type, (E, D, F), rng)
     if fused:
         experts = ExpertSet(0, down, gate_up=qtensor("gu", Q.Q4_K, (E, 2 * F, D), rng))
     else:
-        experts = ExpertSet(0, down, gate=qtensor("g", Q.Q5_K, (E, F, D), rng), up=qtensor("u", Q.Q8_0, (E, F, D), rng))
+        experts = ExpertSet(0, down, gate=qtensor("g", Q.Q5_K, (E, F, D), rng), up=qtensor("u", up_type, (E, F, D), rng))
     x = (0.1 * rng.standard_normal((T, D))).astype(np.float32)
     ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
     wts = rng.uniform(0.1, 1, (T, k)).astype(np.float32)
+    return experts, x, ids, wts
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_moe(T, fused, backend):
+    experts, x, ids, wts = _moe_case(np.random.default_rng(T + 10 * fused), T, fused, 256, Q.Q4_0, Q.Q8_0)
     ref = NumpyBackend().moe(x, experts, ids, wts)
     assert rel_err(backend.moe(x, experts, ids, wts), ref) <= REL
 
@@ -266,16 +264,7 @@ def test_matmul_int8_activations(qtype, T):
 def test_moe_int8_activations(fused, T):
     """k distinct experts per token, T tokens: gate/up/down through Q8_K activations (h re-quantized per
     token and expert)."""
-    rng = np.random.default_rng(7 + fused + 10 * T)
-    E, D, F, k = 8, 512, 256, 3
-    down = qtensor("down", Q.Q6_K if fused else Q.Q8_0, (E, D, F), rng)
-    if fused:
-        experts = ExpertSet(0, down, gate_up=qtensor("gu", Q.Q4_K, (E, 2 * F, D), rng))
-    else:
-        experts = ExpertSet(0, down, gate=qtensor("g", Q.Q5_K, (E, F, D), rng), up=qtensor("u", Q.Q4_K, (E, F, D), rng))
-    x = (0.1 * rng.standard_normal((T, D))).astype(np.float32)
-    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
-    wts = rng.uniform(0.1, 1, (T, k)).astype(np.float32)
+    experts, x, ids, wts = _moe_case(np.random.default_rng(7 + fused + 10 * T), T, fused, 512, Q.Q8_0, Q.Q4_K)
     got = NumbaBackend(int8_activations=True).moe(x, experts, ids, wts)
     ref = NumpyBackend().moe(x, experts, ids, wts)
     for t in range(T):

@@ -9,10 +9,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import greedy_decode
 
 import localcoder
 from localcoder.cache import make_cache
-from localcoder.generate import prefill
 
 TOL = 1e-5
 QUANTS = ["BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
@@ -48,16 +48,10 @@ def test_greedy_decode_matches_transformers(tiny, kv_dtype):
     """32 greedy tokens through the decode path (matvec kernels, KV cache, conv and recurrent state)."""
     model, ref = _model(tiny, "BF16"), _ref(tiny, "BF16")
     for p in ("p7", "p300"):
-        cache = make_cache(model.config, kv_dtype)
-        logits = prefill(model, ref[f"{p}_ids"].tolist(), cache)
-        tokens, step_logits = [], [logits]
-        for _ in range(32):
-            tokens.append(int(np.argmax(logits)))
-            logits = model.forward([tokens[-1]], cache, all_logits=False)[-1]
-            step_logits.append(logits)
+        tokens, step_logits = greedy_decode(model, ref[f"{p}_ids"], make_cache(model.config, kv_dtype))
         assert tokens == ref[f"{p}_hf_greedy32"].tolist(), p
         if kv_dtype == np.float32:
-            err = np.abs(np.array(step_logits[:32]) - ref[f"{p}_hf_greedy32_logits"]).max()
+            err = np.abs(step_logits - ref[f"{p}_hf_greedy32_logits"]).max()
             assert err <= TOL, f"{p}: decode logits max |delta| {err:.3g}"
 
 
