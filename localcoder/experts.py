@@ -143,8 +143,8 @@ POLICIES = {"lru": LRU, "lfu": LFUDecay}
 
 # ---- the store ------------------------------------------------------------------------------------------
 
-
 IO_THREADS = 8  # concurrent expert reads: this VM's disk gave 1.2 / 1.7 / 2.0 GB/s at 1 / 4 / 8 readers
+
 
 class _DaemonPool:
     """A few daemon threads running submitted calls in order, with futures that can be cancelled until they

@@ -27,7 +27,8 @@ KV_TYPES = {"f32": np.float32, "f16": np.float16}  # f16 halves the attention ca
 
 
 class Model:
-    """A loaded qwen3next GGUF: config, tokenizer, chat template, weights (mmapped) and a backend."""
+    """A loaded qwen3next GGUF: config, tokenizer, chat template, weights (read into memory, or the file's
+    map with mmap=True) and a backend."""
 
     def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
                  expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
@@ -50,6 +51,7 @@ class Model:
         self.kv_dtype = KV_TYPES[kv_type]
         self.forward_tokens = 0  # tokens run through the forward pass, for tests and stats
         self._dense_copy: threading.Thread | None = None
+        self._dense_copy_error: BaseException | None = None
         # Weights in process memory (dense ones copied once, experts read into slots on first use) unless
         # mmap: kernels reading a file mapping pay a TLB miss per 4 KB page; process memory gets huge pages
         # (measured: 151936x2048 Q6_K matvec 17-19 GB/s mapped, 31-32 GB/s copied). The MLX backend
@@ -59,9 +61,9 @@ class Model:
 
     def _expert_store(self, expert_cache, policy: str, trace: bool, prefetch: bool,
                       preload: bool) -> ExpertStore | None:
-        """Stream experts when the budget cannot hold them all (default budget: available RAM less the dense
-        weights and 1 GB for the rest). When it can: slots for every expert, filled on first use, or with
-        mmap the memory map itself (no store unless tracing)."""
+        """Stream experts when the budget cannot hold them all (default budget: 0.8 x (available RAM less the
+        dense weights) less 1 GB). When it can: slots for every expert, preloaded in the background and
+        filled on demand first, or with mmap the memory map itself (no store unless tracing)."""
         sets = [layer.experts for layer in self.weights.layers]
         expert_bytes = sum(t.nbytes for es in sets for t in es.tensors)
         dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes
@@ -79,16 +81,22 @@ class Model:
         self.weights = replace(self.weights, layers=layers)
         if budget < expert_bytes or not self.mmap:
             # every token needs every dense weight: keep them in process memory, where the page cache's LRU
-            # (busy with expert reads) cannot evict them. One sequential read, in the background so that the
-            # prompt is ready at once; the first forward pass waits for it.
+            # (busy with expert reads) cannot evict them. Read in the background so that the prompt is ready at
+            # once; the first forward pass waits for it (and raises what the read raised).
             self._dense_copy = threading.Thread(target=self._copy_dense, daemon=True)
             self._dense_copy.start()
         if preload:
-            store.preload()  # a model that fits: every expert read into memory in the background
+            store.preload()  # when the budget holds every expert: all read into memory in the background
         return store
 
     def _copy_dense(self) -> None:
         background_thread()
+        try:
+            self._read_dense()
+        except BaseException as exc:  # noqa: BLE001 - raised by the forward pass that waits for the copy
+            self._dense_copy_error = exc
+
+    def _read_dense(self) -> None:
         tensors = dict(self.file.tensors)
         copies = {name: np.empty(t.data.shape, np.uint8) for name, t in tensors.items() if "_exps" not in name}
         _pread_all([(tensors[name].path, tensors[name].file_offset, a) for name, a in copies.items()])
@@ -113,6 +121,8 @@ class Model:
         if self._dense_copy is not None:
             self._dense_copy.join()
             self._dense_copy = None
+            if self._dense_copy_error is not None:
+                raise self._dense_copy_error
         self.forward_tokens += len(ids)
         try:
             out = qwen3next.forward(self.backend, self.config, self.weights, ids, cache, all_logits)

@@ -1,5 +1,7 @@
 """Expert streaming: bit-identical results for every cache budget, consistent counters, no stray reads."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -135,3 +137,19 @@ def test_background_reads_never_delay_exit():
     assert all(f.cancelled() for f in queued)
     f = _DaemonPool(2, "test-pool-2").submit(lambda: 41 + 1)
     assert f.result(timeout=5) == 42
+
+
+def test_dense_copy_of_a_file_truncated_after_opening_is_a_one_line_error(q8_path, tmp_path):
+    """The dense weights are read in a background thread; what it raises reaches the first forward pass."""
+    import shutil
+
+    from localcoder.errors import LocalcoderError
+    from localcoder.gguf_file import GGUFFile
+    from localcoder.model import Model
+    path = tmp_path / "m.gguf"
+    shutil.copy(q8_path, path)
+    file = GGUFFile(path)
+    os.truncate(path, path.stat().st_size // 2)
+    model = Model(file, backend="numpy", preload=False)
+    with pytest.raises(LocalcoderError, match="truncated"):
+        model.forward([1], model.new_cache())

@@ -294,9 +294,10 @@ class NumbaBackend(NumpyBackend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         data = np.ascontiguousarray(w.data)
         T, N = x.shape[0], w.shape[0]
+        q8 = self.int8 and kern.code in K.Q8_CODES and w.shape[1] % 256 == 0  # 8-bit activations apply
         if T == 1:
             out = np.empty(N, np.float32)
-            if self.int8 and kern.code in K.Q8_CODES and w.shape[1] % 256 == 0:
+            if q8:
                 K.matvec_q8(kern.code, data, x[0], out, self.nchunks)
                 return out[None]
             K.matvec(kern.code, data, x[0], K.F16_LUT, out, self.nchunks)
@@ -305,7 +306,7 @@ class NumbaBackend(NumpyBackend):
         if w.ggml_type == K.Q.F32:  # the router: BLAS on the stored floats, no tile copy
             np.matmul(x, data.view(np.float32).reshape(N, -1).T, out=out)
             return out
-        if T < Q8_MATMUL_MAX_TOKENS and self.int8 and kern.code in K.Q8_CODES and w.shape[1] % 256 == 0:
+        if q8 and T < Q8_MATMUL_MAX_TOKENS:
             K.matmul_q8(kern.code, data, x, out, self.nchunks)
             return out
         if T < BLAS_MIN_TOKENS:
@@ -411,8 +412,6 @@ class NumbaBackend(NumpyBackend):
         out = np.zeros((T, D), np.float32)
         # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
         # expert's contribution to `out` in that order, so batching never changes the result
-        # 8-bit activations for every step: each expert's rows are read once per step and dotted with its
-        # few tokens from L1
         int8 = self._int8_ok(codes, D, F)
         done = 0
         for arrays, ids, slots in experts.fetch(uniq):
