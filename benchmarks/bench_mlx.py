@@ -4,9 +4,9 @@
     python benchmarks/bench_mlx.py --layers 4 --pp 32 --tg 8 --q6-k exact
 
 The file (random weights, the real dimensions, llama.cpp's Q4_K_M type mix; ~7.9 GiB at 8 layers) is written
-once to /tmp/lc-synth/. Weight conversion to MLX's layout happens on first use and is timed apart (a warm-up
-prefill converts every layer's experts when they are resident); the figures are steady-state. Nothing here is
-asserted in tests.
+once to ~/.localcoder/synthetic/, the file `localcoder bench --synthetic` uses. Weight conversion to MLX's
+layout happens on first use and is timed apart (a warm-up prefill converts every layer's experts when they
+are resident); the figures are steady-state. Nothing here is asserted in tests.
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ def main() -> None:
 
     import localcoder
     from localcoder.backends.mlx_backend import MLXBackend
-    from localcoder.synthetic import PRESETS, with_layers, write_synthetic
+    from localcoder.synthetic import ensure_synthetic
 
-    path = args.model or Path(f"/tmp/lc-synth/qwen3-coder-next-{args.layers}L-q4_k_m.gguf")
-    if not path.exists():
-        print(f"writing {path} ...", flush=True)
-        write_synthetic(path, with_layers(PRESETS["qwen3-coder-next"], args.layers), "q4_k_m")
+    path = args.model or ensure_synthetic("qwen3-coder-next", args.layers, "q4_k_m",
+                                          announce=lambda msg: print(msg, flush=True))
     budget = None if args.expert_budget_gib is None else int(args.expert_budget_gib * 2 ** 30)
     be = MLXBackend(q6_k=args.q6_k, expert_budget=budget)
     model = localcoder.load(path, backend=be, n_ctx=4096)
