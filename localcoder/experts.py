@@ -65,7 +65,7 @@ class ExpertSet:
     @property
     def speculative(self) -> bool:
         """Whether guessed experts are worth reading ahead (streaming with speculative prefetch on)."""
-        return self.store is not None and self.store.speculate and not self.store.resident
+        return self.store is not None and self.store.speculating
 
     def prefetch(self, ids) -> None:
         if self.store is not None:
@@ -346,7 +346,7 @@ class ExpertStore:
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""
-        if self.resident or not self.speculate:  # nothing is ever evicted: no guess is worth a read
+        if not self.speculating:
             return
         ls = self._slots(es)
         with ls.lock:
@@ -361,6 +361,12 @@ class ExpertStore:
                 ls.prefetched.add(e)
                 ls.policy.touch(e)
                 ls.pending[e] = self._pool.submit(self._read, ls, e, slot)
+
+    @property
+    def speculating(self) -> bool:
+        """Speculative prefetch on and worth it: when every expert is resident nothing is ever evicted, so
+        no guess is worth a read."""
+        return self.speculate and not self.resident
 
     def preload(self) -> None:
         """When every expert has a slot: queue reads of all of them, layer by layer, on the I/O threads (a
