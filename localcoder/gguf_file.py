@@ -39,7 +39,7 @@ def pread_full(fd: int, view: memoryview, offset: int) -> int:
 
 @dataclass(frozen=True)
 class QTensor:
-    """One weight as stored: raw GGML blocks in the file's memory map.
+    """One weight as stored: raw GGML blocks, a view of the file's memory map or a read-only copy of it.
 
     shape is in numpy order (ggml's ne reversed): a matrix is (out, in), experts are (E, out, in).
     data is a uint8 view of shape (*shape[:-1], row_bytes).

@@ -218,7 +218,7 @@ def _dot_q4k(row, x, xs, f16, five):
         xb = x[256 * b:256 * b + 256]
         m = f32(0)
         for j in range(8):
-            sj, mj = _scale_min_k4(sc, j)
+            _, mj = _scale_min_k4(sc, j)
             m += f32(mj) * (xs[16 * b + 2 * j] + xs[16 * b + 2 * j + 1])
         s0, _ = _scale_min_k4(sc, 0)
         s1, _ = _scale_min_k4(sc, 1)
