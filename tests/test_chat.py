@@ -13,7 +13,7 @@ from localcoder.sampling import greedy
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir):
-    return localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numpy",
+    return localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf", backend="numpy",
                            n_ctx=4096)
 
 

@@ -22,6 +22,7 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 @pytest.fixture(scope="module")
 def tiny(fixtures_dir):
+    fixtures_dir / "qwen3next-tiny" / "hf" / "model.safetensors"  # the checkpoint (not in the in-repo subset)
     return fixtures_dir / "qwen3next-tiny"
 
 

@@ -108,7 +108,7 @@ FIXTURE_FILES = ["BF16", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 
 @pytest.mark.parametrize("quant", FIXTURE_FILES)
 def test_fixture_tensors_bit_identical(fixtures_dir, quant):
-    path = pathlib.Path(fixtures_dir, "qwen3next-tiny", "gguf", f"qwen3next-tiny-{quant}.gguf")
+    path = fixtures_dir / "qwen3next-tiny" / "gguf" / f"qwen3next-tiny-{quant}.gguf"
     if not path.exists():
         pytest.skip(f"{path} not found")
     reader = gguf.GGUFReader(path)

@@ -76,7 +76,7 @@ def test_text_stream_releases_when_not_a_stop():
 
 @pytest.fixture(scope="module")
 def tiny(fixtures_dir):
-    return localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numpy")
+    return localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf", backend="numpy")
 
 
 def test_generation_stops_on_stop_string_and_max_tokens(tiny):

@@ -31,6 +31,7 @@ MIN_IDENTICAL = 0.999
 
 @pytest.fixture(scope="module")
 def tiny(fixtures_dir):
+    fixtures_dir / "qwen3next-tiny" / "hf" / "model.safetensors"  # the checkpoint (not in the in-repo subset)
     return fixtures_dir / "qwen3next-tiny"
 
 

@@ -25,7 +25,7 @@ from localcoder.generate import TextStream  # noqa: E402
 from localcoder.model import load  # noqa: E402
 from localcoder.server import PromptCache, create_app  # noqa: E402
 
-NAME = "qwen3next-tiny-Q8_0"
+NAME = "qwen3next-tiny-Q4_K_M"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -38,7 +38,7 @@ CALL_TEXT = ("Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=c
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir):
-    return load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numpy")
+    return load(fixtures_dir / "qwen3next-tiny" / "gguf" / f"{NAME}.gguf", backend="numpy")
 
 
 @contextlib.contextmanager

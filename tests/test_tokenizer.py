@@ -10,7 +10,7 @@ from localcoder.errors import GGUFError
 from localcoder.tokenizer import StreamDecoder, Tokenizer, bytes_to_unicode
 
 FULL_GGUF = "qwen-tokenizer/qwen3-tokenizer-vocab.gguf"
-TINY_GGUF = "qwen3next-tiny/gguf/qwen3next-tiny-BF16.gguf"
+TINY_GGUF = "qwen3next-tiny/gguf/qwen3next-tiny-Q4_K_M.gguf"
 
 
 @pytest.fixture(scope="module")
