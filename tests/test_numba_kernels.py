@@ -285,3 +285,41 @@ def test_swiglu_int8_activations():
     assert got.shape == (1, D)
     assert np.linalg.norm(got - ref) <= 2 * INT8_NORM_REL * np.linalg.norm(ref)
     assert rel_err(NumbaBackend(int8_activations=False).swiglu(x, gate, up, down), ref) <= REL
+
+
+class _Batches:
+    """An expert set whose fetch() hands out n resident experts at a time (as a streaming store may)."""
+
+    def __init__(self, experts, n):
+        self._experts, self._n = experts, n
+
+    def __getattr__(self, name):
+        return getattr(self._experts, name)
+
+    def fetch(self, ids):
+        for i in range(0, len(ids), self._n):
+            yield from self._experts.fetch(ids[i:i + self._n])
+
+
+@needs_vnni
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("batch", [None, 2], ids=["resident", "streamed-2"])
+def test_moe_with_shared_expert(T, batch):
+    """The shared expert runs inside the MoE kernel (with the last batch of resident experts): one token
+    gives exactly moe() + weight * swiglu(), as two calls would; several tokens stay within the 8-bit bound
+    of the NumPy reference; a store that hands out 2 experts at a time changes nothing."""
+    from localcoder.backends import SharedExpert
+    rng = np.random.default_rng(21 + T)
+    experts, x, ids, wts = _moe_case(rng, T, False, 512, Q.Q6_K, Q.Q4_K)
+    shared = SharedExpert(qtensor("sg", Q.Q4_K, (256, 512), rng), qtensor("su", Q.Q5_K, (256, 512), rng),
+                          qtensor("sd", Q.Q6_K, (512, 256), rng), rng.uniform(0, 1, (T, 1)).astype(np.float32))
+    be = NumbaBackend(int8_activations=True)
+    if batch:
+        experts = _Batches(experts, batch)
+    got = be.moe(x, experts, ids, wts, shared)
+    ref = NumpyBackend().moe(x, experts, ids, wts, shared)
+    for t in range(T):
+        assert np.linalg.norm(got[t] - ref[t]) <= 2 * INT8_NORM_REL * np.linalg.norm(ref[t])
+    if T == 1:
+        apart = be.moe(x, experts, ids, wts) + shared.weight * be.swiglu(x, *shared[:3])
+        assert np.array_equal(got, apart)

@@ -85,3 +85,30 @@ def test_int8_activations_within_2x_llamacpp(tiny, q):
             f"{q} {name}: rms ratio {rms:.3g} > 2 x {tol['rms_err_over_rms_ref']:.3g}")
         print(f"{q}: int8 {name} max |delta| {err:.3g} (llama.cpp {tol['max_abs']:.3g}), rms {rms:.3g} "
               f"(llama.cpp {tol['rms_err_over_rms_ref']:.3g})")
+
+
+WARMUP_CHECK = """
+import sys
+import localcoder
+from localcoder.backends import numba_cpu
+from localcoder.quant import kernels as K
+numba_cpu.warmup()
+kernels = {n: f for mod in (K, numba_cpu) for n, f in vars(mod).items() if hasattr(f, "signatures")}
+before = {n: set(f.signatures) for n, f in kernels.items()}
+model = localcoder.load(sys.argv[1], backend="numba")
+cache = model.new_cache()
+for ids in (list(range(1, 40)), [5], [6, 7], list(range(8, 14))):
+    model.forward(ids, cache)
+print(sorted(f"{n}{sorted(set(f.signatures) - before[n])}" for n, f in kernels.items() if set(f.signatures) - before[n]))
+"""
+
+
+def test_warmup_compiles_every_signature_the_model_uses(tiny):
+    """`localcoder warmup` must leave nothing to compile for a run (read-only weights are a separate Numba
+    type from writable arrays: warming up on writable ones compiled forms no model ever calls)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", WARMUP_CHECK, str(tiny / "gguf" / "qwen3next-tiny-Q4_K_M.gguf")],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

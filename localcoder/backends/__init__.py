@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import Any, NamedTuple
 
 from ..errors import LocalcoderError
+
+
+class SharedExpert(NamedTuple):
+    """The shared expert of a MoE layer as moe() takes it: SwiGLU weights and each token's weight (T, 1)
+    (sigmoid of the shared gate). Added after the routed experts: y = routed + weight * swiglu(x)."""
+    gate: Any
+    up: Any
+    down: Any
+    weight: Any
 
 BACKENDS = ("auto", "numpy", "numba", "mlx")
 

@@ -45,6 +45,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..errors import UnsupportedQuantType
 from ..gguf_file import QTensor
+from .numpy_ref import add_shared
 from ..quant.formats import IQ4_KVALUES, _f16, _k_scale_min, _nibbles, _bits_le, get_format
 
 CHUNK = 64  # chunk length of the chunked gated delta rule, as the reference
@@ -651,8 +652,9 @@ class MLXBackend:
     def swiglu(self, x, gate: QTensor, up: QTensor, down: QTensor):
         return self.matmul(_silu(self.matmul(x, gate)) * self.matmul(x, up), down)
 
-    def moe(self, x, experts, expert_ids, expert_weights):
-        """Routed experts' SwiGLU with gather_qmm. x (T, D); expert_ids, expert_weights (T, k)."""
+    def moe(self, x, experts, expert_ids, expert_weights, shared=None):
+        """Routed experts' SwiGLU with gather_qmm, plus the shared expert if given. x (T, D); expert_ids,
+        expert_weights (T, k)."""
         Tn, k = expert_ids.shape
         stacks = self.experts.layer(experts)
         if stacks is not None:
@@ -675,7 +677,7 @@ class MLXBackend:
             h = mx.concatenate([self._swiglu_gathered(x[:, None, None, :], gate_up, gate, up, down, idx[:, a:b], F,
                                                       False, s)
                                 for a, b, s in zip(cuts, cuts[1:], self.streams or (None,))], axis=1)[:, :, 0]
-        return (h * expert_weights[..., None]).sum(axis=1)
+        return add_shared(self, (h * expert_weights[..., None]).sum(axis=1), x, shared)
 
     @staticmethod
     def _swiglu_gathered(x, gate_up, gate, up, down, idx, F, sorted_indices, stream=None):

@@ -170,9 +170,10 @@ def rms_norm_rows(x, w, eps, out):
 # causal conv, attention
 
 @njit(cache=True, parallel=True, fastmath=True)
-def conv1d_silu(x, w, conv_state, out):
-    """out[t, c] = silu(sum_j full[t + j, c] w[c, j]) with full = [conv_state; x]. x (T, C), w (C, Kc),
-    conv_state (Kc-1, C). Parallel over channel ranges, vectorised along channels (rows of x are contiguous)."""
+def causal_conv1d(x, w, conv_state, out):
+    """out[t, c] = sum_j full[t + j, c] w[c, j] with full = [conv_state; x]. x (T, C), w (C, Kc),
+    conv_state (Kc-1, C). Parallel over channel ranges, vectorised along channels (rows of x are contiguous).
+    The SiLU that follows is NumPy's: its vectorised exp is ~10x faster than the scalar one here."""
     T, C = x.shape
     Kc = w.shape[1]
     wt = np.ascontiguousarray(w.T)  # (Kc, C)
@@ -189,8 +190,26 @@ def conv1d_silu(x, w, conv_state, out):
                 for c in range(c0, c1):
                     acc[c - c0] += src[c] * wt[j, c]
             for c in range(c0, c1):
-                a = acc[c - c0]
-                out[t, c] = a / (f32(1) + np.exp(-a))
+                out[t, c] = acc[c - c0]
+
+
+@njit(cache=True, fastmath=True)
+def causal_conv1d_step(x, wt, conv_state, out, new_state):
+    """causal_conv1d for one token (decode), serial: w pre-transposed (Kc, C) so every pass runs along contiguous
+    channels; also writes the shifted state, new_state = [conv_state[1:]; x]."""
+    Kc, C = wt.shape
+    for c in range(C):
+        out[0, c] = 0
+    for j in range(Kc - 1):
+        for c in range(C):
+            out[0, c] += conv_state[j, c] * wt[j, c]
+    for c in range(C):
+        out[0, c] += x[0, c] * wt[Kc - 1, c]
+    for j in range(Kc - 2):
+        for c in range(C):
+            new_state[j, c] = conv_state[j + 1, c]
+    for c in range(C):
+        new_state[Kc - 2, c] = x[0, c]
 
 
 def _load(a, i, lut):
@@ -271,9 +290,10 @@ class NumbaBackend(NumpyBackend):
         self.threads = numba.get_num_threads()
         with sigint_blocked():  # the thread pool starts with the first parallel kernel: never takes Ctrl-C
             x = np.zeros((1, 64), np.float32)
-            conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
+            causal_conv1d(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
+        self._transposed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._tile = np.empty(0, np.float32)
 
     # weights ------------------------------------------------------------------------------------------
@@ -357,7 +377,15 @@ class NumbaBackend(NumpyBackend):
     def conv1d(self, x: np.ndarray, w: np.ndarray, conv_state: np.ndarray):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
-        conv1d_silu(x, np.ascontiguousarray(w, dtype=np.float32), conv_state, out)
+        if x.shape[0] == 1 and conv_state.dtype == np.float32 and conv_state.flags.c_contiguous:
+            wt = self._transposed.get(id(w))
+            if wt is None or wt[0] is not w:  # the conv weight (a kept be.vector array), transposed once
+                wt = self._transposed[id(w)] = (w, np.ascontiguousarray(w.T, dtype=np.float32))
+            new_state = np.empty_like(conv_state)
+            causal_conv1d_step(x, wt[1], conv_state, out, new_state)
+            return numpy_ref.silu(out), new_state
+        causal_conv1d(x, np.ascontiguousarray(w, dtype=np.float32), conv_state, out)
+        out = numpy_ref.silu(out)
         Kc = w.shape[1]
         new_state = np.concatenate([conv_state, x], axis=0)[-(Kc - 1):].copy()
         return out, new_state
@@ -386,16 +414,32 @@ class NumbaBackend(NumpyBackend):
             d = [np.ascontiguousarray(t.data)[None] for t in (gate, up, down)]
             zero = np.zeros(1, np.int64)
             K.moe_q8(*codes, d[0], d[1], 0, d[2], F, zero, np.array([0, 1], np.int64), zero,
-                     np.ones(1, np.float32), np.ascontiguousarray(x, dtype=np.float32), out, self.nchunks)
+                     np.ones(1, np.float32), np.ascontiguousarray(x, dtype=np.float32), *K.NO_SHARED, out,
+                     self.nchunks)
             return out
         return self.matmul(numpy_ref.silu(self.matmul(x, gate)) * self.matmul(x, up), down)
 
     def _int8_ok(self, codes, D: int, F: int) -> bool:
         return self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0 and F % 256 == 0
 
-    def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray) -> np.ndarray:
-        """Routed experts' SwiGLU. x (T, D); expert_ids, expert_weights (T, k). Tokens are grouped by
-        expert so each routed expert's bytes are read once per step."""
+    def _fold_shared(self, shared, x) -> tuple | None:
+        """moe_q8's shared-expert arguments when the shared expert can run inside the MoE kernel (8-bit
+        activations apply, a prompt short enough for them), else None."""
+        if shared is None or x.shape[0] >= Q8_MATMUL_MAX_TOKENS:
+            return None
+        codes = [K.kernel_for(t.ggml_type).code for t in (shared.gate, shared.up, shared.down)]
+        Fs, D = shared.gate.shape
+        if not (self._int8_ok(codes, D, Fs) and shared.up.shape == (Fs, D) and shared.down.shape == (D, Fs)):
+            return None
+        weight = np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1)
+        return (np.array(codes, np.int64), *(np.ascontiguousarray(t.data) for t in shared[:3]), weight)
+
+    def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray,
+            shared=None) -> np.ndarray:
+        """Routed experts' SwiGLU, plus the shared expert if given. x (T, D); expert_ids, expert_weights
+        (T, k). Tokens are grouped by expert so each routed expert's bytes are read once per step; with
+        8-bit activations the shared expert runs in the same kernel call (with the last batch of resident
+        experts: the same sums in the same order as a separate swiglu added afterwards)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         T, D = x.shape
         flat = expert_ids.reshape(-1)
@@ -413,52 +457,66 @@ class NumbaBackend(NumpyBackend):
         # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
         # expert's contribution to `out` in that order, so batching never changes the result
         int8 = self._int8_ok(codes, D, F)
+        fold = self._fold_shared(shared, x) if int8 else None
         done = 0
         for arrays, ids, slots in experts.fetch(uniq):
             gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
             n = len(ids)
             args = (*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
                     starts[done:done + n + 1], tokens, weights, x)
+            done += n
             if int8:
-                K.moe_q8(*args, out, self.nchunks)
+                K.moe_q8(*args, *(fold if fold and done == len(uniq) else K.NO_SHARED), out, self.nchunks)
             else:
                 K.moe_experts(*args, K.F16_LUT, out, self.nchunks)
-            done += n
-        return out
+        return out if fold else numpy_ref.add_shared(self, out, x, shared)
 
 
 def warmup(progress=None) -> None:
-    """Compile (or load from Numba's cache) every kernel signature the backend uses, on tiny inputs."""
+    """Compile (or load from Numba's cache) every kernel signature the backend uses, on tiny inputs (weights
+    read-only, as the model hands them over: Numba compiles read-only and writable arrays apart)."""
+    ro = K._frozen
     be = NumbaBackend()
     rng = np.random.default_rng(0)
     f16 = K.F16_LUT
     for qtype, kern in K.KERNELS.items():
         if progress:
             progress(qtype.name)
-        w = np.zeros((2, 256 // kern.block * kern.size), np.uint8)
+        w = ro(np.zeros((2, 256 // kern.block * kern.size), np.uint8))
         x = rng.standard_normal((3, 256)).astype(np.float32)
         K.matvec(kern.code, w, x[0], f16, np.empty(2, np.float32), be.nchunks)
         K.matmul_rows(kern.code, w, x, f16, np.empty((3, 2), np.float32), be.nchunks)
-        K.dequant_rows(kern.code, w, f16, np.empty((2, 256), np.float32), be.nchunks)
+        for rows in (w, w.copy()):  # weight tiles (read-only) and embedding rows (a gathered copy)
+            K.dequant_rows(kern.code, rows, f16, np.empty((2, 256), np.float32), be.nchunks)
         break  # the drivers take the type as a runtime code: one compilation covers every type
-    w3 = np.zeros((2, 64, 144), np.uint8)
-    d3 = np.zeros((2, 256, 36), np.uint8)
+    w3 = ro(np.zeros((2, 64, 144), np.uint8))
+    d3 = ro(np.zeros((2, 256, 36), np.uint8))
     one = np.ones(1, np.float32)
     K.moe_experts(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_0].code, w3, w3, 0, d3, 64,
                   np.zeros(1, np.int64), np.array([0, 1], np.int64), np.zeros(1, np.int64), one,
                   np.zeros((1, 256), np.float32), f16, np.zeros((1, 256), np.float32), be.nchunks)
     if K.HAVE_VNNI:
-        K.matvec_q8(K.KERNELS[K.Q.Q4_K].code, np.zeros((2, 144), np.uint8), np.ones(256, np.float32),
+        K.matvec_q8(K.KERNELS[K.Q.Q4_K].code, ro(np.zeros((2, 144), np.uint8)), np.ones(256, np.float32),
                     np.empty(2, np.float32), be.nchunks)
+        K.matmul_q8(K.KERNELS[K.Q.Q4_K].code, ro(np.zeros((2, 144), np.uint8)), np.ones((3, 256), np.float32),
+                    np.empty((3, 2), np.float32), be.nchunks)
         K.moe_q8(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q6_K].code,
-                 np.zeros((1, 256, 144), np.uint8), np.zeros((1, 256, 144), np.uint8), 0,
-                 np.zeros((1, 256, 210), np.uint8), 256, np.zeros(1, np.int64), np.array([0, 1], np.int64),
-                 np.zeros(1, np.int64), one, np.ones((1, 256), np.float32), np.zeros((1, 256), np.float32),
-                 be.nchunks)
+                 ro(np.zeros((1, 256, 144), np.uint8)), ro(np.zeros((1, 256, 144), np.uint8)), 0,
+                 ro(np.zeros((1, 256, 210), np.uint8)), 256, np.zeros(1, np.int64), np.array([0, 1], np.int64),
+                 np.zeros(1, np.int64), one, np.ones((1, 256), np.float32), *K.NO_SHARED,
+                 np.zeros((1, 256), np.float32), be.nchunks)
+    for T in (1, DELTA_TILED_MIN_TOKENS):  # decode step and tiled prompt kernels
+        q = rng.standard_normal((T, 4, 8)).astype(np.float32)
+        be.gated_delta(q, q, q, -np.ones((T, 4), np.float32), np.ones((T, 4), np.float32),
+                       np.zeros((4, 8, 8), np.float32))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    for w in (np.ones(256, np.float32), ro(np.ones(256, np.float32))):  # norm weights: computed or stored
+        be.rms_norm(x, w, 1e-6)
+    be.l2_norm(x, 1e-6)
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)
-    be.gated_delta(q, q, q, -np.ones((2, 4), np.float32), np.ones((2, 4), np.float32), np.zeros((4, 8, 8), np.float32))
     _solve_unit_lower(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 3), np.float32))
-    be.conv1d(q.reshape(2, 32), np.ones((32, 4), np.float32), np.zeros((3, 32), np.float32))
+    for T in (1, 2):  # decode step and prompt kernels
+        be.conv1d(q.reshape(2, 32)[:T], np.ones((32, 4), np.float32), np.zeros((3, 32), np.float32))
     for dt in (np.float32, np.float16):
         kv = np.zeros((3, 2, 8), dt)
         be.attention(rng.standard_normal((1, 4, 8)).astype(np.float32), kv, kv, np.array([2]))

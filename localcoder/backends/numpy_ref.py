@@ -93,6 +93,13 @@ def _solve_unit_lower(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
+def add_shared(be, y, x, shared):
+    """y + the shared expert's weighted output (y itself when there is none)."""
+    if shared is None:
+        return y
+    return y + shared.weight * be.swiglu(x, shared.gate, shared.up, shared.down)
+
+
 class NumpyBackend:
     """Float32 NumPy ops over dequantized weights (dense weights are dequantized once and kept)."""
 
@@ -182,10 +189,12 @@ class NumpyBackend:
     def swiglu(self, x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor) -> np.ndarray:
         return self.matmul(silu(self.matmul(x, gate)) * self.matmul(x, up), down)
 
-    def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray) -> np.ndarray:
-        """Routed experts' SwiGLU. x (T, D); expert_ids, expert_weights (T, k). Each (token, slot) result is
-        kept apart and the k results are summed in routing order, so the answer does not depend on which
-        experts were resident together (expert streaming changes speed, never results)."""
+    def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray,
+            shared=None) -> np.ndarray:
+        """Routed experts' SwiGLU, plus the shared expert if given (a SharedExpert). x (T, D); expert_ids,
+        expert_weights (T, k). Each (token, slot) result is kept apart and the k results are summed in
+        routing order, so the answer does not depend on which experts were resident together (expert
+        streaming changes speed, never results)."""
         T, k = expert_ids.shape
         y = np.zeros((T, k, x.shape[1]), dtype=np.float32)
         for arrays, ids, slots in experts.fetch(np.unique(expert_ids)):
@@ -194,4 +203,4 @@ class NumpyBackend:
                 gate, up, down = experts.split(arrays, int(slot))
                 h = silu(x[tok] @ gate.dequantize().T) * (x[tok] @ up.dequantize().T)
                 y[tok, kk] = (h @ down.dequantize().T) * expert_weights[tok, kk][:, None]
-        return y.sum(axis=1)
+        return add_shared(self, y.sum(axis=1), x, shared)

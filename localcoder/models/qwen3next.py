@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends import SharedExpert
 from ..cache import DeltaNetState, KVCache, ModelCache
 from ..config import ModelConfig
 from ..errors import GGUFError
@@ -173,12 +174,11 @@ def moe(be, cfg: ModelConfig, w: Layer, x, next_layer: Layer | None = None):
         # reading them now (Eliseev & Mazur); a wrong guess costs bandwidth, never correctness
         guess, _ = route(be, cfg, next_layer, x)
         next_layer.experts.prefetch(np.unique(np.asarray(guess)))
-    y = be.moe(x, w.experts, ids, weights)
-    if w.ffn_gate_shexp is not None:
-        shared = be.swiglu(x, w.ffn_gate_shexp, w.ffn_up_shexp, w.ffn_down_shexp)
+    shared = None
+    if w.ffn_gate_shexp is not None:  # y = routed + sigmoid(x . shared gate) * swiglu_shared(x)
         shared_gate = be.sigmoid(x @ be.vector(w.ffn_gate_inp_shexp).reshape(-1, 1))  # (T, 1)
-        y = y + shared_gate * shared
-    return y
+        shared = SharedExpert(w.ffn_gate_shexp, w.ffn_up_shexp, w.ffn_down_shexp, shared_gate)
+    return be.moe(x, w.experts, ids, weights, shared)
 
 
 def forward(be, cfg: ModelConfig, weights: Weights, tokens, cache: ModelCache, all_logits: bool = True,

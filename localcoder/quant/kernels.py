@@ -1020,54 +1020,112 @@ def matmul_q8(code, w, x, out, nchunks):
 
 
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
-def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, x, out, nchunks):
-    """Routed SwiGLU experts of one step with 8-bit activations, accumulated into out (T, D); arguments as
-    moe_experts. Each token's x is quantized to Q8_K once. Gate/up: a job (expert, ff row) dots that
-    expert's gate and up rows with each of its tokens, up to 4 tokens per pass over the row (_vdot_tokens:
-    each block unpacked once); each (token, expert) h is quantized once; then a parallel pass over output
-    rows reads every routed expert's down rows, again up to 4 tokens per pass.
+def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, x, scodes, sgate, sup,
+           sdown, sweights, out, nchunks):
+    """Routed SwiGLU experts of one step with 8-bit activations, plus optionally a shared expert, accumulated
+    into out (T, D); routed arguments as moe_experts. Shared expert: rows sgate, sup (Fs, row bytes), sdown
+    (D, row bytes), types scodes (gate, up, down), applied to every token t with weight sweights[t]; pass
+    sweights of length 0 for none.
+    Each token's x is quantized to Q8_K once. Gate/up: a job (expert, ff row) dots that expert's gate and up
+    rows with each of its tokens, up to 4 tokens per pass over the row (_vdot_tokens: each block unpacked
+    once); each (token, expert) h is quantized once. Down: a parallel pass over every expert's down rows,
+    again up to 4 tokens per pass, then a pass adding the results into out: per element the routed pairs in
+    the order given, then the shared expert.
     The block dots are intrinsics whose float ops carry no fast-math flags, and this kernel does not
-    reassociate (_NO_REASSOC): experts add into out in the order given, so calling this per batch of
-    resident experts equals one call (streaming never changes results)."""
+    reassociate (_NO_REASSOC): calling it per batch of resident experts (the shared expert with the last)
+    equals one call (streaming never changes results), and the shared expert adds exactly as a separate
+    call followed by out + sweights * that result would."""
     n_e = experts.shape[0]
     T, D = x.shape
     n_pairs = tokens.shape[0]
+    Fs = sgate.shape[0] if sweights.shape[0] > 0 else 0
     xq, xqp, xd, xf16, xf32, xf128 = _q8_buffers(T, D)
     quantize_rows_q8(x, xq, xqp, xd, xf16, xf32, xf128)
     # activations in pair order, so that an expert's tokens are consecutive rows (for _vdot_tokens)
     pq, pqp, pd, pf16, pf32, pf128 = xq[tokens], xqp[tokens], xd[tokens], xf16[tokens], xf32[tokens], xf128[tokens]
     h = np.empty((n_pairs, F), np.float32)
-    nc, step = _chunks(n_e * F, nchunks)
+    hs = np.empty((T, Fs), np.float32)
+    n_jobs = n_e * F + Fs  # the shared expert's rows after the routed ones
+    nc, step = _chunks(n_jobs, nchunks)
     for c in prange(nc):
         gres = np.empty(4, np.float32)
         ures = np.empty(4, np.float32)
-        for job in range(c * step, min(n_e * F, (c + 1) * step)):
-            i, f = job // F, job % F
-            e = experts[i]
-            grow, urow = gate[e, f], up[e, up_off + f]
-            p, p1 = starts[i], starts[i + 1]
-            while p < p1:
-                nt = _group(p1 - p)
-                _vdot_tokens(gcode, grow, pq, pqp, pd, pf32, pf16, pf128, p, nt, gres)
-                _vdot_tokens(ucode, urow, pq, pqp, pd, pf32, pf16, pf128, p, nt, ures)
-                for j in range(nt):
-                    h[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
-                p += nt
+        for job in range(c * step, min(n_jobs, (c + 1) * step)):
+            if job < n_e * F:
+                i, f = job // F, job % F
+                e = experts[i]
+                grow, urow = gate[e, f], up[e, up_off + f]
+                p, p1 = starts[i], starts[i + 1]
+                while p < p1:
+                    nt = _group(p1 - p)
+                    _vdot_tokens(gcode, grow, pq, pqp, pd, pf32, pf16, pf128, p, nt, gres)
+                    _vdot_tokens(ucode, urow, pq, pqp, pd, pf32, pf16, pf128, p, nt, ures)
+                    for j in range(nt):
+                        h[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
+                    p += nt
+            else:
+                f = job - n_e * F
+                p = 0
+                while p < T:
+                    nt = _group(T - p)
+                    _vdot_tokens(scodes[0], sgate[f], xq, xqp, xd, xf32, xf16, xf128, p, nt, gres)
+                    _vdot_tokens(scodes[1], sup[f], xq, xqp, xd, xf32, xf16, xf128, p, nt, ures)
+                    for j in range(nt):
+                        hs[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
+                    p += nt
     hq, hqp, hd, hf16, hf32, hf128 = _q8_buffers(n_pairs, F)
     quantize_rows_q8(h, hq, hqp, hd, hf16, hf32, hf128)
+    sq, sqp, sd, sf16, sf32, sf128 = _q8_buffers(T, Fs)
+    if Fs > 0:
+        quantize_rows_q8(hs, sq, sqp, sd, sf16, sf32, sf128)
+    # down: the (expert, output row) space cut into equal contiguous runs, so each thread streams whole
+    # experts' down rows (long sequential reads; cutting the rows instead gave every expert a short run per
+    # chunk: 16 vs 23 GB/s for 10 Q6_K experts). part[p] = weights[p] * (down . h[p]) per pair (and sweights[t]
+    # * (sdown . hs[t]) per token after them), then each out element adds them in that order: the same float
+    # ops in the same order as adding directly.
+    part = np.zeros((n_pairs + (T if Fs > 0 else 0), D), np.float32)
+    pair = np.arange(n_pairs)
+    own = np.arange(n_pairs, n_pairs + T)
+    n_runs = n_e + (1 if Fs > 0 else 0)
+    total = n_runs * D
+    nc, step = _chunks(total, nchunks)
+    for c in prange(nc):
+        j0, j1 = c * step, min(total, (c + 1) * step)
+        i = j0 // D
+        while i < n_runs and i * D < j1:
+            r0, r1 = max(j0, i * D) - i * D, min(j1, (i + 1) * D) - i * D
+            if i < n_e:
+                p, p1 = starts[i], starts[i + 1]
+                while p < p1:  # groups of 4, 2 or 1 tokens, all rows of the run in one loop of IR
+                    nt = _group(p1 - p)
+                    _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, part,
+                                      pair, weights)
+                    p += nt
+            else:
+                p = 0
+                while p < T:
+                    nt = _group(T - p)
+                    _vdot_rows_tokens(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, p, nt, part, own,
+                                      sweights)
+                    p += nt
+            i += 1
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
-        # expert-major within a chunk of output rows: a contiguous run of each expert's down rows (few TLB
-        # misses when hundreds of experts are routed); every out element still adds experts in order
         r0, r1 = c * step, min(D, (c + 1) * step)
-        for i in range(n_e):
-            p, p1 = starts[i], starts[i + 1]
-            while p < p1:  # groups of 4, 2 or 1 tokens, all rows of the chunk in one loop of IR
-                nt = _group(p1 - p)
-                _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, out,
-                                  tokens, weights)
-                p += nt
+        for p in range(part.shape[0]):
+            o, q = out[tokens[p] if p < n_pairs else p - n_pairs], part[p]
+            for r in range(r0, r1):
+                o[r] += q[r]
+
+
+def _frozen(a):
+    a.flags.writeable = False
+    return a
+
+
+# moe_q8's shared-expert arguments for none (weights read-only, as the model's are: one compiled signature)
+NO_SHARED = (np.zeros(3, np.int64), *(_frozen(np.zeros((0, 1), np.uint8)) for _ in range(3)), np.zeros(0, np.float32))
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
-           "moe_q8", "quantize_rows_q8", "matmul_q8"]
+           "moe_q8", "NO_SHARED", "quantize_rows_q8", "matmul_q8"]
