@@ -170,10 +170,9 @@ def rms_norm_rows(x, w, eps, out):
 # causal conv, attention
 
 @njit(cache=True, parallel=True, fastmath=True)
-def causal_conv1d(x, w, conv_state, out):
-    """out[t, c] = sum_j full[t + j, c] w[c, j] with full = [conv_state; x]. x (T, C), w (C, Kc),
-    conv_state (Kc-1, C). Parallel over channel ranges, vectorised along channels (rows of x are contiguous).
-    The SiLU that follows is NumPy's: its vectorised exp is ~10x faster than the scalar one here."""
+def conv1d_silu(x, w, conv_state, out):
+    """out[t, c] = silu(sum_j full[t + j, c] w[c, j]) with full = [conv_state; x]. x (T, C), w (C, Kc),
+    conv_state (Kc-1, C). Parallel over channel ranges, vectorised along channels (rows of x are contiguous)."""
     T, C = x.shape
     Kc = w.shape[1]
     wt = np.ascontiguousarray(w.T)  # (Kc, C)
@@ -190,13 +189,15 @@ def causal_conv1d(x, w, conv_state, out):
                 for c in range(c0, c1):
                     acc[c - c0] += src[c] * wt[j, c]
             for c in range(c0, c1):
-                out[t, c] = acc[c - c0]
+                a = acc[c - c0]
+                out[t, c] = a / (f32(1) + np.exp(-a))
 
 
 @njit(cache=True, fastmath=True)
-def causal_conv1d_step(x, wt, conv_state, out, new_state):
-    """causal_conv1d for one token (decode), serial: w pre-transposed (Kc, C) so every pass runs along contiguous
-    channels; also writes the shifted state, new_state = [conv_state[1:]; x]."""
+def conv1d_step(x, wt, conv_state, out, new_state):
+    """The conv of conv1d_silu for one token (decode), without the SiLU (NumPy's vectorised exp is faster
+    on one row), serial: w pre-transposed (Kc, C) so every pass runs along contiguous channels; also writes
+    the shifted state, new_state = [conv_state[1:]; x]."""
     Kc, C = wt.shape
     for c in range(C):
         out[0, c] = 0
@@ -290,7 +291,7 @@ class NumbaBackend(NumpyBackend):
         self.threads = numba.get_num_threads()
         with sigint_blocked():  # the thread pool starts with the first parallel kernel: never takes Ctrl-C
             x = np.zeros((1, 64), np.float32)
-            causal_conv1d(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
+            conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
         self._transposed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -382,10 +383,9 @@ class NumbaBackend(NumpyBackend):
             if wt is None or wt[0] is not w:  # the conv weight (a kept be.vector array), transposed once
                 wt = self._transposed[id(w)] = (w, np.ascontiguousarray(w.T, dtype=np.float32))
             new_state = np.empty_like(conv_state)
-            causal_conv1d_step(x, wt[1], conv_state, out, new_state)
+            conv1d_step(x, wt[1], conv_state, out, new_state)
             return numpy_ref.silu(out), new_state
-        causal_conv1d(x, np.ascontiguousarray(w, dtype=np.float32), conv_state, out)
-        out = numpy_ref.silu(out)
+        conv1d_silu(x, np.ascontiguousarray(w, dtype=np.float32), conv_state, out)
         Kc = w.shape[1]
         new_state = np.concatenate([conv_state, x], axis=0)[-(Kc - 1):].copy()
         return out, new_state

@@ -1028,9 +1028,8 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     sweights of length 0 for none.
     Each token's x is quantized to Q8_K once. Gate/up: a job (expert, ff row) dots that expert's gate and up
     rows with each of its tokens, up to 4 tokens per pass over the row (_vdot_tokens: each block unpacked
-    once); each (token, expert) h is quantized once. Down: a parallel pass over every expert's down rows,
-    again up to 4 tokens per pass, then a pass adding the results into out: per element the routed pairs in
-    the order given, then the shared expert.
+    once); each (token, expert) h is quantized once. Down: up to 4 tokens per pass over a row, adding into
+    out per element the routed pairs in the order given, then the shared expert (_down_runs for few pairs).
     The block dots are intrinsics whose float ops carry no fast-math flags, and this kernel does not
     reassociate (_NO_REASSOC): calling it per batch of resident experts (the shared expert with the last)
     equals one call (streaming never changes results), and the shared expert adds exactly as a separate
@@ -1078,11 +1077,46 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     sq, sqp, sd, sf16, sf32, sf128 = _q8_buffers(T, Fs)
     if Fs > 0:
         quantize_rows_q8(hs, sq, sqp, sd, sf16, sf32, sf128)
-    # down: the (expert, output row) space cut into equal contiguous runs, so each thread streams whole
-    # experts' down rows (long sequential reads; cutting the rows instead gave every expert a short run per
-    # chunk: 16 vs 23 GB/s for 10 Q6_K experts). part[p] = weights[p] * (down . h[p]) per pair (and sweights[t]
-    # * (sdown . hs[t]) per token after them), then each out element adds them in that order: the same float
-    # ops in the same order as adding directly.
+    if n_pairs <= MOE_FLAT_MAX_PAIRS:
+        _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16, hf32, hf128, scodes, sdown,
+                   sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, out, nchunks)
+        return
+    # many pairs (prompts): a parallel pass over chunks of output rows, each reading every expert's rows of
+    # the chunk and adding straight into out (a per-pair buffer would be n_pairs x D floats)
+    own = np.arange(T)
+    nc, step = _chunks(D, nchunks)
+    for c in prange(nc):
+        r0, r1 = c * step, min(D, (c + 1) * step)
+        for i in range(n_e):
+            p, p1 = starts[i], starts[i + 1]
+            while p < p1:  # groups of 4, 2 or 1 tokens, all rows of the chunk in one loop of IR
+                nt = _group(p1 - p)
+                _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, out,
+                                  tokens, weights)
+                p += nt
+        p = 0
+        while Fs > 0 and p < T:
+            nt = _group(T - p)
+            _vdot_rows_tokens(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, p, nt, out, own, sweights)
+            p += nt
+
+
+# moe_q8 with at most this many (token, expert) pairs (decode, short prompts) cuts the down pass over the
+# (expert, row) space (_down_runs); more pairs: over output rows. Both add in the same order.
+MOE_FLAT_MAX_PAIRS = 256
+
+
+@njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
+def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16, hf32, hf128, scodes, sdown,
+               sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, out, nchunks):
+    """moe_q8's down pass for few pairs: the (expert, output row) space cut into equal contiguous runs, so
+    each thread streams whole experts' down rows (long sequential reads; cutting the rows instead gives every
+    expert a short run per chunk: 16 vs 23 GB/s for 10 Q6_K experts at one token). part[p] = weights[p] *
+    (down . h[p]) per pair (and sweights[t] * (sdown . hs[t]) per token after them), then each out element
+    adds them in that order: the same float ops in the same order as adding directly."""
+    n_e = experts.shape[0]
+    n_pairs = tokens.shape[0]
+    T, D = out.shape
     part = np.zeros((n_pairs + (T if Fs > 0 else 0), D), np.float32)
     pair = np.arange(n_pairs)
     own = np.arange(n_pairs, n_pairs + T)
@@ -1096,7 +1130,7 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
             r0, r1 = max(j0, i * D) - i * D, min(j1, (i + 1) * D) - i * D
             if i < n_e:
                 p, p1 = starts[i], starts[i + 1]
-                while p < p1:  # groups of 4, 2 or 1 tokens, all rows of the run in one loop of IR
+                while p < p1:
                     nt = _group(p1 - p)
                     _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, part,
                                       pair, weights)
