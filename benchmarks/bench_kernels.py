@@ -1,6 +1,8 @@
 """GB/s of the Numba matvec kernels per quant type, against the measured read bandwidth.
 
     python benchmarks/bench_kernels.py [--threads 2] [--types Q4_K,Q6_K]
+    python benchmarks/bench_kernels.py --threads 2 --moe      # one decode step's routed experts
+    python benchmarks/bench_kernels.py --threads 2 --delta    # DeltaNet kernels by prompt length
 
 Shapes: an expert-sized 2048 x 512... matrix (512 rows of 2048: one gate/up projection, 0.6 MB at Q4_K, so
 cache-resident: the kernel's compute speed) and the output head, 151936 x 2048 (streamed from memory).
@@ -47,10 +49,13 @@ def main():
     ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
     ap.add_argument("--types", default=",".join(t.name for t in K.KERNELS))
     ap.add_argument("--delta", action="store_true", help="gated delta: recurrent vs chunked prompt kernels")
+    ap.add_argument("--moe", action="store_true", help="one decode step's routed experts (NumbaBackend.moe)")
     args = ap.parse_args()
     numba.set_num_threads(args.threads)
     if args.delta:
         return bench_delta()
+    if args.moe:
+        return bench_moe()
     nchunks = 4 * args.threads
     rng = np.random.default_rng(0)
     bw = measure_read_bandwidth(threads=args.threads)
@@ -97,6 +102,37 @@ def bench_delta():
         rec = timeit(lambda: gated_delta_recurrent(q, q, v, g, beta, state, np.empty_like(state), out))
         chk = timeit(lambda: gated_delta_chunked(q, q, v, g, beta, state))
         print(f"{T:5d} {step * 1e3:9.2f} ms {rec * 1e3:9.2f} ms {chk * 1e3:9.2f} ms")
+
+
+def bench_moe(sets=8, n_expert=64, k=10, steps=400):
+    """GB/s of one decode token's routed experts through NumbaBackend.moe: k of n_expert Q4_K gate/up + Q6_K
+    down experts (2048 x 512, the Qwen3-Coder-Next shape), drawn afresh each step from `sets` layers' worth
+    (1 GB in all), so the experts come from memory, not the caches."""
+    from localcoder.backends.numba_cpu import NumbaBackend
+    from localcoder.experts import ExpertSet
+    from localcoder.gguf_file import QTensor
+    rng = np.random.default_rng(0)
+    D, F = 2048, 512
+
+    def tensor(name, qtype, shape):
+        rows = random_rows(qtype, int(np.prod(shape[:-1])), shape[-1], rng).reshape(*shape[:-1], -1)
+        rows.setflags(write=False)  # as the model's weights
+        return QTensor(name, qtype, shape, rows, 0, "bench")
+
+    layers = [ExpertSet(i, tensor("down", Q.Q6_K, (n_expert, D, F)), gate=tensor("gate", Q.Q4_K, (n_expert, F, D)),
+                        up=tensor("up", Q.Q4_K, (n_expert, F, D))) for i in range(sets)]
+    be = NumbaBackend()
+    x = (0.1 * rng.standard_normal((1, D))).astype(np.float32)
+    picks = [np.sort(rng.choice(n_expert, k, replace=False))[None] for _ in range(64)]
+    w = np.full((1, k), 1 / k, np.float32)
+    be.moe(x, layers[0], picks[0], w)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        be.moe(x, layers[i % sets], picks[i % 64], w)
+    dt = (time.perf_counter() - t0) / steps
+    nbytes = k * sum(t.data[0].nbytes for t in (layers[0].gate, layers[0].up, layers[0].down))
+    print(f"threads {numba.get_num_threads()}; {k} routed experts of {n_expert}, one token: "
+          f"{dt * 1e3:.3f} ms, {nbytes / 1e6:.1f} MB, {nbytes / dt / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gguf_file import QTensor, pread_full
+from .gguf_file import QTensor, pread_full, readonly
 from .threads import background_thread
 
 
@@ -208,9 +208,7 @@ class _LayerSlots:
         self.n_slots = n_slots
         self.arrays = tuple(np.empty((n_slots, *t.data.shape[1:]), dtype=np.uint8) for t in es.tensors)
         # what kernels get: read-only views, the same array type as a memory map's (one compilation each)
-        self.views = tuple(a.view() for a in self.arrays)
-        for v in self.views:
-            v.flags.writeable = False
+        self.views = tuple(readonly(a.view()) for a in self.arrays)
         self.slot_of: dict[int, int] = {}
         self.free = list(range(n_slots - 1, -1, -1))
         self.policy = policy

@@ -21,6 +21,13 @@ import numpy as np
 from .errors import GGUFError
 from .quant.formats import get_format
 
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """Weights are read-only wherever they live (map, copy, expert slot), so a kernel sees one array type
+    and is compiled once: two compilations of a fast-math kernel need not round alike."""
+    a.flags.writeable = False
+    return a
+
 GGUF_MAGIC = b"GGUF"
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
 

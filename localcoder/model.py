@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .errors import LocalcoderError
 from .experts import ExpertStore
 from .threads import background_thread
-from .gguf_file import GGUFFile, pread_full
+from .gguf_file import GGUFFile, pread_full, readonly
 from .models import qwen3next
 from .tokenizer import Tokenizer
 
@@ -100,7 +100,7 @@ class Model:
         tensors = dict(self.file.tensors)
         copies = {name: np.empty(t.data.shape, np.uint8) for name, t in tensors.items() if "_exps" not in name}
         _pread_all([(tensors[name].path, tensors[name].file_offset, a) for name, a in copies.items()])
-        tensors.update({name: replace(tensors[name], data=_readonly(a)) for name, a in copies.items()})
+        tensors.update({name: replace(tensors[name], data=readonly(a)) for name, a in copies.items()})
         dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))
         layers = tuple(replace(new, experts=old.experts) for new, old in zip(dense.layers, self.weights.layers))
         self.weights = replace(dense, layers=layers)
@@ -179,11 +179,6 @@ def _pread_all(jobs: list[tuple[str, int, np.ndarray]], piece: int = 8 << 20, th
             os.close(fd)
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    """Weights are read-only wherever they live (map, copy, expert slot), so a kernel sees one array type
-    and is compiled once: two compilations of a fast-math kernel need not round alike."""
-    a.flags.writeable = False
-    return a
 
 
 def parse_size(size) -> int:

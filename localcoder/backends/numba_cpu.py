@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ..gguf_file import QTensor
+from ..gguf_file import QTensor, readonly
 from ..quant import kernels as K
 from ..threads import sigint_blocked
 from . import numpy_ref
@@ -194,11 +194,12 @@ def conv1d_silu(x, w, conv_state, out):
 
 
 @njit(cache=True, fastmath=True)
-def conv1d_step(x, wt, conv_state, out, new_state):
+def conv1d_step(x, w, conv_state, out, new_state):
     """The conv of conv1d_silu for one token (decode), without the SiLU (NumPy's vectorised exp is faster
-    on one row), serial: w pre-transposed (Kc, C) so every pass runs along contiguous channels; also writes
-    the shifted state, new_state = [conv_state[1:]; x]."""
-    Kc, C = wt.shape
+    on one row), serial, along contiguous channels of the transposed weight; also writes the shifted state,
+    new_state = [conv_state[1:]; x]."""
+    Kc, C = w.shape[1], w.shape[0]
+    wt = np.ascontiguousarray(w.T)  # (Kc, C)
     for c in range(C):
         out[0, c] = 0
     for j in range(Kc - 1):
@@ -294,7 +295,6 @@ class NumbaBackend(NumpyBackend):
             conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
-        self._transposed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._tile = np.empty(0, np.float32)
 
     # weights ------------------------------------------------------------------------------------------
@@ -378,14 +378,12 @@ class NumbaBackend(NumpyBackend):
     def conv1d(self, x: np.ndarray, w: np.ndarray, conv_state: np.ndarray):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
+        w = np.ascontiguousarray(w, dtype=np.float32)
         if x.shape[0] == 1 and conv_state.dtype == np.float32 and conv_state.flags.c_contiguous:
-            wt = self._transposed.get(id(w))
-            if wt is None or wt[0] is not w:  # the conv weight (a kept be.vector array), transposed once
-                wt = self._transposed[id(w)] = (w, np.ascontiguousarray(w.T, dtype=np.float32))
             new_state = np.empty_like(conv_state)
-            conv1d_step(x, wt[1], conv_state, out, new_state)
+            conv1d_step(x, w, conv_state, out, new_state)
             return numpy_ref.silu(out), new_state
-        conv1d_silu(x, np.ascontiguousarray(w, dtype=np.float32), conv_state, out)
+        conv1d_silu(x, w, conv_state, out)
         Kc = w.shape[1]
         new_state = np.concatenate([conv_state, x], axis=0)[-(Kc - 1):].copy()
         return out, new_state
@@ -475,34 +473,33 @@ class NumbaBackend(NumpyBackend):
 def warmup(progress=None) -> None:
     """Compile (or load from Numba's cache) every kernel signature the backend uses, on tiny inputs (weights
     read-only, as the model hands them over: Numba compiles read-only and writable arrays apart)."""
-    ro = K._frozen
     be = NumbaBackend()
     rng = np.random.default_rng(0)
     f16 = K.F16_LUT
     for qtype, kern in K.KERNELS.items():
         if progress:
             progress(qtype.name)
-        w = ro(np.zeros((2, 256 // kern.block * kern.size), np.uint8))
+        w = readonly(np.zeros((2, 256 // kern.block * kern.size), np.uint8))
         x = rng.standard_normal((3, 256)).astype(np.float32)
         K.matvec(kern.code, w, x[0], f16, np.empty(2, np.float32), be.nchunks)
         K.matmul_rows(kern.code, w, x, f16, np.empty((3, 2), np.float32), be.nchunks)
         for rows in (w, w.copy()):  # weight tiles (read-only) and embedding rows (a gathered copy)
             K.dequant_rows(kern.code, rows, f16, np.empty((2, 256), np.float32), be.nchunks)
         break  # the drivers take the type as a runtime code: one compilation covers every type
-    w3 = ro(np.zeros((2, 64, 144), np.uint8))
-    d3 = ro(np.zeros((2, 256, 36), np.uint8))
+    w3 = readonly(np.zeros((2, 64, 144), np.uint8))
+    d3 = readonly(np.zeros((2, 256, 36), np.uint8))
     one = np.ones(1, np.float32)
     K.moe_experts(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_0].code, w3, w3, 0, d3, 64,
                   np.zeros(1, np.int64), np.array([0, 1], np.int64), np.zeros(1, np.int64), one,
                   np.zeros((1, 256), np.float32), f16, np.zeros((1, 256), np.float32), be.nchunks)
     if K.HAVE_VNNI:
-        K.matvec_q8(K.KERNELS[K.Q.Q4_K].code, ro(np.zeros((2, 144), np.uint8)), np.ones(256, np.float32),
+        K.matvec_q8(K.KERNELS[K.Q.Q4_K].code, readonly(np.zeros((2, 144), np.uint8)), np.ones(256, np.float32),
                     np.empty(2, np.float32), be.nchunks)
-        K.matmul_q8(K.KERNELS[K.Q.Q4_K].code, ro(np.zeros((2, 144), np.uint8)), np.ones((3, 256), np.float32),
+        K.matmul_q8(K.KERNELS[K.Q.Q4_K].code, readonly(np.zeros((2, 144), np.uint8)), np.ones((3, 256), np.float32),
                     np.empty((3, 2), np.float32), be.nchunks)
         K.moe_q8(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q6_K].code,
-                 ro(np.zeros((1, 256, 144), np.uint8)), ro(np.zeros((1, 256, 144), np.uint8)), 0,
-                 ro(np.zeros((1, 256, 210), np.uint8)), 256, np.zeros(1, np.int64), np.array([0, 1], np.int64),
+                 readonly(np.zeros((1, 256, 144), np.uint8)), readonly(np.zeros((1, 256, 144), np.uint8)), 0,
+                 readonly(np.zeros((1, 256, 210), np.uint8)), 256, np.zeros(1, np.int64), np.array([0, 1], np.int64),
                  np.zeros(1, np.int64), one, np.ones((1, 256), np.float32), *K.NO_SHARED,
                  np.zeros((1, 256), np.float32), be.nchunks)
     for T in (1, DELTA_TILED_MIN_TOKENS):  # decode step and tiled prompt kernels
@@ -510,7 +507,7 @@ def warmup(progress=None) -> None:
         be.gated_delta(q, q, q, -np.ones((T, 4), np.float32), np.ones((T, 4), np.float32),
                        np.zeros((4, 8, 8), np.float32))
     x = rng.standard_normal((2, 256)).astype(np.float32)
-    for w in (np.ones(256, np.float32), ro(np.ones(256, np.float32))):  # norm weights: computed or stored
+    for w in (np.ones(256, np.float32), readonly(np.ones(256, np.float32))):  # norm weights: computed or stored
         be.rms_norm(x, w, 1e-6)
     be.l2_norm(x, 1e-6)
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)

@@ -36,6 +36,7 @@ import gguf
 import numpy as np
 from numba import njit, prange
 from ..errors import UnsupportedQuantType
+from ..gguf_file import readonly
 
 # Kernels whose sums run across experts may not reorder them: a batch of resident experts must add the same
 # terms in the same order as one call with all experts, so that expert streaming never changes results.
@@ -1111,7 +1112,7 @@ def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16,
                sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, out, nchunks):
     """moe_q8's down pass for few pairs: the (expert, output row) space cut into equal contiguous runs, so
     each thread streams whole experts' down rows (long sequential reads; cutting the rows instead gives every
-    expert a short run per chunk: 16 vs 23 GB/s for 10 Q6_K experts at one token). part[p] = weights[p] *
+    expert a short run per chunk; benchmarks/bench_kernels.py --moe). part[p] = weights[p] *
     (down . h[p]) per pair (and sweights[t] * (sdown . hs[t]) per token after them), then each out element
     adds them in that order: the same float ops in the same order as adding directly."""
     n_e = experts.shape[0]
@@ -1152,13 +1153,8 @@ def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16,
                 o[r] += q[r]
 
 
-def _frozen(a):
-    a.flags.writeable = False
-    return a
-
-
 # moe_q8's shared-expert arguments for none (weights read-only, as the model's are: one compiled signature)
-NO_SHARED = (np.zeros(3, np.int64), *(_frozen(np.zeros((0, 1), np.uint8)) for _ in range(3)), np.zeros(0, np.float32))
+NO_SHARED = (np.zeros(3, np.int64), *(readonly(np.zeros((0, 1), np.uint8)) for _ in range(3)), np.zeros(0, np.float32))
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
