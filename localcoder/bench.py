@@ -79,41 +79,38 @@ def disk_read_bytes() -> int:
         return -1
 
 
-def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 2 << 20, threads: int | None = None) -> float:
+def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 768 << 10, threads: int | None = None) -> float:
     """Read bandwidth of the file's storage in GB/s, read the way the expert store reads: `threads` threads of
-    `chunk`-byte preads (an expert's size) spread over `nbytes` from the middle of the file, readahead off,
-    after dropping those pages from the page cache (so it measures the disk, not RAM)."""
+    `chunk`-byte reads (one expert tensor's size) spread over `nbytes` from the middle of the file, through
+    RawReader (past the page cache where the system allows; else readahead off, after dropping those pages
+    from the page cache), so it measures the disk, not RAM."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .experts import IO_THREADS
-    from .gguf_file import pread_full
+    from .gguf_file import ALIGN, RawReader, aligned_empty
     from .threads import background_thread
 
     threads = threads or IO_THREADS
-    fd = os.open(path, os.O_RDONLY)
+    reader = RawReader(path)
     try:
-        size = os.fstat(fd).st_size
+        size = os.fstat(reader.fd).st_size
         nbytes = min(nbytes, size)
-        start = max((size - nbytes) // 2 // 4096 * 4096, 0)
+        start = max((size - nbytes) // 2 // ALIGN * ALIGN, 0)
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(reader.fd, start, nbytes, os.POSIX_FADV_DONTNEED)
         # every 2nd chunk, in an order that jumps around: no two reads of one thread are neighbours
         offsets = [start + i * chunk for i in range(0, nbytes // chunk, 2)]
         offsets = offsets[0::3] + offsets[1::3] + offsets[2::3]
 
         def read(off: int) -> int:
-            return pread_full(fd, memoryview(bytearray(chunk)), off)
+            return reader.read(aligned_empty((chunk,), off), off)
 
         t = time.perf_counter()
         with ThreadPoolExecutor(threads, initializer=background_thread) as pool:
             done = sum(pool.map(read, offsets))
-        seconds = time.perf_counter() - t
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
-        return done / seconds / 1e9
+        return done / (time.perf_counter() - t) / 1e9
     finally:
-        os.close(fd)
+        reader.close()
 
 
 PP_REPEATS = 3

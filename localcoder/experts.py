@@ -15,17 +15,17 @@ routed expert, the index of its slot. Results are bit-identical for every budget
 
 from __future__ import annotations
 
-import os
+import itertools
 import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gguf_file import QTensor, pread_full, readonly
+from .gguf_file import QTensor, RawReader, aligned_empty, readonly
 from .threads import background_thread
 
 
@@ -143,24 +143,26 @@ POLICIES = {"lru": LRU, "lfu": LFUDecay}
 
 # ---- the store ------------------------------------------------------------------------------------------
 
-IO_THREADS = 8  # concurrent expert reads: this VM's disk gave 1.2 / 1.7 / 2.0 GB/s at 1 / 4 / 8 readers
+IO_THREADS = 8  # concurrent expert reads (the disk here gives about the same at 4-32 readers of 0.25-2 MB, 1.4-2.2 GB/s)
 
 
 class _DaemonPool:
-    """A few daemon threads running submitted calls in order, with futures that can be cancelled until they
-    start. Unlike ThreadPoolExecutor (which finishes every queued call before the interpreter exits), a
-    process that is done does not wait for a background preload of the rest of the model."""
+    """Daemon threads running submitted calls, lowest priority number first (in order within a priority),
+    with futures that can be cancelled until they start. Unlike ThreadPoolExecutor (which finishes every
+    queued call before the interpreter exits), a process that is done does not wait for a background
+    preload of the rest of the model."""
 
     def __init__(self, n: int, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._n = n
-        for i in range(n):
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
 
     def _work(self) -> None:
         background_thread()
         while True:
-            item = self._queue.get()
+            _, _, item = self._queue.get()
             if item is None:
                 return
             fut, fn, args = item
@@ -171,22 +173,26 @@ class _DaemonPool:
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                 fut.set_exception(exc)
 
-    def submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args, priority: int = 0) -> Future:
         fut: Future = Future()
-        self._queue.put((fut, fn, args))
+        self._queue.put((priority, next(self._seq), (fut, fn, args)))
         return fut
 
-    def shutdown(self) -> None:
-        """Cancel what has not started; the threads end when they reach the end of the queue."""
+    def shutdown(self, wait: bool = False) -> None:
+        """Cancel what has not started; the threads end when they reach the end of the queue (`wait`: join
+        them, i.e. let the calls already running finish)."""
         while True:
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get_nowait()[2]
             except queue.Empty:
                 break
             if item is not None:
                 item[0].cancel()
-        for _ in range(self._n):
-            self._queue.put(None)
+        for _ in self._threads:
+            self._queue.put((float("inf"), next(self._seq), None))
+        if wait:
+            for t in self._threads:
+                t.join()
 
 
 @dataclass
@@ -206,7 +212,9 @@ class _LayerSlots:
     def __init__(self, es: ExpertSet, n_slots: int, policy):
         self.es = es
         self.n_slots = n_slots
-        self.arrays = tuple(np.empty((n_slots, *t.data.shape[1:]), dtype=np.uint8) for t in es.tensors)
+        # each slot lines up with its tensor's experts in the file (when an expert's size is a multiple of the
+        # O_DIRECT alignment), so a read lands in place instead of through a bounce buffer
+        self.arrays = tuple(aligned_empty((n_slots, *t.data.shape[1:]), t.file_offset) for t in es.tensors)
         # what kernels get: read-only views, the same array type as a memory map's (one compilation each)
         self.views = tuple(readonly(a.view()) for a in self.arrays)
         self.slot_of: dict[int, int] = {}
@@ -236,18 +244,18 @@ class ExpertStore:
         self.layers: dict[int, _LayerSlots] = {}
         self.counters = ExpertCounters()
         self.trace = trace  # when a list: (layer, expert ids) per fetch, for --expert-stats
-        self._fds: dict[str, int] = {}
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io", initializer=background_thread)
+        self._readers: dict[str, RawReader] = {}
+        self._pool = _DaemonPool(io_threads, "expert-io")  # demand reads first (priority 0), then speculative (1)
+        self._deferred: tuple | None = None  # a speculative prefetch waiting for the next demand reads to queue
         self._background = _DaemonPool(2, "expert-preload")  # behind demand reads; never delays exit
         self._mutex = threading.Lock()
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead into neighbouring experts
-        return fd
+    def _reader(self, path: str) -> RawReader:
+        with self._mutex:
+            r = self._readers.get(path)
+            if r is None:
+                r = self._readers[path] = RawReader(path)
+            return r
 
     def _slots(self, es: ExpertSet) -> _LayerSlots:
         ls = self.layers.get(es.layer)
@@ -255,21 +263,24 @@ class ExpertStore:
             ls = self.layers[es.layer] = _LayerSlots(es, self.n_slots, POLICIES[self.policy_name]())
         return ls
 
-    def _read(self, ls: _LayerSlots, e: int, slot: int) -> int:
-        """Read expert e's bytes into `slot`; returns bytes read."""
+    def _read(self, ls: _LayerSlots, e: int, slot: int, parts=None) -> int:
+        """Read expert e's bytes (its tensors `parts`, default all) into `slot`; returns bytes read."""
         total = 0
-        for t, arr in zip(ls.es.tensors, ls.arrays):
+        for i in range(len(ls.arrays)) if parts is None else parts:
+            t, arr = ls.es.tensors[i], ls.arrays[i]
             n = arr[slot].nbytes
             offset = t.file_offset + e * n
-            fd = self._fd(t.path)
-            if pread_full(fd, memoryview(arr[slot].reshape(-1)), offset) < n:
+            if self._reader(t.path).read(arr[slot], offset) < n:
                 raise OSError(f"short read of expert {e} in {t.name}")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)  # the slot is the copy we keep
             total += n
         with self._mutex:
             self.counters.bytes_read += total
         return total
+
+    def _read_now(self, ls: _LayerSlots, e: int, slot: int) -> list[Future]:
+        """A demand miss: one read per tensor, all queued at once, so a layer's few misses keep every I/O
+        thread busy (one job per expert left threads idle while each read its three tensors in turn)."""
+        return [self._pool.submit(self._read, ls, e, slot, (i,)) for i in range(len(ls.arrays))]
 
     def _reap(self, ls: _LayerSlots) -> None:
         """Forget finished prefetch reads (their experts stay resident and marked as prefetched)."""
@@ -285,6 +296,10 @@ class ExpertStore:
         if ls.free:
             slot = ls.free.pop()
         else:
+            if ls.pending and all(e in pinned or e in ls.pending for e in ls.slot_of):
+                for fut in list(ls.pending.values()):  # tiny budget: every other slot is being read into
+                    fut.exception()
+                self._reap(ls)
             victim = ls.policy.victim(pinned | set(ls.pending))
             slot = ls.slot_of.pop(victim)
             ls.policy.remove(victim)
@@ -302,11 +317,16 @@ class ExpertStore:
             yield tuple(t.data for t in es.tensors), ids, ids
             return
         ls = self._slots(es)
-        if not self.resident:  # streaming: let this layer's speculative reads (started a layer ago) land, so
-            t0 = time.perf_counter()  # that their slots can be victims again
-            for fut in list(ls.pending.values()):
-                fut.exception()
-            self.counters.io_wait_s += time.perf_counter() - t0
+        if not self.resident:  # streaming: this layer's speculative reads that guessed wrong and have not
+            with ls.lock:      # started are dropped (they would only delay the next layer's guesses)
+                wanted = set(int(e) for e in ids)
+                for e in [e for e in ls.pending if e not in wanted]:
+                    if ls.pending[e].cancel():
+                        del ls.pending[e]
+                        ls.free.append(ls.slot_of.pop(e))
+                        ls.policy.remove(e)
+                        ls.prefetched.discard(e)
+                        self.counters.prefetches -= 1
         for start in range(0, len(ids), ls.n_slots):
             chunk = ids[start:start + ls.n_slots]
             pinned = set(int(e) for e in chunk)
@@ -322,7 +342,7 @@ class ExpertStore:
                             self.counters.prefetches -= 1
                             self.counters.misses += 1
                             ls.policy.touch(e)
-                            jobs.append(self._pool.submit(self._read, ls, e, ls.slot_of[e]))
+                            jobs.extend(self._read_now(ls, e, ls.slot_of[e]))
                             continue
                         jobs.append(fut)
                     if e in ls.slot_of:
@@ -333,8 +353,11 @@ class ExpertStore:
                     else:
                         self.counters.misses += 1
                         slot = self._claim(ls, e, pinned)
-                        jobs.append(self._pool.submit(self._read, ls, e, slot))
+                        jobs.extend(self._read_now(ls, e, slot))
                     ls.policy.touch(e)
+            if self._deferred is not None:  # the guesses for a later layer queue behind these demand reads
+                self._prefetch(*self._deferred)
+                self._deferred = None
             t0 = time.perf_counter()
             for job in jobs:
                 job.result()
@@ -343,9 +366,12 @@ class ExpertStore:
             yield ls.views, chunk, slots
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
-        """Start reading experts a later step will probably need (a wrong guess costs bandwidth only)."""
-        if not self.speculating:
-            return
+        """Read experts a later layer will probably need (a wrong guess costs bandwidth only), at low priority
+        and once the next fetch has queued its demand reads (the current layer's misses go first)."""
+        if self.speculating:
+            self._deferred = (es, ids)
+
+    def _prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         ls = self._slots(es)
         with ls.lock:
             self._reap(ls)
@@ -358,7 +384,7 @@ class ExpertStore:
                 self.counters.prefetches += 1
                 ls.prefetched.add(e)
                 ls.policy.touch(e)
-                ls.pending[e] = self._pool.submit(self._read, ls, e, slot)
+                ls.pending[e] = self._pool.submit(self._read, ls, e, slot, priority=1)
 
     @property
     def speculating(self) -> bool:
@@ -394,6 +420,6 @@ class ExpertStore:
     def close(self) -> None:
         self._background.shutdown()
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()

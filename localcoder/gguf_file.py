@@ -11,6 +11,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,114 @@ GGUF_MAGIC = b"GGUF"
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
-def pread_full(fd: int, view: memoryview, offset: int) -> int:
+def pread_full(fd: int, view: memoryview, offset: int, direct: bool = False) -> int:
     """Read len(view) bytes at offset into view (pread, retried after short reads); returns the bytes read,
-    fewer only where the file ends."""
+    fewer only where the file ends. `direct`: fd is O_DIRECT, where a short read means the end of the file
+    (a retry would start at an unaligned offset)."""
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
             break
         got += n
+        if direct and got % ALIGN:
+            break
     return got
+
+
+ALIGN = 4096  # O_DIRECT reads: file offset, length and buffer address all multiples of this
+_BOUNCE = 1 << 20
+
+
+def aligned_empty(shape: tuple[int, ...], offset: int) -> np.ndarray:
+    """An uninitialised uint8 array whose address is congruent to `offset` modulo ALIGN, so that a RawReader
+    reads file bytes from `offset` (and from offset + k * ALIGN) straight into it."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + ALIGN, dtype=np.uint8)
+    shift = (offset - raw.ctypes.data) % ALIGN
+    return raw[shift:shift + n].reshape(shape)
+
+
+class RawReader:
+    """Reads byte ranges of one file into arrays, past the page cache (O_DIRECT) where the system allows it:
+    no copy through kernel pages, no readahead, nothing left cached to drop. Measured on this VM for 1.2 MB
+    reads on 8 threads: 0.10 CPU s per GB read straight into place, 0.17 through the bounce buffer (when the
+    destination's address does not line up with the file offset), 0.33-0.55 through the page cache; CPU time
+    that decode needs when reads overlap compute. Elsewhere (macOS, tmpfs): pread with readahead off and the
+    pages dropped after each read. Thread-safe."""
+
+    def __init__(self, path, direct: bool = True):
+        self.path = str(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.dfd = self._open_direct() if direct else None
+        self._local = threading.local()
+
+    def _open_direct(self) -> int | None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag or os.environ.get("LOCALCODER_DIRECT_IO", "1") == "0":
+            return None
+        try:
+            dfd = os.open(self.path, os.O_RDONLY | flag)
+        except OSError:
+            return None
+        try:  # some filesystems accept the flag and refuse the reads
+            with mmap.mmap(-1, ALIGN) as probe:
+                os.preadv(dfd, [memoryview(probe)], 0)
+        except OSError:
+            os.close(dfd)
+            return None
+        return dfd
+
+    @property
+    def direct(self) -> bool:
+        return self.dfd is not None
+
+    def read(self, dst: np.ndarray, offset: int) -> int:
+        """Fill the contiguous uint8 array dst with the file's bytes at offset; returns the bytes read (fewer
+        only where the file ends)."""
+        if not dst.flags.c_contiguous:
+            raise ValueError("RawReader.read needs a contiguous array")
+        view = memoryview(dst.reshape(-1))
+        n = len(view)
+        if self.dfd is None:
+            got = pread_full(self.fd, view, offset)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
+            return got
+        a0 = -(-offset // ALIGN) * ALIGN
+        a1 = (offset + n) // ALIGN * ALIGN
+        if (dst.ctypes.data - offset) % ALIGN or a1 <= a0:
+            return self._bounce(view, offset)
+        got = pread_full(self.dfd, view[a0 - offset:a1 - offset], a0, direct=True)
+        if got < a1 - a0:  # the file ends inside the aligned middle
+            return self._bounce(view[:a0 - offset], offset) + got
+        return self._bounce(view[:a0 - offset], offset) + got + self._bounce(view[a1 - offset:], a1)
+
+    def _bounce(self, view: memoryview, offset: int) -> int:
+        """Through this thread's aligned buffer, in aligned pieces."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(mmap.mmap(-1, _BOUNCE))
+        got = 0
+        while got < len(view):
+            pos = offset + got
+            start = pos // ALIGN * ALIGN
+            want = min(len(view) - got, _BOUNCE - (pos - start))
+            span = -(-(pos - start + want) // ALIGN) * ALIGN
+            k = max(min(want, pread_full(self.dfd, buf[:span], start, direct=True) - (pos - start)), 0)
+            view[got:got + k] = buf[pos - start:pos - start + k]
+            got += k
+            if k < want:
+                break
+        return got
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dfd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dfd = None
 
 
 @dataclass(frozen=True)

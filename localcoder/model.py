@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .errors import LocalcoderError
 from .experts import ExpertStore
 from .threads import background_thread
-from .gguf_file import GGUFFile, pread_full, readonly
+from .gguf_file import GGUFFile, RawReader, aligned_empty, readonly
 from .models import qwen3next
 from .tokenizer import Tokenizer
 
@@ -98,7 +98,7 @@ class Model:
 
     def _read_dense(self) -> None:
         tensors = dict(self.file.tensors)
-        copies = {name: np.empty(t.data.shape, np.uint8) for name, t in tensors.items() if "_exps" not in name}
+        copies = {name: aligned_empty(t.data.shape, t.file_offset) for name, t in tensors.items() if "_exps" not in name}
         _pread_all([(tensors[name].path, tensors[name].file_offset, a) for name, a in copies.items()])
         tensors.update({name: replace(tensors[name], data=readonly(a)) for name, a in copies.items()})
         dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))
@@ -156,29 +156,28 @@ class Model:
 
 
 def _pread_all(jobs: list[tuple[str, int, np.ndarray]], piece: int = 8 << 20, threads: int = 4) -> None:
-    """Fill each array from its file at its offset, in `piece`-byte preads on `threads` threads: disks serve
-    parallel reads several times faster than one sequential stream (measured here: 1.3-2 vs 0.5 GB/s)."""
+    """Fill each array from its file at its offset, in `piece`-byte reads on `threads` threads (disks serve
+    parallel reads several times faster than one sequential stream; measured here: 1.3-2 vs 0.5 GB/s),
+    past the page cache where the system allows (RawReader)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    fds = {path: os.open(path, os.O_RDONLY) for path in {j[0] for j in jobs}}
+    readers = {path: RawReader(path) for path in {j[0] for j in jobs}}
     try:
         pieces = []
         for path, offset, a in jobs:
-            view = memoryview(a.reshape(-1))
-            pieces += [(fds[path], offset + o, view[o:o + piece]) for o in range(0, a.nbytes, piece)]
+            flat = a.reshape(-1)
+            pieces += [(readers[path], offset + o, flat[o:o + piece]) for o in range(0, a.nbytes, piece)]
 
         def read(job) -> None:
-            fd, offset, view = job
-            if pread_full(fd, view, offset) < len(view):
+            reader, offset, dst = job
+            if reader.read(dst, offset) < dst.nbytes:
                 raise LocalcoderError("the model file ended early; it is truncated: download or convert it again")
 
         with ThreadPoolExecutor(threads, initializer=background_thread) as pool:
             list(pool.map(read, pieces))
     finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
+        for r in readers.values():
+            r.close()
 
 
 def parse_size(size) -> int:

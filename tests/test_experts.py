@@ -79,9 +79,9 @@ def test_only_routed_experts_are_read(path):
     store = m.expert_store
     orig = store._read
 
-    def spy(ls, e, slot):
+    def spy(ls, e, slot, *parts):
         reads.append((ls.es.layer, e))
-        return orig(ls, e, slot)
+        return orig(ls, e, slot, *parts)
 
     store._read = spy
     for layer in m.weights.layers:
@@ -153,3 +153,25 @@ def test_dense_copy_of_a_file_truncated_after_opening_is_a_one_line_error(q8_pat
     model = Model(file, backend="numpy", preload=False)
     with pytest.raises(LocalcoderError, match="truncated"):
         model.forward([1], model.new_cache())
+
+
+def test_io_pool_runs_demand_reads_before_speculative_ones():
+    """The I/O pool takes the lowest priority number first (demand reads 0, speculative 1), in submission order
+    within a priority, and a queued call can be cancelled until it starts."""
+    import threading
+
+    from localcoder.experts import _DaemonPool
+
+    pool, gate, order = _DaemonPool(1, "test-io"), threading.Event(), []
+    try:
+        first = pool.submit(gate.wait)  # occupies the only thread while the rest queue up
+        spec = [pool.submit(order.append, f"spec{i}", priority=1) for i in range(2)]
+        dropped = pool.submit(order.append, "wrong guess", priority=1)
+        demand = [pool.submit(order.append, f"demand{i}") for i in range(2)]
+        assert dropped.cancel()
+        gate.set()
+        for fut in [first, *spec, *demand]:
+            fut.result(timeout=10)
+        assert order == ["demand0", "demand1", "spec0", "spec1"]
+    finally:
+        pool.shutdown(wait=True)
