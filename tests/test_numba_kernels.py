@@ -241,6 +241,34 @@ def test_matvec_int8_activations(qtype, threads):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T", [1, 3])
+def test_matmuls_several_weights_one_input(threads, T):
+    """matmuls(x, ws): with 8-bit activations and one token, one kernel pass over every weight's rows (mixed
+    types and row counts, as a layer's input projections), bit-identical to one matmul per weight; else (a
+    float type among them, T > 1) one matmul each. Either way each output matches the NumPy reference."""
+    rng = np.random.default_rng(7 + T)
+    mixes = [(Q.Q5_K, Q.Q4_K, Q.Q4_K), (Q.Q4_K, Q.Q6_K), (Q.Q4_K, Q.F32, Q.Q8_0)]
+    for int8 in (True, False):
+        be = NumbaBackend(threads=threads, int8_activations=int8)
+        try:
+            for mix in mixes:
+                ws = tuple(qtensor(f"w{i}", qt, (n, 512), rng) for i, (qt, n) in enumerate(zip(mix, (97, 33, 5))))
+                x = rng.standard_normal((T, 512)).astype(np.float32)
+                got = be.matmuls(x, ws)
+                assert len(got) == len(ws)
+                for g, w in zip(got, ws):
+                    assert g.shape == (T, w.shape[0])
+                    assert np.array_equal(g, be.matmul(x, w))
+                    if be.int8 and w.ggml_type in Q8_TYPES:
+                        for t in range(T):
+                            check_int8(g[t], dense(w).astype(np.float64), x[t])
+                    else:
+                        assert rel_err(g, NumpyBackend().matmul(x, w)) <= REL
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 @needs_vnni
 @pytest.mark.parametrize("T", [2, 7])
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=[t.name for t in Q8_TYPES])

@@ -564,6 +564,9 @@ class MLXBackend:
         """x (T, K) float32, w (N, K) -> (T, N)."""
         return self.prepare(w).matmul(x, self.streams)
 
+    def matmuls(self, x, ws: tuple[QTensor, ...]) -> tuple:
+        return tuple(self.matmul(x, w) for w in ws)
+
     def vector(self, w: QTensor):
         key = (w.path, w.file_offset, w.name)
         got = self._vectors.get(key)

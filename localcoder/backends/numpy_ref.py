@@ -132,6 +132,11 @@ class NumpyBackend:
         """x (T, K) float32, w (N, K) -> (T, N)."""
         return x @ self.prepare(w).T
 
+    def matmuls(self, x: np.ndarray, ws: tuple[QTensor, ...]) -> tuple[np.ndarray, ...]:
+        """Several weights applied to one input: (matmul(x, w) for w in ws). A backend may run them as one
+        pass over all their rows."""
+        return tuple(self.matmul(x, w) for w in ws)
+
     def vector(self, w: QTensor) -> np.ndarray:
         """A small float weight (norm, bias, conv kernel) as float32."""
         return self.prepare(w)

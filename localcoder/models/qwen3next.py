@@ -113,17 +113,18 @@ def gated_deltanet(be, cfg: ModelConfig, w: Layer, x, state: DeltaNetState):
     T = x.shape[0]
     Hk, Hv, Dk, Dv = cfg.ssm_n_k_heads, cfg.ssm_n_v_heads, cfg.ssm_k_dim, cfg.ssm_v_dim
     r = Hv // Hk  # value heads per key head (consecutive)
+    # the input projections share x: one pass over their weights
     if w.ssm_in is not None:
         # fused projection, grouped per key head as [q_g | k_g | v_g | z_g]
-        qkvz = be.matmul(x, w.ssm_in).reshape(T, Hk, 2 * Dk + 2 * r * Dv)
+        qkvz, ba = be.matmuls(x, (w.ssm_in, w.ssm_ba))
+        qkvz = qkvz.reshape(T, Hk, 2 * Dk + 2 * r * Dv)
         q, k = qkvz[..., :Dk], qkvz[..., Dk:2 * Dk]
         v, z = qkvz[..., 2 * Dk:2 * Dk + r * Dv], qkvz[..., 2 * Dk + r * Dv:]
         qkv = xp.concatenate([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], axis=-1)
-    else:
-        qkv = be.matmul(x, w.attn_qkv)  # (T, Hk*Dk | Hk*Dk | Hv*Dv)
-        z = be.matmul(x, w.attn_gate)
+    else:  # qkv (T, Hk*Dk | Hk*Dk | Hv*Dv), the output gate z, and [b | a]
+        qkv, z, ba = be.matmuls(x, (w.attn_qkv, w.attn_gate, w.ssm_ba))
     z = z.reshape(T, Hv, Dv)
-    ba = be.matmul(x, w.ssm_ba).reshape(T, Hk, 2 * r)  # per key head [b_g | a_g]
+    ba = ba.reshape(T, Hk, 2 * r)  # per key head [b_g | a_g]
     b, a = ba[..., :r].reshape(T, Hv), ba[..., r:].reshape(T, Hv)
 
     qkv, state.conv = be.conv1d(qkv, be.vector(w.ssm_conv1d), state.conv)  # causal conv + SiLU
@@ -146,10 +147,10 @@ def gated_attention(be, cfg: ModelConfig, w: Layer, x, positions, kv: KVCache):
     """Softmax attention with an output gate, q/k RMSNorm and partial RoPE. x (T, D) -> (T, D)."""
     T = x.shape[0]
     Hq, Hkv, Dh = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    qg = be.matmul(x, w.attn_q).reshape(T, Hq, 2 * Dh)  # per head [q_h | gate_h]
+    qg, k, v = be.matmuls(x, (w.attn_q, w.attn_k, w.attn_v))
+    qg = qg.reshape(T, Hq, 2 * Dh)  # per head [q_h | gate_h]
     q, gate = qg[..., :Dh], qg[..., Dh:].reshape(T, Hq * Dh)
-    k = be.matmul(x, w.attn_k).reshape(T, Hkv, Dh)
-    v = be.matmul(x, w.attn_v).reshape(T, Hkv, Dh)
+    k, v = k.reshape(T, Hkv, Dh), v.reshape(T, Hkv, Dh)
     q = be.rope(be.rms_norm(q, be.vector(w.attn_q_norm), cfg.rms_eps), positions, cfg.n_rot, cfg.rope_theta)
     k = be.rope(be.rms_norm(k, be.vector(w.attn_k_norm), cfg.rms_eps), positions, cfg.n_rot, cfg.rope_theta)
     keys, values = be.kv_append(kv, k, v)

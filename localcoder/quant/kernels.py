@@ -964,9 +964,9 @@ def _vdot_rows_tokens(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, p0, nt, o
         _rtq8_0(w, r0, r1, xq, xd, bf128, p0, nt, 4 * nb, out, tokens, weights)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def matvec_q8(code, w, x, out, nchunks):
-    """out[n] = w[n] . x with x quantized to Q8_K first; code in Q8_CODES, K % 256 == 0, HAVE_VNNI."""
+@njit(inline="always")
+def _q8_vector(x):
+    """Q8_K of the vector x and the row kernels' sums (see _quant_into): (xq, xqp, xd, bf32, bf16, bf128)."""
     K = x.shape[0]
     xq = np.empty(K, np.int8)
     xqp = np.empty(K, np.int8)
@@ -977,10 +977,36 @@ def matvec_q8(code, w, x, out, nchunks):
     bf32 = np.empty(K // 32, np.float32)
     bf128 = np.empty(K // 32, np.float32)
     _quant_into(x, xq, xqp, xd, bs16, bs32, bf32, bf16, bf128)
+    return xq, xqp, xd, bf32, bf16, bf128
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_q8(code, w, x, out, nchunks):
+    """out[n] = w[n] . x with x quantized to Q8_K first; code in Q8_CODES, K % 256 == 0, HAVE_VNNI."""
+    xq, xqp, xd, bf32, bf16, bf128 = _q8_vector(x)
     nc, step = _chunks(w.shape[0], nchunks)
     for c in prange(nc):
         for n in range(c * step, min(w.shape[0], (c + 1) * step)):
             out[n] = _vdot_row(code, w[n], xq, xqp, xd, bf32, bf16, bf128)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_q8_many(codes, ws, x, outs, nchunks):
+    """outs[m][n] = ws[m][n] . x for each matrix m of the tuple ws (codes[m] in Q8_CODES, all with K columns):
+    one Q8_K quantization of x and one parallel pass over the rows of all of them, so several projections
+    of one input stream like one larger matrix (each row's dot product is the same as matvec_q8's)."""
+    xq, xqp, xd, bf32, bf16, bf128 = _q8_vector(x)
+    M = len(ws)
+    starts = np.zeros(M + 1, np.int64)
+    for m in range(M):
+        starts[m + 1] = starts[m] + ws[m].shape[0]
+    nc, step = _chunks(starts[M], nchunks)
+    for c in prange(nc):
+        n0, n1 = c * step, min(starts[M], (c + 1) * step)
+        for m in range(M):
+            w, out, code, s0 = ws[m], outs[m], codes[m], starts[m]
+            for n in range(max(n0, s0), min(n1, starts[m + 1])):
+                out[n - s0] = _vdot_row(code, w[n - s0], xq, xqp, xd, bf32, bf16, bf128)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
