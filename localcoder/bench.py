@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -102,8 +103,12 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 768 << 10, 
         offsets = [start + i * chunk for i in range(0, nbytes // chunk, 2)]
         offsets = offsets[0::3] + offsets[1::3] + offsets[2::3]
 
+        local = threading.local()  # one buffer per thread, lined up with the offsets (all start + k * chunk)
+
         def read(off: int) -> int:
-            return reader.read(aligned_empty((chunk,), off), off)
+            if not hasattr(local, "buf"):
+                local.buf = aligned_empty((chunk,), start)
+            return reader.read(local.buf, off)
 
         t = time.perf_counter()
         with ThreadPoolExecutor(threads, initializer=background_thread) as pool:

@@ -291,13 +291,15 @@ class ExpertStore:
                 ls.policy.remove(e)
                 ls.prefetched.discard(e)
 
-    def _claim(self, ls: _LayerSlots, e: int, pinned: set[int]) -> int:
-        """A slot for e: a free one, or the policy's victim (not pinned)."""
+    def _claim(self, ls: _LayerSlots, e: int, pinned: set[int], wait: bool = True) -> int:
+        """A slot for e: a free one, or the policy's victim (not pinned, not being read into). With a tiny
+        budget every candidate may still be a speculative read in flight: `wait` for those to land, else
+        (a guess, which must never stall decode) raise RuntimeError."""
         if ls.free:
             slot = ls.free.pop()
         else:
-            if ls.pending and all(e in pinned or e in ls.pending for e in ls.slot_of):
-                for fut in list(ls.pending.values()):  # tiny budget: every other slot is being read into
+            if wait and ls.pending and all(x in pinned or x in ls.pending for x in ls.slot_of):
+                for fut in list(ls.pending.values()):
                     fut.exception()
                 self._reap(ls)
             victim = ls.policy.victim(pinned | set(ls.pending))
@@ -378,7 +380,7 @@ class ExpertStore:
             want = [int(e) for e in ids if int(e) not in ls.slot_of and int(e) not in ls.pending]
             for e in want[: max(ls.n_slots - len(ls.pending) - 1, 0)]:
                 try:
-                    slot = self._claim(ls, e, set(int(x) for x in ids))
+                    slot = self._claim(ls, e, set(int(x) for x in ids), wait=False)
                 except RuntimeError:
                     break
                 self.counters.prefetches += 1

@@ -63,10 +63,10 @@ def aligned_empty(shape: tuple[int, ...], offset: int) -> np.ndarray:
 
 class RawReader:
     """Reads byte ranges of one file into arrays, past the page cache (O_DIRECT) where the system allows it:
-    no copy through kernel pages, no readahead, nothing left cached to drop. Measured on this VM for 1.2 MB
-    reads on 8 threads: 0.10 CPU s per GB read straight into place, 0.17 through the bounce buffer (when the
-    destination's address does not line up with the file offset), 0.33-0.55 through the page cache; CPU time
-    that decode needs when reads overlap compute. Elsewhere (macOS, tmpfs): pread with readahead off and the
+    no copy through kernel pages, no readahead, nothing left cached to drop. `benchmarks/disk_reads.py` on
+    this VM, 1.2 MB reads on 8 threads: 0.14 CPU s per GB read straight into place, 0.22-0.23 through the
+    bounce buffer (when the destination's address does not line up with the file offset), 0.35-0.39 through
+    the page cache; CPU time that decode needs when reads overlap compute. Elsewhere (macOS, tmpfs): pread with readahead off and the
     pages dropped after each read. Thread-safe."""
 
     def __init__(self, path, direct: bool = True):
@@ -79,7 +79,7 @@ class RawReader:
 
     def _open_direct(self) -> int | None:
         flag = getattr(os, "O_DIRECT", 0)
-        if not flag or os.environ.get("LOCALCODER_DIRECT_IO", "1") == "0":
+        if not flag:
             return None
         try:
             dfd = os.open(self.path, os.O_RDONLY | flag)

@@ -170,8 +170,10 @@ def _pread_all(jobs: list[tuple[str, int, np.ndarray]], piece: int = 8 << 20, th
 
         def read(job) -> None:
             reader, offset, dst = job
-            if reader.read(dst, offset) < dst.nbytes:
-                raise LocalcoderError("the model file ended early; it is truncated: download or convert it again")
+            got = reader.read(dst, offset)
+            if got < dst.nbytes:
+                raise LocalcoderError(f"the model file ended early at byte {offset + got}; it is truncated: "
+                                      "download or convert it again")
 
         with ThreadPoolExecutor(threads, initializer=background_thread) as pool:
             list(pool.map(read, pieces))

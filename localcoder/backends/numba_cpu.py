@@ -315,7 +315,7 @@ class NumbaBackend(NumpyBackend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         data = np.ascontiguousarray(w.data)
         T, N = x.shape[0], w.shape[0]
-        q8 = self.int8 and kern.code in K.Q8_CODES and w.shape[1] % 256 == 0  # 8-bit activations apply
+        q8 = self._q8(kern, w)
         if T == 1:
             out = np.empty(N, np.float32)
             if q8:
@@ -341,13 +341,17 @@ class NumbaBackend(NumpyBackend):
             np.matmul(x, tile[:n1 - n0].T, out=out[:, n0:n1])
         return out
 
+    def _q8(self, kern, w: QTensor) -> bool:
+        """Whether products with w take 8-bit activations."""
+        return self.int8 and kern.code in K.Q8_CODES and w.shape[1] % 256 == 0
+
     def matmuls(self, x: np.ndarray, ws: tuple[QTensor, ...]) -> tuple[np.ndarray, ...]:
         """One token with 8-bit activations: one kernel call over the rows of every weight (one quantization
-        of x, one parallel region: streams like one larger matrix, 22-23 -> 26-27 GB/s for a DeltaNet
-        layer's three input projections); otherwise one matmul per weight. Same bits either way."""
+        of x, one parallel region, so they stream like one larger matrix; `benchmarks/profile_ops.py`: a
+        DeltaNet layer's three input projections 4.98 -> 4.79 ms per token over 6 layers); otherwise one
+        matmul per weight. Same bits either way."""
         kerns = [K.kernel_for(w.ggml_type) for w in ws]
-        if (x.shape[0] != 1 or not self.int8 or len(ws) < 2 or any(k.code not in K.Q8_CODES for k in kerns)
-                or any(w.shape[1] != x.shape[1] or w.shape[1] % 256 for w in ws)):
+        if x.shape[0] != 1 or len(ws) < 2 or not all(self._q8(k, w) for k, w in zip(kerns, ws)):
             return tuple(self.matmul(x, w) for w in ws)
         outs = tuple(np.empty(w.shape[0], np.float32) for w in ws)
         K.matvec_q8_many(np.array([k.code for k in kerns], np.int64), tuple(np.ascontiguousarray(w.data) for w in ws),

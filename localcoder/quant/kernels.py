@@ -965,6 +965,28 @@ def _vdot_rows_tokens(code, w, r0, r1, xq, xqp, xd, bf32, bf16, bf128, p0, nt, o
 
 
 @njit(inline="always")
+def _swiglu_tokens(gcode, ucode, grow, urow, q, qp, d, b32, b16, b128, p, p1, h, f, gres, ures):
+    """h[t, f] = silu(grow . x[t]) * (urow . x[t]) for tokens p <= t < p1 (rows of the 2-D activation arrays),
+    up to 4 tokens per pass over the two rows."""
+    while p < p1:
+        nt = _group(p1 - p)
+        _vdot_tokens(gcode, grow, q, qp, d, b32, b16, b128, p, nt, gres)
+        _vdot_tokens(ucode, urow, q, qp, d, b32, b16, b128, p, nt, ures)
+        for j in range(nt):
+            h[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
+        p += nt
+
+
+@njit(inline="always")
+def _rows_tokens_all(code, w, r0, r1, q, qp, d, b32, b16, b128, p, p1, out, tokens, weights):
+    """_vdot_rows_tokens for tokens p <= t < p1, in groups of 4, 2 or 1."""
+    while p < p1:
+        nt = _group(p1 - p)
+        _vdot_rows_tokens(code, w, r0, r1, q, qp, d, b32, b16, b128, p, nt, out, tokens, weights)
+        p += nt
+
+
+@njit(inline="always")
 def _q8_vector(x):
     """Q8_K of the vector x and the row kernels' sums (see _quant_into): (xq, xqp, xd, bf32, bf16, bf128)."""
     K = x.shape[0]
@@ -1080,25 +1102,12 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
             if job < n_e * F:
                 i, f = job // F, job % F
                 e = experts[i]
-                grow, urow = gate[e, f], up[e, up_off + f]
-                p, p1 = starts[i], starts[i + 1]
-                while p < p1:
-                    nt = _group(p1 - p)
-                    _vdot_tokens(gcode, grow, pq, pqp, pd, pf32, pf16, pf128, p, nt, gres)
-                    _vdot_tokens(ucode, urow, pq, pqp, pd, pf32, pf16, pf128, p, nt, ures)
-                    for j in range(nt):
-                        h[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
-                    p += nt
+                _swiglu_tokens(gcode, ucode, gate[e, f], up[e, up_off + f], pq, pqp, pd, pf32, pf16, pf128,
+                               starts[i], starts[i + 1], h, f, gres, ures)
             else:
                 f = job - n_e * F
-                p = 0
-                while p < T:
-                    nt = _group(T - p)
-                    _vdot_tokens(scodes[0], sgate[f], xq, xqp, xd, xf32, xf16, xf128, p, nt, gres)
-                    _vdot_tokens(scodes[1], sup[f], xq, xqp, xd, xf32, xf16, xf128, p, nt, ures)
-                    for j in range(nt):
-                        hs[p + j, f] = gres[j] / (f32(1) + np.exp(-gres[j])) * ures[j]
-                    p += nt
+                _swiglu_tokens(scodes[0], scodes[1], sgate[f], sup[f], xq, xqp, xd, xf32, xf16, xf128, 0, T, hs, f,
+                               gres, ures)
     hq, hqp, hd, hf16, hf32, hf128 = _q8_buffers(n_pairs, F)
     quantize_rows_q8(h, hq, hqp, hd, hf16, hf32, hf128)
     sq, sqp, sd, sf16, sf32, sf128 = _q8_buffers(T, Fs)
@@ -1114,18 +1123,11 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
         r0, r1 = c * step, min(D, (c + 1) * step)
-        for i in range(n_e):
-            p, p1 = starts[i], starts[i + 1]
-            while p < p1:  # groups of 4, 2 or 1 tokens, all rows of the chunk in one loop of IR
-                nt = _group(p1 - p)
-                _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, out,
-                                  tokens, weights)
-                p += nt
-        p = 0
-        while Fs > 0 and p < T:
-            nt = _group(T - p)
-            _vdot_rows_tokens(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, p, nt, out, own, sweights)
-            p += nt
+        for i in range(n_e):  # all rows of the chunk in one loop of IR per group of tokens
+            _rows_tokens_all(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, starts[i],
+                             starts[i + 1], out, tokens, weights)
+        if Fs > 0:
+            _rows_tokens_all(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, 0, T, out, own, sweights)
 
 
 # moe_q8 with at most this many (token, expert) pairs (decode, short prompts) cuts the down pass over the
@@ -1156,19 +1158,10 @@ def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16,
         while i < n_runs and i * D < j1:
             r0, r1 = max(j0, i * D) - i * D, min(j1, (i + 1) * D) - i * D
             if i < n_e:
-                p, p1 = starts[i], starts[i + 1]
-                while p < p1:
-                    nt = _group(p1 - p)
-                    _vdot_rows_tokens(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, p, nt, part,
-                                      pair, weights)
-                    p += nt
+                _rows_tokens_all(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, starts[i],
+                                 starts[i + 1], part, pair, weights)
             else:
-                p = 0
-                while p < T:
-                    nt = _group(T - p)
-                    _vdot_rows_tokens(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, p, nt, part, own,
-                                      sweights)
-                    p += nt
+                _rows_tokens_all(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, 0, T, part, own, sweights)
             i += 1
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
@@ -1183,5 +1176,5 @@ def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16,
 NO_SHARED = (np.zeros(3, np.int64), *(readonly(np.zeros((0, 1), np.uint8)) for _ in range(3)), np.zeros(0, np.float32))
 
 
-__all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8",
+__all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8", "matvec_q8_many",
            "moe_q8", "NO_SHARED", "quantize_rows_q8", "matmul_q8"]
