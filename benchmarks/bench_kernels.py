@@ -62,7 +62,9 @@ def main():
     print(f"threads {args.threads}; measured read bandwidth {bw:.1f} GB/s")
     print(f"{'type':8} {'acts':5} {'expert 512x2048 matvec':>24} {'output 151936x2048 matvec':>26} {'dequant rows':>14}")
     for name in args.types.split(","):
-        qtype = Q[name]
+        if name.upper() not in Q.__members__:
+            raise SystemExit(f"unknown type {name!r}; choose from {', '.join(t.name for t in K.KERNELS)}")
+        qtype = Q[name.upper()]
         code = K.KERNELS[qtype].code
         int8 = K.HAVE_VNNI and code in K.Q8_CODES
         rows = {"f32": [], "int8": []}

@@ -5,6 +5,11 @@ store's slots), and O_DIRECT through RawReader's bounce buffer (a destination th
 CPU time matters because streamed reads overlap decode on the same cores.
 
     python benchmarks/disk_reads.py MODEL.gguf [--threads 8] [--reads 200] [--size 1179648] [--rounds 2]
+    python benchmarks/disk_reads.py MODEL.gguf --bursts 19 [--size 589824] [--gap-ms 2]
+
+--bursts N reads the way decode does: N reads queued at once (a layer's expert misses: ~6 experts x 3
+tensors on the 48-layer synthetic file), wait for all, pause --gap-ms (the layer's compute), repeat; it
+prints GB/s within the bursts next to as many reads all queued at once (how the disk bandwidth is measured).
 
 Use a file much larger than RAM, or drop the page cache first (echo 3 > /proc/sys/vm/drop_caches), so reads
 reach the disk.
@@ -44,6 +49,29 @@ def run(reader: RawReader, offsets: list[int], size: int, threads: int, line_up:
     return done / seconds / 1e9, cpu / (done / 1e9)
 
 
+def bursts(reader: RawReader, size_file: int, n: int, size: int, threads: int, gap_s: float, total: int,
+           rng) -> None:
+    """GB/s over the time spent inside bursts of n reads, with and without a pause between bursts."""
+    dst = [aligned_empty((size,), 0) for _ in range(n)]
+    for d in dst:
+        d[:] = 0
+    rounds = max(1, total // n)
+    with ThreadPoolExecutor(threads) as pool:
+        busy, done = 0.0, 0
+        for _ in range(rounds):
+            offsets = [int(o) // ALIGN * ALIGN for o in rng.integers(0, size_file - size - ALIGN, n)]
+            t = time.perf_counter()
+            done += sum(pool.map(lambda i: reader.read(dst[i], offsets[i]), range(n)))
+            busy += time.perf_counter() - t
+            time.sleep(gap_s)
+        print(f"bursts of {n}, {gap_s * 1e3:g} ms apart      {done / busy / 1e9:5.2f} GB/s while reading "
+              f"({busy / rounds * 1e3:.1f} ms per burst of {n} x {size / 1e6:.2f} MB)")
+        offsets = [int(o) // ALIGN * ALIGN for o in rng.integers(0, size_file - size - ALIGN, rounds * n)]
+        t = time.perf_counter()
+        done = sum(pool.map(lambda i: reader.read(dst[i % n], offsets[i]), range(rounds * n)))
+        print(f"the same reads all queued     {done / (time.perf_counter() - t) / 1e9:5.2f} GB/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -51,10 +79,16 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=200)
     ap.add_argument("--size", type=int, default=2 * 589_824, help="bytes per read (default: two Q4_K expert tensors)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--bursts", type=int, default=0, help="reads per burst (decode's pattern); 0: the three ways")
+    ap.add_argument("--gap-ms", type=float, default=2.0, help="pause between bursts")
     args = ap.parse_args()
     size_file = os.path.getsize(args.model)
     rng = np.random.default_rng(0)
     buffered, direct = RawReader(args.model, direct=False), RawReader(args.model)
+    if args.bursts:
+        for r in range(args.rounds):
+            bursts(direct, size_file, args.bursts, args.size, args.threads, args.gap_ms / 1e3, 800, rng)
+        return
     if not direct.direct:
         print("O_DIRECT is not available for this file here; only the page-cache path can be measured")
     ways = [("pread via page cache", buffered, True)]

@@ -212,6 +212,7 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
         expert_bytes_read_per_token=c["bytes_read"] / gen_tokens,
         expert_miss_bytes_per_token=miss_bytes,
         io_wait_s_per_token=c["io_wait_s"] / gen_tokens,
+        io_cpu_s_per_gb=c["io_cpu_s"] / max(c["bytes_read"] / 1e9, 1e-9),
         disk_bandwidth_gbs=disk_bw,
         streaming_limit_tokens_per_s=limit,
         streaming_limit_fraction=tg / limit,

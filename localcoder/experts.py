@@ -203,6 +203,7 @@ class ExpertCounters:
     prefetches: int = 0  # experts read speculatively
     bytes_read: int = 0
     io_wait_s: float = 0.0
+    io_cpu_s: float = 0.0  # CPU time the I/O threads spent in reads (it shares the cores with decode)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -265,6 +266,7 @@ class ExpertStore:
 
     def _read(self, ls: _LayerSlots, e: int, slot: int, parts=None) -> int:
         """Read expert e's bytes (its tensors `parts`, default all) into `slot`; returns bytes read."""
+        cpu0 = time.thread_time()
         total = 0
         for i in range(len(ls.arrays)) if parts is None else parts:
             t, arr = ls.es.tensors[i], ls.arrays[i]
@@ -275,6 +277,7 @@ class ExpertStore:
             total += n
         with self._mutex:
             self.counters.bytes_read += total
+            self.counters.io_cpu_s += time.thread_time() - cpu0
         return total
 
     def _read_now(self, ls: _LayerSlots, e: int, slot: int) -> list[Future]:
