@@ -50,12 +50,15 @@ def main():
     ap.add_argument("--types", default=",".join(t.name for t in K.KERNELS))
     ap.add_argument("--delta", action="store_true", help="gated delta: recurrent vs chunked prompt kernels")
     ap.add_argument("--moe", action="store_true", help="one decode step's routed experts (NumbaBackend.moe)")
+    ap.add_argument("--calls", action="store_true", help="many small matvecs, one call each, vs one call for all")
     args = ap.parse_args()
     numba.set_num_threads(args.threads)
     if args.delta:
         return bench_delta()
     if args.moe:
         return bench_moe()
+    if args.calls:
+        return bench_calls()
     nchunks = 4 * args.threads
     rng = np.random.default_rng(0)
     bw = measure_read_bandwidth(threads=args.threads)
@@ -106,6 +109,29 @@ def bench_delta():
         rec = timeit(lambda: gated_delta_recurrent(q, q, v, g, beta, state, np.empty_like(state), out))
         chk = timeit(lambda: gated_delta_chunked(q, q, v, g, beta, state))
         print(f"{T:5d} {step * 1e3:9.2f} ms {rec * 1e3:9.2f} ms {chk * 1e3:9.2f} ms")
+
+
+def bench_calls(shapes=((512, 2048), (2048, 512), (4096, 2048)), total=256 << 20):
+    """GB/s of 8-bit matvecs over many distinct small matrices (`total` bytes, so they come from memory), one
+    kernel call per matrix, against one call over all their rows at once: the cost of starting a call on
+    memory that is not in the caches (the model's router, ssm_out and shared-expert products are such calls)."""
+    rng = np.random.default_rng(0)
+    nchunks = 4 * numba.get_num_threads()
+    print(f"threads {numba.get_num_threads()}; {total >> 20} MB of matrices per pass")
+    for qtype in (Q.Q4_K, Q.Q6_K):
+        code = K.KERNELS[qtype].code
+        for n, k in shapes:
+            one = random_rows(qtype, n, k, rng)
+            count = max(2, total // one.nbytes)
+            stack = random_rows(qtype, n * count, k, rng)
+            mats = [stack[i * n:(i + 1) * n] for i in range(count)]
+            x = rng.standard_normal(k).astype(np.float32)
+            out, big = np.empty(n, np.float32), np.empty(n * count, np.float32)
+            K.matvec_q8(code, mats[0], x, out, nchunks)
+            each = timeit(lambda: [K.matvec_q8(code, m, x, out, nchunks) for m in mats])
+            whole = timeit(lambda: K.matvec_q8(code, stack, x, big, nchunks))
+            print(f"{qtype.name:5} {n:5d}x{k:<5d} one call each {stack.nbytes / each / 1e9:5.1f} GB/s "
+                  f"({each / count * 1e6:5.1f} us per call), one call for all {stack.nbytes / whole / 1e9:5.1f} GB/s")
 
 
 def bench_moe(sets=8, n_expert=64, k=10, steps=400):
