@@ -119,10 +119,10 @@ def bench_calls(shapes=((512, 2048), (2048, 512), (4096, 2048)), total=256 << 20
     nchunks = 4 * numba.get_num_threads()
     print(f"threads {numba.get_num_threads()}; {total >> 20} MB of matrices per pass")
     for qtype in (Q.Q4_K, Q.Q6_K):
-        code = K.KERNELS[qtype].code
+        kern = K.KERNELS[qtype]
+        code = kern.code
         for n, k in shapes:
-            one = random_rows(qtype, n, k, rng)
-            count = max(2, total // one.nbytes)
+            count = max(2, total // (n * k // kern.block * kern.size))
             stack = random_rows(qtype, n * count, k, rng)
             mats = [stack[i * n:(i + 1) * n] for i in range(count)]
             x = rng.standard_normal(k).astype(np.float32)

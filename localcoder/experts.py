@@ -285,14 +285,18 @@ class ExpertStore:
         thread busy (one job per expert left threads idle while each read its three tensors in turn)."""
         return [self._pool.submit(self._read, ls, e, slot, (i,)) for i in range(len(ls.arrays))]
 
+    @staticmethod
+    def _unslot(ls: _LayerSlots, e: int) -> None:
+        """Give back the slot of a speculative read that failed or was cancelled: e is no longer resident."""
+        ls.free.append(ls.slot_of.pop(e))
+        ls.policy.remove(e)
+        ls.prefetched.discard(e)
+
     def _reap(self, ls: _LayerSlots) -> None:
         """Forget finished prefetch reads (their experts stay resident and marked as prefetched)."""
         for e in [e for e, fut in ls.pending.items() if fut.done()]:
-            fut = ls.pending.pop(e)
-            if fut.exception() is not None:  # a failed speculative read: free the slot
-                ls.free.append(ls.slot_of.pop(e))
-                ls.policy.remove(e)
-                ls.prefetched.discard(e)
+            if ls.pending.pop(e).exception() is not None:  # a failed speculative read
+                self._unslot(ls, e)
 
     def _claim(self, ls: _LayerSlots, e: int, pinned: set[int], wait: bool = True) -> int:
         """A slot for e: a free one, or the policy's victim (not pinned, not being read into). With a tiny
@@ -328,9 +332,7 @@ class ExpertStore:
                 for e in [e for e in ls.pending if e not in wanted]:
                     if ls.pending[e].cancel():
                         del ls.pending[e]
-                        ls.free.append(ls.slot_of.pop(e))
-                        ls.policy.remove(e)
-                        ls.prefetched.discard(e)
+                        self._unslot(ls, e)
                         self.counters.prefetches -= 1
         for start in range(0, len(ids), ls.n_slots):
             chunk = ids[start:start + ls.n_slots]

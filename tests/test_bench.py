@@ -10,10 +10,9 @@ import sys
 import gguf
 import pytest
 
+import localcoder
 from localcoder.bench import run_bench, weight_bytes_per_token
 from localcoder.synthetic import PRESETS, q4_k_m_type, write_synthetic
-
-import localcoder
 
 REQUIRED = ["pp_tokens_per_s", "tg_tokens_per_s", "weight_bytes_per_token", "read_bandwidth_gbs", "roofline_fraction",
             "threads", "peak_rss_bytes", "backend", "first_token_s"]
