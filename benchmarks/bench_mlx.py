@@ -12,7 +12,6 @@ are resident); the figures are steady-state. Nothing here is asserted in tests.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ def main() -> None:
 
     import localcoder
     from localcoder.backends.mlx_backend import MLXBackend
+    from localcoder.memory import peak_rss_bytes
     from localcoder.synthetic import ensure_synthetic
 
     path = args.model or ensure_synthetic("qwen3-coder-next", args.layers, "q4_k_m",
@@ -64,7 +64,7 @@ def main() -> None:
         token = int(np.argmax(model.forward([token], cache, all_logits=False)[-1]))
     tg = time.perf_counter() - t0
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss = peak_rss_bytes() / 2 ** 20
     s = be.experts
     streamed = sum(v is None for v in s.layers.values())
     mode = f"{len(s.layers) - streamed} layers resident ({s.resident_bytes / 2 ** 30:.1f} GiB), {streamed} streamed"

@@ -7,12 +7,13 @@ every dense weight, the routed experts' bytes and one embedding row.
 from __future__ import annotations
 
 import os
-import resource
 import threading
 import time
 
 import numpy as np
 from numba import njit, prange
+
+from .memory import peak_rss_bytes
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -184,7 +185,7 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
         "read_bandwidth_gbs": bandwidth,
         "roofline_tokens_per_s": bandwidth * 1e9 / per_token,
         "roofline_fraction": tg * per_token / (bandwidth * 1e9),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "first_token_s": first_token_s,
         "model_file_bytes": model.file.file_size,
         "disk_bytes_per_token": disk / gen_tokens if disk >= 0 else None,

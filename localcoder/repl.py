@@ -4,7 +4,6 @@ Markdown once complete, slash commands. Rendering (rich) lives here and in cli.p
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from rich.text import Text
 
 from .chat import ChatSession
 from .errors import LocalcoderError
+from .memory import peak_rss_bytes
 
 HELP = """\
 /help                 this help
@@ -168,7 +168,7 @@ class Repl:
 
     def stats(self) -> None:
         t, m = self.s.total, self.s.model
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = peak_rss_bytes()
         self.console.print(
             f"prompt: {t.prompt_tokens:,} tokens processed, {t.cached_tokens:,} reused, {t.prompt_tokens_per_s:.1f} tokens/s\n"
             f"generation: {t.generated_tokens:,} tokens, {t.generate_tokens_per_s:.1f} tokens/s\n"

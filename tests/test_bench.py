@@ -100,3 +100,17 @@ def test_bench_cli_table_with_streaming(demo):
     assert proc.returncode == 0, proc.stderr
     for row in ("generation (tg2)", "roofline", "expert hits / misses", "waiting for reads", "streaming limit"):
         assert row in proc.stdout, row
+
+
+def test_peak_rss_is_this_process_not_its_parent():
+    """bench's peak RSS belongs to the process that ran it: a child started by a 600 MB parent reports its own
+    peak (ru_maxrss on Linux would report the parent's, which is how a conversion memory test once failed in
+    CI), and growing it by 200 MB shows up."""
+    child = ("import numpy as np; from localcoder.memory import peak_rss_bytes; a = peak_rss_bytes(); "
+             "b = np.ones(200 * 2 ** 20 // 8); b += 1; print(a, peak_rss_bytes())")
+    parent = ("import numpy as np, subprocess, sys; big = np.ones(600 * 2 ** 20 // 8); big += 1; "
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    before, after = map(int, out.split())
+    assert before < 300 * 2 ** 20, before
+    assert after - before > 180 * 2 ** 20, (before, after)

@@ -341,9 +341,10 @@ def test_no_disk_space_is_refused_before_writing(tiny, tmp_path, monkeypatch):
 # ---- memory ---------------------------------------------------------------------------------------------
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, shutil, sys, pathlib
+    import json, shutil, sys, pathlib
     import numpy as np
     from localcoder.quant.convert import convert
+    from localcoder.memory import peak_rss_bytes
     root, tiny = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     D, E, F, V = 2048, 24, 512, 8192               # hidden, experts, expert ffn, vocab (real D and F)
     Hk, Hv, Dk, Dv, Hq, Hkv, Dh = 16, 32, 128, 128, 16, 2, 256
@@ -391,9 +392,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     (root / "config.json").write_text(json.dumps(cfg))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, root / name)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss_bytes()     # this process's own peak, not the test runner's (see localcoder.memory)
     convert(root, root / "out.gguf", "q4_k_m")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"checkpoint": offset, "before": before, "peak": peak, "largest_stacked": 4 * E * F * D}))
 """)
 
