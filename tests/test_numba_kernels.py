@@ -286,6 +286,17 @@ def test_matmul_int8_activations(qtype, T):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
+def test_moe_one_token_repeated_expert(backend):
+    """An id listed twice for one token (not what routing gives, but a valid call) adds both pairs, as the
+    reference does (decode's shortcut for distinct top-k ids must leave such calls to the general path)."""
+    experts, x, _, _ = _moe_case(np.random.default_rng(3), 1, False, 256, Q.Q4_0, Q.Q8_0)
+    ids = np.array([[5, 2, 5]])
+    wts = np.array([[0.5, 0.3, 0.2]], np.float32)
+    ref = NumpyBackend().moe(x, experts, ids, wts)
+    assert rel_err(backend.moe(x, experts, ids, wts), ref) <= REL
+    assert rel_err(backend.moe(x, experts, np.array([[5, 2]]), np.array([[0.7, 0.3]], np.float32)), ref) <= REL
+
+
 @needs_vnni
 @pytest.mark.parametrize("T", [1, 6])
 @pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])

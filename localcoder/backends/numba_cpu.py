@@ -211,12 +211,11 @@ def conv1d_silu(x, w, conv_state, out):
 
 
 @njit(cache=True, fastmath=True)
-def conv1d_step(x, w, conv_state, out, new_state):
+def conv1d_step(x, wt, conv_state, out, new_state):
     """The conv of conv1d_silu for one token (decode), without the SiLU (NumPy's vectorised exp is faster
-    on one row), serial, along contiguous channels of the transposed weight; also writes the shifted state,
-    new_state = [conv_state[1:]; x]."""
-    Kc, C = w.shape[1], w.shape[0]
-    wt = np.ascontiguousarray(w.T)  # (Kc, C)
+    on one row), serial, along contiguous channels of the transposed weight wt (Kc, C); also writes the
+    shifted state, new_state = [conv_state[1:]; x]."""
+    Kc, C = wt.shape
     for c in range(C):
         out[0, c] = 0
     for j in range(Kc - 1):
@@ -312,6 +311,7 @@ class NumbaBackend(NumpyBackend):
             conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
+        self._wt: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._tile = np.empty(0, np.float32)
 
     # weights ------------------------------------------------------------------------------------------
@@ -412,15 +412,26 @@ class NumbaBackend(NumpyBackend):
     def conv1d(self, x: np.ndarray, w: np.ndarray, conv_state: np.ndarray):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
-        w = np.ascontiguousarray(w, dtype=np.float32)
         if x.shape[0] == 1 and conv_state.dtype == np.float32 and conv_state.flags.c_contiguous:
             new_state = np.empty_like(conv_state)
-            conv1d_step(x, w, conv_state, out, new_state)
+            conv1d_step(x, self._transposed(w), conv_state, out, new_state)
             return numpy_ref.silu(out), new_state
+        w = np.ascontiguousarray(w, dtype=np.float32)
         conv1d_silu(x, w, conv_state, out)
         Kc = w.shape[1]
         new_state = np.concatenate([conv_state, x], axis=0)[-(Kc - 1):].copy()
         return out, new_state
+
+    def _transposed(self, w: np.ndarray) -> np.ndarray:
+        """w.T as a contiguous float32 array, kept for the weights the model passes every step (the conv
+        weights from vector()): transposing the cold (C, Kc) weight each decode step cost more than the conv
+        itself (`benchmarks/profile_ops.py`, conv1d 0.11 -> 0.07 ms per layer)."""
+        entry = self._wt.get(id(w))
+        if entry is None or entry[0] is not w:  # (the entry holds w, so its id is not reused while cached)
+            if len(self._wt) >= 256:
+                self._wt.clear()
+            entry = self._wt[id(w)] = (w, np.ascontiguousarray(w.T, dtype=np.float32))
+        return entry[1]
 
     def gated_delta(self, q, k, v, g, beta, state):
         if self.chunked_min_tokens is not None and q.shape[0] >= self.chunked_min_tokens:
@@ -476,8 +487,12 @@ class NumbaBackend(NumpyBackend):
         T, D = x.shape
         flat = expert_ids.reshape(-1)
         order = np.argsort(flat, kind="stable")
-        uniq, counts = np.unique(flat[order], return_counts=True)
-        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        uniq = flat[order]
+        if T == 1 and (uniq[1:] != uniq[:-1]).all():  # decode: the top-k ids are distinct, one pair each
+            starts = np.arange(uniq.size + 1, dtype=np.int64)  # (np.unique would cost ~10 us per layer)
+        else:
+            uniq, counts = np.unique(uniq, return_counts=True)
+            starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         tokens = (order // expert_ids.shape[1]).astype(np.int64)
         weights = expert_weights.reshape(-1)[order].astype(np.float32)
         F = experts.n_ff
