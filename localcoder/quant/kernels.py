@@ -574,6 +574,18 @@ def _prefetch(builder, p, nbytes):
         builder.call(fn, [q, _ir.Constant(_I32, 0), _ir.Constant(_I32, 3), _ir.Constant(_I32, 1)])
 
 
+@intrinsic
+def prefetch(typingctx, arr, byte_off):
+    """Prefetch the cache line at byte byte_off of arr's data into L1 (a hint: never faults, even past the end)."""
+    def codegen(context, builder, sig, args):
+        base = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, _I8.as_pointer())
+        fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(_ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0")
+        builder.call(fn, [builder.gep(base, [args[1]]), _ir.Constant(_I32, 0), _ir.Constant(_I32, 3), _ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return _nt.void(arr, _nt.int64), codegen
+
+
 def _row_args(context, builder, sig, args):
     row, xq, xd, bsf, nb = args
     rp = builder.bitcast(context.make_array(sig.args[0])(context, builder, row).data, _I8.as_pointer())
