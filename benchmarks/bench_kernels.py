@@ -140,14 +140,13 @@ def bench_moe(sets=8, n_expert=64, k=10, steps=400):
     (1 GB in all), so the experts come from memory, not the caches."""
     from localcoder.backends.numba_cpu import NumbaBackend
     from localcoder.experts import ExpertSet
-    from localcoder.gguf_file import QTensor
+    from localcoder.gguf_file import QTensor, readonly
     rng = np.random.default_rng(0)
     D, F = 2048, 512
 
     def tensor(name, qtype, shape):
         rows = random_rows(qtype, int(np.prod(shape[:-1])), shape[-1], rng).reshape(*shape[:-1], -1)
-        rows.setflags(write=False)  # as the model's weights
-        return QTensor(name, qtype, shape, rows, 0, "bench")
+        return QTensor(name, qtype, shape, readonly(rows), 0, "bench")  # read-only, as the model's weights
 
     layers = [ExpertSet(i, tensor("down", Q.Q6_K, (n_expert, D, F)), gate=tensor("gate", Q.Q4_K, (n_expert, F, D)),
                         up=tensor("up", Q.Q4_K, (n_expert, F, D))) for i in range(sets)]

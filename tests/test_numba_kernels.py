@@ -288,7 +288,7 @@ def test_matmul_int8_activations(qtype, T):
 
 def test_moe_one_token_repeated_expert(backend):
     """An id listed twice for one token (not what routing gives, but a valid call) adds both pairs, as the
-    reference does (decode's shortcut for distinct top-k ids must leave such calls to the general path)."""
+    reference does: the grouping of pairs by expert gives that expert one run of two pairs."""
     experts, x, _, _ = _moe_case(np.random.default_rng(3), 1, False, 256, Q.Q4_0, Q.Q8_0)
     ids = np.array([[5, 2, 5]])
     wts = np.array([[0.5, 0.3, 0.2]], np.float32)

@@ -44,10 +44,10 @@ def _delta_dots(S, kt, qt, kv, sq):
     for j in range(Dv):
         kv[j] = 0
         sq[j] = 0
-    ahead = 4 * Dv * 4  # bytes: 4 rows ahead, on into the next head's state (heads are consecutive in memory)
+    row = Dv * 4  # bytes; prefetch 4 rows ahead, on into the next head's state (heads are consecutive)
     for i in range(Dk):
-        for line in range(0, Dv * 4, 64):
-            K.prefetch(S, i * Dv * 4 + ahead + line)
+        for line in range((i + 4) * row, (i + 5) * row, 64):
+            K.prefetch(S, line)
         ki, qi = kt[i], qt[i]
         for j in range(Dv):
             kv[j] += S[i, j] * ki
@@ -493,12 +493,12 @@ class NumbaBackend(NumpyBackend):
         T, D = x.shape
         flat = expert_ids.reshape(-1)
         order = np.argsort(flat, kind="stable")
-        uniq = flat[order]
-        if T == 1 and (uniq[1:] != uniq[:-1]).all():  # decode: the top-k ids are distinct, one pair each
-            starts = np.arange(uniq.size + 1, dtype=np.int64)  # (np.unique would cost ~10 us per layer)
-        else:
-            uniq, counts = np.unique(uniq, return_counts=True)
-            starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        ids = flat[order]  # sorted: each expert's pairs are one run (np.unique would sort again, ~10 us a layer)
+        new_run = np.ones(ids.size, bool)
+        new_run[1:] = ids[1:] != ids[:-1]
+        first = np.flatnonzero(new_run)
+        uniq = ids[first]
+        starts = np.append(first, ids.size).astype(np.int64)
         tokens = (order // expert_ids.shape[1]).astype(np.int64)
         weights = expert_weights.reshape(-1)[order].astype(np.float32)
         F = experts.n_ff

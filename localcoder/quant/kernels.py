@@ -567,11 +567,15 @@ def _prefetch(builder, p, nbytes):
     """Prefetch the cache lines of [p + PREFETCH_BYTES, p + PREFETCH_BYTES + nbytes) (never faults)."""
     if not PREFETCH_BYTES:
         return
+    for off in range(0, nbytes, 64):
+        _prefetch_line(builder, builder.gep(p, [_ir.Constant(_I64, PREFETCH_BYTES + off)]))
+
+
+def _prefetch_line(builder, q):
+    """Prefetch the cache line at i8* q into L1 for reading (prefetcht0)."""
     fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(_ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
                                     "llvm.prefetch.p0")
-    for off in range(0, nbytes, 64):
-        q = builder.gep(p, [_ir.Constant(_I64, PREFETCH_BYTES + off)])
-        builder.call(fn, [q, _ir.Constant(_I32, 0), _ir.Constant(_I32, 3), _ir.Constant(_I32, 1)])
+    builder.call(fn, [q, _ir.Constant(_I32, 0), _ir.Constant(_I32, 3), _ir.Constant(_I32, 1)])
 
 
 @intrinsic
@@ -579,9 +583,7 @@ def prefetch(typingctx, arr, byte_off):
     """Prefetch the cache line at byte byte_off of arr's data into L1 (a hint: never faults, even past the end)."""
     def codegen(context, builder, sig, args):
         base = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, _I8.as_pointer())
-        fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(_ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
-                                        "llvm.prefetch.p0")
-        builder.call(fn, [builder.gep(base, [args[1]]), _ir.Constant(_I32, 0), _ir.Constant(_I32, 3), _ir.Constant(_I32, 1)])
+        _prefetch_line(builder, builder.gep(base, [args[1]]))
         return context.get_dummy_value()
     return _nt.void(arr, _nt.int64), codegen
 
