@@ -40,6 +40,8 @@ def test_every_budget_gives_identical_logits(path, policy, backend):
     # (an expert needed before its queued read started is read at once instead: a miss, not a prefetch)
     assert c.misses + c.prefetches == sum(es.n_expert for es in experts)
     assert c.bytes_read == sum(es.n_expert * es.expert_nbytes() for es in experts)
+    # every expert in place and nothing in flight: later steps take the fixed slots without bookkeeping
+    resident_steps(resident, expect)
     per_layer = max(layer.experts.expert_nbytes() for layer in resident.weights.layers) * resident.config.n_layer
     for n_slots in (1, 2, 3, 7):
         m = localcoder.load(path, backend=backend, expert_cache=n_slots * per_layer, expert_policy=policy,
@@ -52,6 +54,21 @@ def test_every_budget_gives_identical_logits(path, policy, backend):
         assert c.misses > 0
         assert min(sizes) * (c.misses + c.prefetches) <= c.bytes_read <= max(sizes) * (c.misses + c.prefetches)
         m.expert_store.close()
+
+
+def resident_steps(model, expect):
+    """Run again on a store whose every expert is resident: the same logits, one hit per routed expert of
+    each step (counted from the routing trace), no new reads, and each layer's slots fixed once."""
+    store = model.expert_store
+    store.trace = []
+    c = store.counters
+    hits, misses, nread = c.hits, c.misses, c.bytes_read
+    assert np.array_equal(run(model), expect)
+    assert c.hits - hits == sum(len(ids) for _, ids in store.trace)
+    assert (c.misses, c.bytes_read) == (misses, nread)
+    assert c.prefetch_hits <= c.prefetches
+    assert all(ls.all_slots is not None for ls in store.layers.values())
+    assert np.array_equal(run(model), expect)  # now on the fixed slots from the first step
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,10 @@ def test_small_ops_match_reference(be):
     assert close(be.l2_norm(mx.array(x), 1e-6), nb.l2_norm(x, 1e-6))
     assert close(be.softplus(mx.array(x * 10)), nb.softplus(x * 10))
     assert close(be.softmax(mx.array(x)), nb.softmax(x))
+    logits = np.round(rng.standard_normal((5, 64)).astype(np.float32) * 2) / 2  # ties decide the order
+    ids, wts = be.topk_softmax(mx.array(logits), 10)
+    ref_ids, ref_wts = nb.topk_softmax(logits, 10)
+    assert np.array_equal(np.asarray(ids), ref_ids) and close(wts, ref_wts)
     pos = np.arange(290, 297)
     assert close(be.rope(mx.array(x), mx.array(pos), 16, 1e7), nb.rope(x, pos, 16, 1e7))
     xc = rng.standard_normal((9, 40)).astype(np.float32)

@@ -297,6 +297,39 @@ def test_moe_one_token_repeated_expert(backend):
     assert rel_err(backend.moe(x, experts, np.array([[5, 2]]), np.array([[0.7, 0.3]], np.float32)), ref) <= REL
 
 
+@pytest.mark.parametrize("T,E,k", [(1, 512, 10), (5, 64, 8), (3, 8, 8), (2, 7, 1)])
+def test_topk_softmax(T, E, k, backend):
+    """The router's top-k: the same experts in the same order as the reference's stable sort (ties to the
+    lower index, checked on rows of repeated values), weights within float32 rounding, summing to 1."""
+    rng = np.random.default_rng(T * E + k)
+    logits = rng.standard_normal((T, E)).astype(np.float32)
+    logits[-1] = np.round(logits[-1])  # many equal logits: ties decide
+    ref_ids, ref_w = NumpyBackend().topk_softmax(logits, k)
+    ids, w = backend.topk_softmax(logits, k)
+    assert ids.dtype == np.int64 and w.dtype == np.float32 and ids.shape == w.shape == (T, k)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(w.sum(axis=-1), 1, rtol=1e-6)
+
+
+def test_group_pairs_matches_a_stable_sort():
+    """The MoE's grouping kernel gives what NumPy's stable argsort gives: experts ascending, each expert's
+    pairs in token order, repeated ids kept (T = 1, several tokens, and one token naming an expert twice)."""
+    from localcoder.backends.numba_cpu import group_pairs
+    rng = np.random.default_rng(5)
+    cases = [rng.permutation(64)[:10][None], rng.integers(0, 16, (7, 4)), np.array([[5, 2, 5]])]
+    for ids in cases:
+        ids = ids.astype(np.int64)
+        wts = rng.random(ids.shape).astype(np.float32)
+        uniq, starts, tokens, weights = group_pairs(ids, wts)
+        order = np.argsort(ids.reshape(-1), kind="stable")
+        ref_uniq, first = np.unique(ids.reshape(-1)[order], return_index=True)
+        np.testing.assert_array_equal(uniq, ref_uniq)
+        np.testing.assert_array_equal(starts, np.append(first, ids.size))
+        np.testing.assert_array_equal(tokens, order // ids.shape[1])
+        np.testing.assert_array_equal(weights, wts.reshape(-1)[order])
+
+
 @needs_vnni
 @pytest.mark.parametrize("T", [1, 6])
 @pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])

@@ -552,6 +552,13 @@ class MLXBackend:
     def softmax(x):
         return mx.softmax(x, axis=-1, precise=True)
 
+    def topk_softmax(self, logits, k: int):
+        """As NumpyBackend.topk_softmax (mlx's argsort is stable)."""
+        probs = self.softmax(logits)
+        ids = mx.argsort(-probs, axis=-1)[:, :k]
+        weights = mx.take_along_axis(probs, ids, axis=-1)
+        return ids, weights / weights.sum(axis=-1, keepdims=True)
+
     # -- weights -------------------------------------------------------------------------------------------
     def prepare(self, w: QTensor) -> MLXWeight:
         key = (w.path, w.file_offset, w.name)

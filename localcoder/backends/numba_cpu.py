@@ -31,6 +31,69 @@ TILE_BYTES = 64 << 20  # float32 scratch per BLAS tile (few, large tiles: OpenBL
 # and fight the Numba threads when the two alternate quickly)
 
 
+@njit(cache=True)
+def group_pairs(expert_ids, expert_weights):
+    """The (token, expert) pairs of a step grouped by expert: expert_ids (T, k) int64, expert_weights (T, k)
+    float32 -> (uniq, starts, tokens, weights): the distinct experts ascending, and the pairs in a stable
+    sort by expert, expert uniq[i]'s being starts[i]:starts[i + 1], with their tokens and weights."""
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    wflat = expert_weights.reshape(-1)
+    order = np.argsort(flat, kind="mergesort")
+    n = flat.shape[0]
+    uniq = np.empty(n, np.int64)
+    starts = np.empty(n + 1, np.int64)
+    tokens = np.empty(n, np.int64)
+    weights = np.empty(n, np.float32)
+    m = 0
+    for i in range(n):
+        p = order[i]
+        if m == 0 or flat[p] != uniq[m - 1]:
+            uniq[m] = flat[p]
+            starts[m] = i
+            m += 1
+        tokens[i] = p // k
+        weights[i] = wflat[p]
+    starts[m] = n
+    return uniq[:m].copy(), starts[:m + 1].copy(), tokens, weights
+
+
+@njit(cache=True)
+def topk_softmax_rows(logits, k, ids, weights):
+    """NumpyBackend.topk_softmax per row of logits (T, E) float32 into ids (T, k) int64 and weights (T, k):
+    probabilities exp(l - max) / sum, the k largest kept in descending order by insertion (a later equal one
+    never passes an earlier one: ties keep the lower index, as a stable sort does), then renormalised."""
+    T, E = logits.shape
+    p = np.empty(E, np.float32)
+    for t in range(T):
+        row = logits[t]
+        m = row[0]
+        for i in range(1, E):
+            m = max(m, row[i])
+        s = f32(0)
+        for i in range(E):
+            p[i] = np.exp(row[i] - m)
+            s += p[i]
+        n = 0
+        for i in range(E):
+            v = p[i] / s
+            p[i] = v
+            if n == k and v <= p[ids[t, k - 1]]:
+                continue
+            j = min(n, k - 1)  # insert v at its place among the kept ones, dropping the smallest when full
+            while j > 0 and p[ids[t, j - 1]] < v:
+                ids[t, j] = ids[t, j - 1]
+                j -= 1
+            ids[t, j] = i
+            n = min(n + 1, k)
+        tot = f32(0)
+        for j in range(k):
+            weights[t, j] = p[ids[t, j]]
+            tot += weights[t, j]
+        for j in range(k):
+            weights[t, j] /= tot
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DeltaNet
 
@@ -318,6 +381,7 @@ class NumbaBackend(NumpyBackend):
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
         self._wt: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._plans: dict[tuple, tuple] = {}
         self._tile = np.empty(0, np.float32)
 
     # weights ------------------------------------------------------------------------------------------
@@ -392,6 +456,18 @@ class NumbaBackend(NumpyBackend):
         out = np.empty((len(ids), w.shape[1]), np.float32)
         K.dequant_rows(kern.code, np.ascontiguousarray(w.data[np.asarray(ids)]), K.F16_LUT, out, self.nchunks)
         return out
+
+    def topk_softmax(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As the reference's, in one compiled call (five small NumPy ops there, each slow on caches the
+        streaming kernels just flushed)."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        T, E = logits.shape
+        if not 0 < k <= E:
+            return super().topk_softmax(logits, k)
+        ids = np.empty((T, k), np.int64)
+        weights = np.empty((T, k), np.float32)
+        topk_softmax_rows(logits, k, ids, weights)
+        return ids, weights
 
     # mixers -------------------------------------------------------------------------------------------
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -471,52 +547,61 @@ class NumbaBackend(NumpyBackend):
     def _int8_ok(self, codes, D: int, F: int) -> bool:
         return self.int8 and all(c in K.Q8_CODES for c in codes) and D % 256 == 0 and F % 256 == 0
 
-    def _fold_shared(self, shared, x) -> tuple | None:
-        """moe_q8's shared-expert arguments when the shared expert can run inside the MoE kernel (8-bit
-        activations apply, a prompt short enough for them), else None."""
-        if shared is None or x.shape[0] >= Q8_MATMUL_MAX_TOKENS:
-            return None
-        codes = [K.kernel_for(t.ggml_type).code for t in (shared.gate, shared.up, shared.down)]
-        Fs, D = shared.gate.shape
-        if not (self._int8_ok(codes, D, Fs) and shared.up.shape == (Fs, D) and shared.down.shape == (D, Fs)):
-            return None
-        weight = np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1)
-        return (np.array(codes, np.int64), *(np.ascontiguousarray(t.data) for t in shared[:3]), weight)
+    def _moe_plan(self, experts, shared) -> tuple:
+        """What moe() needs of a layer's weights beyond the step's routing, worked out once per layer (after the
+        streaming kernels flush the caches, these lookups cost more than they look): (codes of gate, up,
+        down; fused gate_up; 8-bit activations; the shared expert's static moe_q8 arguments or None)."""
+        key = (id(experts), None if shared is None else id(shared.gate))
+        entry = self._plans.get(key)
+        if entry is not None and entry[0] is experts and (shared is None or entry[1] is shared.gate):
+            return entry[2]
+        fused = experts.gate_up is not None
+        gate, up = (experts.gate_up, experts.gate_up) if fused else (experts.gate, experts.up)
+        codes = (K.kernel_for(gate.ggml_type).code, K.kernel_for(up.ggml_type).code,
+                 K.kernel_for(experts.down.ggml_type).code)
+        D = experts.down.shape[1]
+        int8 = self._int8_ok(codes, D, experts.n_ff)
+        fold = None
+        if int8 and shared is not None:
+            scodes = [K.kernel_for(t.ggml_type).code for t in (shared.gate, shared.up, shared.down)]
+            Fs = shared.gate.shape[0]
+            if (self._int8_ok(scodes, D, Fs) and shared.gate.shape == shared.up.shape == (Fs, D)
+                    and shared.down.shape == (D, Fs)):
+                fold = (np.array(scodes, np.int64), *(np.ascontiguousarray(t.data) for t in shared[:3]))
+        plan = (codes, fused, int8, fold)
+        if len(self._plans) >= 1024:
+            self._plans.clear()
+        self._plans[key] = (experts, None if shared is None else shared.gate, plan)  # (holds both: ids stay theirs)
+        return plan
 
     def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray,
             shared=None) -> np.ndarray:
         """Routed experts' SwiGLU, plus the shared expert if given. x (T, D); expert_ids, expert_weights
         (T, k). Tokens are grouped by expert so each routed expert's bytes are read once per step; with
         8-bit activations the shared expert runs in the same kernel call (with the last batch of resident
-        experts: the same sums in the same order as a separate swiglu added afterwards)."""
+        experts: the same sums in the same order as a separate swiglu added afterwards) unless the prompt is
+        long enough for BLAS."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         T, D = x.shape
-        flat = expert_ids.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        ids = flat[order]  # sorted: each expert's pairs are one run (np.unique would sort again, ~10 us a layer)
-        new_run = np.ones(ids.size, bool)
-        new_run[1:] = ids[1:] != ids[:-1]
-        first = np.flatnonzero(new_run)
-        uniq = ids[first]
-        starts = np.append(first, ids.size).astype(np.int64)
-        tokens = (order // expert_ids.shape[1]).astype(np.int64)
-        weights = expert_weights.reshape(-1)[order].astype(np.float32)
+        # one compiled call for the grouping: after the streaming kernels have flushed the caches, each small
+        # NumPy op costs ~3x its warm time (argsort, run boundaries, gathers: ~10 ops here)
+        uniq, starts, tokens, weights = group_pairs(np.ascontiguousarray(expert_ids, dtype=np.int64),
+                                                    np.ascontiguousarray(expert_weights, dtype=np.float32))
+        codes, fused, int8, fold = self._moe_plan(experts, shared)
+        if fold is not None and T < Q8_MATMUL_MAX_TOKENS:
+            fold = (*fold, np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1))
+        else:
+            fold = None
         F = experts.n_ff
-        fused = experts.gate_up is not None
-        gate, up = (experts.gate_up, experts.gate_up) if fused else (experts.gate, experts.up)
-        codes = (K.kernel_for(gate.ggml_type).code, K.kernel_for(up.ggml_type).code,
-                 K.kernel_for(experts.down.ggml_type).code)
         out = np.zeros((T, D), np.float32)
         # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
         # expert's contribution to `out` in that order, so batching never changes the result
-        int8 = self._int8_ok(codes, D, F)
-        fold = self._fold_shared(shared, x) if int8 else None
         done = 0
         for arrays, ids, slots in experts.fetch(uniq):
             gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
             n = len(ids)
-            args = (*codes, gate_a, up_a, F if fused else 0, down_a, F, slots.astype(np.int64),
-                    starts[done:done + n + 1], tokens, weights, x)
+            args = (*codes, gate_a, up_a, F if fused else 0, down_a, F, slots, starts[done:done + n + 1], tokens,
+                    weights, x)
             done += n
             if int8:
                 K.moe_q8(*args, *(fold if fold and done == len(uniq) else K.NO_SHARED), out, self.nchunks)
@@ -541,6 +626,8 @@ def warmup(progress=None) -> None:
         for rows in (w, w.copy()):  # weight tiles (read-only) and embedding rows (a gathered copy)
             K.dequant_rows(kern.code, rows, f16, np.empty((2, 256), np.float32), be.nchunks)
         break  # the drivers take the type as a runtime code: one compilation covers every type
+    group_pairs(np.zeros((1, 2), np.int64), np.ones((1, 2), np.float32))
+    topk_softmax_rows(np.zeros((1, 4), np.float32), 2, np.empty((1, 2), np.int64), np.empty((1, 2), np.float32))
     w3 = readonly(np.zeros((2, 64, 144), np.uint8))
     d3 = readonly(np.zeros((2, 256, 36), np.uint8))
     one = np.ones(1, np.float32)

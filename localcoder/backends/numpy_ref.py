@@ -118,6 +118,14 @@ class NumpyBackend:
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
 
+    def topk_softmax(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The MoE router's choice: softmax over the last axis, the k largest (ties: the lower index first),
+        renormalised to sum 1. logits (T, E) -> ids (T, k) int64, weights (T, k) float32."""
+        probs = self.softmax(logits)
+        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        weights = np.take_along_axis(probs, ids, axis=-1)
+        return ids, weights / weights.sum(axis=-1, keepdims=True)
+
     @staticmethod
     def kv_append(kv, k: np.ndarray, v: np.ndarray):
         return kv.append(k, v)

@@ -160,12 +160,8 @@ def gated_attention(be, cfg: ModelConfig, w: Layer, x, positions, kv: KVCache):
 
 def route(be, cfg: ModelConfig, w: Layer, x):
     """Softmax over the router logits, top-k, renormalised. -> ids (T, k) int, weights (T, k) float32."""
-    xp = be.xp
     logits = be.matmul(x, w.ffn_gate_inp)  # (T, E)
-    probs = be.softmax(logits)
-    ids = xp.argsort(-probs, axis=-1, kind="stable")[:, :cfg.n_expert_used]
-    weights = xp.take_along_axis(probs, ids, axis=-1)
-    return ids, weights / weights.sum(axis=-1, keepdims=True)
+    return be.topk_softmax(logits, cfg.n_expert_used)
 
 
 def moe(be, cfg: ModelConfig, w: Layer, x, next_layer: Layer | None = None):
