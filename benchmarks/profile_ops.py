@@ -21,7 +21,7 @@ from localcoder.backends import get_backend
 from localcoder.generate import prefill
 from localcoder.synthetic import ensure_synthetic
 
-OPS = ["matmul", "matmuls", "moe", "swiglu", "gated_delta", "conv1d", "attention", "embed", "rms_norm", "l2_norm", "silu",
+OPS = ["matmul", "matmuls", "moe", "topk_softmax", "swiglu", "gated_delta", "conv1d", "attention", "embed", "rms_norm", "l2_norm", "silu",
        "sigmoid", "softplus", "softmax", "rope"]
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     ids = list(range(1000, 1000 + max(args.prefill, 16)))
     cache = model.new_cache()
     prefill(model, ids, cache)  # warm-up: kernels compiled or loaded, weights in memory
+    model.forward([5], cache, all_logits=False)  # and the decode step's kernels (one-token signatures)
     if model.expert_store is not None:
         model.expert_store.wait()
 
