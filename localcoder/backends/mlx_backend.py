@@ -45,7 +45,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..errors import UnsupportedQuantType
 from ..gguf_file import QTensor
-from .numpy_ref import add_shared
+from .numpy_ref import add_shared, topk_softmax
 from ..quant.formats import IQ4_KVALUES, _f16, _k_scale_min, _nibbles, _bits_le, get_format
 
 CHUNK = 64  # chunk length of the chunked gated delta rule, as the reference
@@ -553,11 +553,7 @@ class MLXBackend:
         return mx.softmax(x, axis=-1, precise=True)
 
     def topk_softmax(self, logits, k: int):
-        """As NumpyBackend.topk_softmax (mlx's argsort is stable)."""
-        probs = self.softmax(logits)
-        ids = mx.argsort(-probs, axis=-1)[:, :k]
-        weights = mx.take_along_axis(probs, ids, axis=-1)
-        return ids, weights / weights.sum(axis=-1, keepdims=True)
+        return topk_softmax(self, logits, k)
 
     # -- weights -------------------------------------------------------------------------------------------
     def prepare(self, w: QTensor) -> MLXWeight:

@@ -67,9 +67,7 @@ def topk_softmax_rows(logits, k, ids, weights):
     p = np.empty(E, np.float32)
     for t in range(T):
         row = logits[t]
-        m = row[0]
-        for i in range(1, E):
-            m = max(m, row[i])
+        m = row.max()
         s = f32(0)
         for i in range(E):
             p[i] = np.exp(row[i] - m)
@@ -380,8 +378,7 @@ class NumbaBackend(NumpyBackend):
             conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
         self.nchunks = 4 * self.threads
         self._vectors: dict[str, np.ndarray] = {}
-        self._wt: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._plans: dict[tuple, tuple] = {}
+        self._kept_values: dict[tuple, tuple] = {}  # see _kept
         self._tile = np.empty(0, np.float32)
 
     # weights ------------------------------------------------------------------------------------------
@@ -504,16 +501,22 @@ class NumbaBackend(NumpyBackend):
         new_state = np.concatenate([conv_state, x], axis=0)[-(Kc - 1):].copy()
         return out, new_state
 
+    def _kept(self, objs: tuple, make):
+        """make(), worked out once for the objects objs (weights the model passes every step) and kept: the
+        entry holds them, so their ids are not reused while it is cached; at most 1024 entries."""
+        key = tuple(map(id, objs))
+        entry = self._kept_values.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], objs)):
+            if len(self._kept_values) >= 1024:
+                self._kept_values.clear()
+            entry = self._kept_values[key] = (objs, make())
+        return entry[1]
+
     def _transposed(self, w: np.ndarray) -> np.ndarray:
         """w.T as a contiguous float32 array, kept for the weights the model passes every step (the conv
         weights from vector()): transposing the cold (C, Kc) weight each decode step cost more than the conv
         itself (`benchmarks/profile_ops.py`, conv1d 0.66 -> 0.46-0.52 ms per token over 6 layers)."""
-        entry = self._wt.get(id(w))
-        if entry is None or entry[0] is not w:  # (the entry holds w, so its id is not reused while cached)
-            if len(self._wt) >= 256:
-                self._wt.clear()
-            entry = self._wt[id(w)] = (w, np.ascontiguousarray(w.T, dtype=np.float32))
-        return entry[1]
+        return self._kept((w,), lambda: np.ascontiguousarray(w.T, dtype=np.float32))
 
     def gated_delta(self, q, k, v, g, beta, state):
         if self.chunked_min_tokens is not None and q.shape[0] >= self.chunked_min_tokens:
@@ -551,10 +554,10 @@ class NumbaBackend(NumpyBackend):
         """What moe() needs of a layer's weights beyond the step's routing, worked out once per layer (after the
         streaming kernels flush the caches, these lookups cost more than they look): (codes of gate, up,
         down; fused gate_up; 8-bit activations; the shared expert's static moe_q8 arguments or None)."""
-        key = (id(experts), None if shared is None else id(shared.gate))
-        entry = self._plans.get(key)
-        if entry is not None and entry[0] is experts and (shared is None or entry[1] is shared.gate):
-            return entry[2]
+        return self._kept((experts,) if shared is None else (experts, shared.gate),
+                          lambda: self._make_moe_plan(experts, shared))
+
+    def _make_moe_plan(self, experts, shared) -> tuple:
         fused = experts.gate_up is not None
         gate, up = (experts.gate_up, experts.gate_up) if fused else (experts.gate, experts.up)
         codes = (K.kernel_for(gate.ggml_type).code, K.kernel_for(up.ggml_type).code,
@@ -568,11 +571,7 @@ class NumbaBackend(NumpyBackend):
             if (self._int8_ok(scodes, D, Fs) and shared.gate.shape == shared.up.shape == (Fs, D)
                     and shared.down.shape == (D, Fs)):
                 fold = (np.array(scodes, np.int64), *(np.ascontiguousarray(t.data) for t in shared[:3]))
-        plan = (codes, fused, int8, fold)
-        if len(self._plans) >= 1024:
-            self._plans.clear()
-        self._plans[key] = (experts, None if shared is None else shared.gate, plan)  # (holds both: ids stay theirs)
-        return plan
+        return codes, fused, int8, fold
 
     def moe(self, x: np.ndarray, experts, expert_ids: np.ndarray, expert_weights: np.ndarray,
             shared=None) -> np.ndarray:
@@ -587,11 +586,10 @@ class NumbaBackend(NumpyBackend):
         # NumPy op costs ~3x its warm time (argsort, run boundaries, gathers: ~10 ops here)
         uniq, starts, tokens, weights = group_pairs(np.ascontiguousarray(expert_ids, dtype=np.int64),
                                                     np.ascontiguousarray(expert_weights, dtype=np.float32))
-        codes, fused, int8, fold = self._moe_plan(experts, shared)
-        if fold is not None and T < Q8_MATMUL_MAX_TOKENS:
-            fold = (*fold, np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1))
-        else:
-            fold = None
+        codes, fused, int8, shared_static = self._moe_plan(experts, shared)
+        fold = None  # moe_q8's shared-expert arguments, when the shared expert runs inside it
+        if shared_static is not None and T < Q8_MATMUL_MAX_TOKENS:
+            fold = (*shared_static, np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1))
         F = experts.n_ff
         out = np.zeros((T, D), np.float32)
         # the expert store hands out batches of resident experts in ascending id order; the kernel adds each

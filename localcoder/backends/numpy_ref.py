@@ -93,6 +93,16 @@ def _solve_unit_lower(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
+def topk_softmax(be, logits, k: int):
+    """The MoE router's choice: softmax over the last axis, the k largest (ties: the lower index first),
+    renormalised to sum 1. logits (T, E) -> ids (T, k) int64, weights (T, k) float32. In be's namespace."""
+    xp = be.xp
+    probs = be.softmax(logits)
+    ids = xp.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = xp.take_along_axis(probs, ids, axis=-1)
+    return ids, weights / weights.sum(axis=-1, keepdims=True)
+
+
 def add_shared(be, y, x, shared):
     """y + the shared expert's weighted output (y itself when there is none)."""
     if shared is None:
@@ -119,12 +129,7 @@ class NumpyBackend:
         return e / e.sum(axis=-1, keepdims=True)
 
     def topk_softmax(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The MoE router's choice: softmax over the last axis, the k largest (ties: the lower index first),
-        renormalised to sum 1. logits (T, E) -> ids (T, k) int64, weights (T, k) float32."""
-        probs = self.softmax(logits)
-        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        weights = np.take_along_axis(probs, ids, axis=-1)
-        return ids, weights / weights.sum(axis=-1, keepdims=True)
+        return topk_softmax(self, logits, k)
 
     @staticmethod
     def kv_append(kv, k: np.ndarray, v: np.ndarray):
