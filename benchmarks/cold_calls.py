@@ -18,14 +18,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-
-@njit(cache=True, parallel=True)
-def stream(a):
-    """Read all of a on every thread (a sum, so the reads cannot be skipped)."""
-    s = 0.0
-    for i in prange(a.shape[0]):
-        s += a[i]
-    return s
+from localcoder.bench import _read_sum  # the bench's bandwidth sum: reads at memory speed on every thread
 
 
 @njit(cache=True)
@@ -62,15 +55,16 @@ def main() -> None:
     print(f"{numba.get_num_threads()} threads; median microseconds per call, right after streaming S MB "
           f"(cold) and repeated at once (warm), {args.repeats} times each")
     print(f"{'call':24s}" + "".join(f"{f'{s} MB':>16s}" for s in args.sizes))
-    big = {s: np.ones(s << 18, np.float32) for s in args.sizes}
+    nchunks = 4 * numba.get_num_threads()
+    big = {s: np.ones((s << 12, 64), np.float32) for s in args.sizes}  # S MB as (rows, 64) for _read_sum
     for a in big.values():
-        stream(a)
+        _read_sum(a, nchunks)
     for name, fn in calls.items():
         row = []
         for s in args.sizes:
             cold, warm = [], []
             for _ in range(args.repeats):
-                stream(big[s])
+                _read_sum(big[s], nchunks)
                 t = time.perf_counter()
                 fn()
                 cold.append(time.perf_counter() - t)
