@@ -241,6 +241,32 @@ def test_matvec_int8_activations(qtype, threads):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
+@needs_vnni
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=[t.name for t in Q8_TYPES])
+def test_matvec_int8_extreme_values(qtype):
+    """Every quant at the top of its range (Q6_K 63, Q5_K 31, Q4_K 15), every scale at its largest and x at
+    +-127 after quantization: the kernels' 4-value integer dots (packed to int16 before the scales are
+    applied) are at their largest and must not saturate."""
+    fmt = get_format(qtype)
+    N, Kd = 8, 512
+    raw = np.full((N, Kd // fmt.block_size * fmt.type_size), 0xFF, np.uint8).reshape(N, -1, fmt.type_size)
+    d = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    if qtype == Q.Q6_K:
+        raw[:, :, 192:208] = np.uint8(127)  # int8 scales +127 (0x80 would be -128)
+        raw[:, :, 208:210] = d
+    elif qtype == Q.Q8_0:
+        raw[:, :, 2:] = np.uint8(127)
+        raw[:, :, 0:2] = d
+    else:
+        raw[:, :, 0:4] = np.tile(d, 2)  # d, dmin; 6-bit scales and mins all 63
+    w = QTensor("w", qtype, (N, Kd), raw.reshape(N, -1), 0, "test")
+    be = NumbaBackend(threads=1)
+    x = np.where(np.arange(Kd) < 256, 1.0, -0.5).astype(np.float32)[None]  # quantized: +127, -127
+    got = be.matmul(x, w)[0]
+    check_int8(got, dense(w).astype(np.float64), x[0])
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T", [1, 3])
 def test_matmuls_several_weights_one_input(threads, T):

@@ -488,6 +488,7 @@ from numba.extending import intrinsic  # noqa: E402
 
 _I8, _I32 = _ir.IntType(8), _ir.IntType(32)
 _V64I8, _V32I8, _V16I32 = _ir.VectorType(_I8, 64), _ir.VectorType(_I8, 32), _ir.VectorType(_I32, 16)
+_V16I8, _V16I16, _V32I16 = _ir.VectorType(_I8, 16), _ir.VectorType(_ir.IntType(16), 16), _ir.VectorType(_ir.IntType(16), 32)
 _F32T = _ir.FloatType()
 
 
@@ -527,8 +528,8 @@ def _bcast(builder, v, idx):
 
 
 # Row-level intrinsics: the whole row . x in one loop of IR, float accumulators kept in vector registers
-# (one horizontal sum per row instead of two per block; scales applied with vcvtdq2ps + vfmadd instead of
-# vpmulld). x side: xq int8, xd (K/256) float32, bsf float32 sums (bs32 for Q4_K/Q5_K, 32*bs16 for Q6_K,
+# (one horizontal sum per row instead of two per block; sub-block scales applied in int16, see below; Q8_0
+# scales with vcvtdq2ps + vfmadd). x side: xq int8, xd (K/256) float32, bsf float32 sums (bs32 for Q4_K/Q5_K, 32*bs16 for Q6_K,
 # 128*bs32 for Q8_0) precomputed once per vector.
 
 _F16V, _F8V = _ir.VectorType(_F32T, 16), _ir.VectorType(_F32T, 8)
@@ -599,12 +600,10 @@ def _row_args(context, builder, sig, args):
 
 # The emitters take NT tokens' activations (lists of pointers) and return NT dot products: a block's weights
 # are loaded, unpacked and scaled once and dotted with each token (the prompt path, where a routed expert
-# sees a few tokens). One token keeps 4 independent fma chains; several keep 2 each (register budget).
-
-def _accs(builder, nt, width=16):
-    n = 4 if nt == 1 else 2
-    return [[_cg.alloca_once_value(builder, _fzero(width)) for _ in range(n)] for _ in range(nt)]
-
+# sees a few tokens). Q4_K/Q5_K/Q6_K: a block's 4-value integer dots (vpdpbusd) are packed to int16 and
+# multiplied by the sub-block scales in integers (vpmaddwd / vpdpwssd: fewer multiply-port operations than
+# converting each dot to float), so a token costs one float fma per block, in one chain per token: the
+# same float operations whatever the number of tokens per pass.
 
 def _token_block(builder, xp, dp, bp, b, vt):
     """Block b of one token: (its 256 int8 values, its scale d_x, its vt-vector of group sums)."""
@@ -619,51 +618,80 @@ def _acc_add(builder, ptr, a, b):
     builder.store(_fma(builder, a, b, builder.load(ptr)), ptr)
 
 
-def _acc_total(builder, ptrs):
-    vals = [builder.load(p) for p in ptrs]
-    while len(vals) > 1:
-        vals = [builder.fadd(vals[i], vals[i + 1]) for i in range(0, len(vals), 2)]
-    return vals[0]
+def _dpwssd(builder, acc, a, b):
+    """acc + vpmaddwd(a, b) (<32 x i16> a, b): vpdpwssd, or vpmaddwd for acc None."""
+    if acc is None:
+        fnty = _ir.FunctionType(_V16I32, [_V32I16, _V32I16])
+        return builder.call(_cg.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pmaddw.d.512"), [a, b])
+    fnty = _ir.FunctionType(_V16I32, [_V16I32, _V16I32, _V16I32])
+    fn = _cg.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpwssd.512")
+    return builder.call(fn, [acc, builder.bitcast(a, _V16I32), builder.bitcast(b, _V16I32)])
+
+
+def _packssdw(builder, a, b):
+    """vpackssdw: per 128-bit lane k, int16 lanes 8k..8k+3 = a[4k..4k+3], 8k+4..8k+7 = b[4k..4k+3]."""
+    fnty = _ir.FunctionType(_V32I16, [_V16I32, _V16I32])
+    return builder.call(_cg.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.packssdw.512"), [a, b])
+
+
+def _scaled_pair(builder, acc, qa, xa, qb, xb, scales):
+    """acc + the 4-byte dots (vpdpbusd) of u8 qa . s8 xa and qb . xb, packed to int16 (each fits: at most
+    4 * 63 * 127) and multiplied by the int16 scales of their lanes (vpmaddwd / vpdpwssd; see _packssdw)."""
+    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
+    return _dpwssd(builder, acc, _packssdw(builder, _dpbusd(builder, zero, qa, xa), _dpbusd(builder, zero, qb, xb)),
+                   scales)
+
+
+def _packed_scales(builder, s16, a0, b0, a1, b1):
+    """<32 x i16> scales for _scaled_pair: dot lanes 0-7 of qa take s16[a0], 8-15 s16[a1]; qb's b0, b1."""
+    return _bcast(builder, s16, [(a0, b0, a1, b1)[2 * (k // 16) + k % 8 // 4] for k in range(32)])
+
+
+def _q4k_scales(builder, p):
+    """The 12 packed 6-bit scales and mins at p + 4 of a Q4_K/Q5_K block -> <16 x i16> (sc0..7, mn0..7)."""
+    raw = _load(builder, p, _V16I8, 4)  # 12 scale bytes + 4 bytes of what follows (unused)
+    a = builder.shuffle_vector(raw, raw, _vconst(_V16I32, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]))
+    z = 16  # index of a zero byte (the second shuffle operand)
+    b = builder.shuffle_vector(raw, _ir.Constant(_V16I8, [_ir.Constant(_I8, 0)] * 16),
+                               _vconst(_V16I32, [z] * 4 + [0, 1, 2, 3] + [z] * 4 + [4, 5, 6, 7]))
+    low = builder.and_(a, _vconst(_V16I8, [63] * 4 + [15] * 4 + [63] * 4 + [0] * 4))
+    low = builder.or_(low, builder.and_(builder.lshr(a, _splat8(4, 16)), _vconst(_V16I8, [0] * 12 + [15] * 4)))
+    s = builder.or_(low, builder.and_(builder.lshr(b, _splat8(2, 16)), _splat8(0x30, 16)))
+    return builder.zext(s, _V16I16)
+
+
+def _token_scales(builder, dd, xdb, n):
+    """(d * xd, dmin * xd) splat to n lanes, from dd = <2 x float> (d, dmin) of the block."""
+    v = builder.fmul(dd, _splatf(builder, xdb, 2))
+    return [builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, n), [k] * n)) for k in (0, 1)]
 
 
 def _row_q4k_codegen(five):
+    """Q4_K (Q5_K with five): per block and token the 8 sub-block dots are scaled by their 6-bit scales in
+    integers (vpmaddubsw, then vpdpwssd with the scales), then one float fma by d * xd; the mins term
+    dmin * xd * sum(mn * bsum) in an 8-lane float accumulator. One fma chain per token (the same float ops
+    for any number of tokens per pass)."""
     bsize = 176 if five else 144
 
     def codegen(builder, rp, xps, dps, bps, nb):
         nt = len(xps)
-        accs = _accs(builder, nt)
+        accs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(nt)]
         mins = [_cg.alloca_once_value(builder, _fzero(8)) for _ in range(nt)]
-        v2, v8i8 = _ir.VectorType(_I32, 2), _ir.VectorType(_I8, 8)
-        km1, km2, km3 = (_ir.Constant(_I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
-        c4, c6 = _ir.Constant(_I32, 4), _ir.Constant(_I32, 6)
-        zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
         with _cg.for_range(builder, nb) as loop:
             b = loop.index
             p = builder.gep(rp, [builder.mul(b, _ir.Constant(_I64, bsize))])
             _prefetch(builder, p, bsize)
-            dw, dminw = _half(builder, p, 0), _half(builder, p, 2)
-            u0, u1, u2 = (_load(builder, p, _I32, 4 + 4 * i) for i in range(3))
-            sc_lo = builder.and_(u0, km1)
-            sc_hi = builder.or_(builder.and_(u2, km2), builder.shl(builder.and_(builder.lshr(u0, c6), km3), c4))
-            mn_lo = builder.and_(u1, km1)
-            mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), km2),
-                                builder.shl(builder.and_(builder.lshr(u1, c6), km3), c4))
-
-            def bytes8f(a, c):
-                v = builder.insert_element(_ir.Constant(v2, None), a, _ir.Constant(_I32, 0))
-                v = builder.insert_element(v, c, _ir.Constant(_I32, 1))
-                return builder.uitofp(builder.bitcast(v, v8i8), _F8V)
-
-            scb, mnb = bytes8f(sc_lo, sc_hi), bytes8f(mn_lo, mn_hi)
-            xs, scfs = [], []
-            for j in range(nt):
-                x, xdb, bs = _token_block(builder, xps[j], dps[j], bps[j], b, _F8V)
-                xs.append(x)
-                scfs.append(builder.fmul(scb, _splatf(builder, builder.fmul(dw, xdb), 8)))
-                _acc_add(builder, mins[j], builder.fmul(mnb, _splatf(builder, builder.fmul(dminw, xdb), 8)), bs)
+            dd = builder.fpext(_load(builder, p, _ir.VectorType(_ir.HalfType(), 2)), _ir.VectorType(_F32T, 2))
+            s16 = _q4k_scales(builder, p)
+            mnf = builder.uitofp(builder.shuffle_vector(s16, s16, _vconst(_ir.VectorType(_I32, 8), range(8, 16))), _F8V)
             if five:
                 qh = _load(builder, p, _V32I8, 16)
                 qh64 = _concat(builder, qh, qh)
+            sums = [None] * nt
+            xs = []
+            for j in range(nt):
+                x, xdb, bs = _token_block(builder, xps[j], dps[j], bps[j], b, _F8V)
+                xs.append((x, xdb, bs))
             for h in range(2):
                 q = _load(builder, p, _V64I8, (48 if five else 16) + 64 * h)
                 lo = builder.and_(q, _splat8(15))
@@ -678,39 +706,40 @@ def _row_q4k_codegen(five):
                             lo = builder.or_(lo, add)
                         else:
                             hi = builder.or_(hi, add)
+                # x arrives permuted per 256-block (Q4K_PERM): the 64 values under lo, then those under hi;
+                # lo's dot lanes 0-7 are sub-block 4h, 8-15 sub-block 4h + 2 (hi: 4h + 1, 4h + 3)
+                sc = _packed_scales(builder, s16, 4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3)
                 for j in range(nt):
-                    # x arrives permuted per 256-block (Q4K_PERM): the 64 values under lo, then those under hi
-                    x = xs[j]
-                    dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, x, _V64I8, 128 * h)), _F16V)
-                    dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, x, _V64I8, 128 * h + 64)), _F16V)
-                    slo = _bcast(builder, scfs[j], [4 * h] * 8 + [4 * h + 2] * 8)
-                    shi = _bcast(builder, scfs[j], [4 * h + 1] * 8 + [4 * h + 3] * 8)
-                    a = accs[j]
-                    _acc_add(builder, a[(2 * h) % len(a)], dlo, slo)
-                    _acc_add(builder, a[(2 * h + 1) % len(a)], dhi, shi)
-        return [builder.fsub(_hsum(builder, _acc_total(builder, accs[j])), _hsum(builder, builder.load(mins[j])))
+                    x = xs[j][0]
+                    sums[j] = _scaled_pair(builder, sums[j], lo, _load(builder, x, _V64I8, 128 * h),
+                                           hi, _load(builder, x, _V64I8, 128 * h + 64), sc)
+            for j in range(nt):
+                _, xdb, bs = xs[j]
+                dx16 = _token_scales(builder, dd, xdb, 16)[0]
+                _acc_add(builder, accs[j], builder.sitofp(sums[j], _F16V), dx16)
+                mx8 = _token_scales(builder, dd, xdb, 8)[1]
+                _acc_add(builder, mins[j], builder.fmul(mnf, mx8), bs)
+        return [builder.fsub(_hsum(builder, builder.load(accs[j])), _hsum(builder, builder.load(mins[j])))
                 for j in range(nt)]
     return codegen
 
 
 def _row_q6k_codegen(builder, rp, xps, dps, bps, nb):
+    """Q6_K: per block and token the 16 group dots are scaled by their int8 scales in integers (vpmaddubsw,
+    vpdpwssd), the -32 offset (scale * 32 * bsum16 per group) taken off in float, then one fma by d * xd."""
     nt = len(xps)
-    accs = _accs(builder, nt)
-    offs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(nt)]
+    accs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(nt)]
     m4, m3 = _splat8(15), _splat8(3, 32)
-    zero = _ir.Constant(_V16I32, [_ir.Constant(_I32, 0)] * 16)
     with _cg.for_range(builder, nb) as loop:
         b = loop.index
         p = builder.gep(rp, [builder.mul(b, _ir.Constant(_I64, 210))])
         _prefetch(builder, p, 210)
         dw = _half(builder, p, 208)
-        scb = builder.sitofp(_load(builder, p, _ir.VectorType(_I8, 16), 192), _F16V)
-        xs, scfs = [], []
-        for j in range(nt):
-            x, xdb, bs = _token_block(builder, xps[j], dps[j], bps[j], b, _F16V)
-            xs.append(x)
-            scfs.append(builder.fmul(scb, _splatf(builder, builder.fmul(dw, xdb), 16)))
-            _acc_add(builder, offs[j], scfs[j], bs)
+        sc8 = _load(builder, p, _V16I8, 192)
+        s16 = builder.sext(sc8, _V16I16)
+        scf = builder.sitofp(sc8, _F16V)
+        sums = [None] * nt
+        xs = [_token_block(builder, xps[j], dps[j], bps[j], b, _F16V) for j in range(nt)]
         for n in range(2):
             ql = _load(builder, p, _V64I8, 64 * n)
             qh = _load(builder, p, _V32I8, 128 + 32 * n)
@@ -720,16 +749,17 @@ def _row_q6k_codegen(builder, rp, xps, dps, bps, nb):
             e = builder.lshr(qh, _splat8(6, 32))
             lo = builder.or_(builder.and_(ql, m4), builder.shl(_concat(builder, a, bb), _splat8(4)))
             hi = builder.or_(builder.lshr(ql, _splat8(4)), builder.shl(_concat(builder, c, e), _splat8(4)))
-            g = 8 * n
+            g = 8 * n  # lo's dot lanes 4k..4k+3 are scale group g + k, hi's g + 4 + k
+            sc = _bcast(builder, s16, [g + k // 8 + 4 * (k % 8 // 4) for k in range(32)])
             for j in range(nt):
-                dlo = builder.sitofp(_dpbusd(builder, zero, lo, _load(builder, xs[j], _V64I8, 128 * n)), _F16V)
-                dhi = builder.sitofp(_dpbusd(builder, zero, hi, _load(builder, xs[j], _V64I8, 128 * n + 64)), _F16V)
-                acc = accs[j]
-                _acc_add(builder, acc[(2 * n) % len(acc)], dlo, _bcast(builder, scfs[j], [g + i // 4 for i in range(16)]))
-                _acc_add(builder, acc[(2 * n + 1) % len(acc)], dhi,
-                         _bcast(builder, scfs[j], [g + 4 + i // 4 for i in range(16)]))
-    return [builder.fsub(_hsum(builder, _acc_total(builder, accs[j])), _hsum(builder, builder.load(offs[j])))
-            for j in range(nt)]
+                x = xs[j][0]
+                sums[j] = _scaled_pair(builder, sums[j], lo, _load(builder, x, _V64I8, 128 * n),
+                                       hi, _load(builder, x, _V64I8, 128 * n + 64), sc)
+        for j in range(nt):
+            _, xdb, bs = xs[j]
+            v = builder.fsub(builder.sitofp(sums[j], _F16V), builder.fmul(scf, bs))
+            _acc_add(builder, accs[j], v, _splatf(builder, builder.fmul(dw, xdb), 16))
+    return [_hsum(builder, builder.load(accs[j])) for j in range(nt)]
 
 
 def _row_q8_0_codegen(builder, rp, xps, dps, bps, nb):
