@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,9 +20,12 @@ def demo_model(tmp_path_factory):
 
 def spawn_chat(model, tmp_path, *extra):
     env = dict(os.environ, LOCALCODER_HOME=str(tmp_path / "home"), COLUMNS="120", TERM="dumb")
+    # Ctrl-C as at a terminal even when pytest itself was started with SIGINT ignored (a shell's background
+    # job: the ignored disposition is inherited, and Python then installs no KeyboardInterrupt handler)
     child = pexpect.spawn(sys.executable, ["-m", "localcoder", "chat", "-m", str(model), "--backend", "numpy",
                                            "--temp", "0", *extra], env=env, cwd=str(tmp_path), encoding="utf-8",
-                          timeout=120, dimensions=(40, 120))
+                          timeout=120, dimensions=(40, 120),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(">>> ")
     return child
 
