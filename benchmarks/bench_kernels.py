@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py [--threads 2] [--types Q4_K,Q6_K]
     python benchmarks/bench_kernels.py --threads 2 --moe      # one decode step's routed experts
     python benchmarks/bench_kernels.py --threads 2 --delta    # DeltaNet kernels by prompt length
+    python benchmarks/bench_kernels.py --threads 2 --crossover  # prompt products: 8-bit kernel vs BLAS tiles
 
 Shapes: an expert-sized 2048 x 512... matrix (512 rows of 2048: one gate/up projection, 0.6 MB at Q4_K, so
 cache-resident: the kernel's compute speed) and the output head, 151936 x 2048 (streamed from memory).
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--delta", action="store_true", help="gated delta: recurrent vs chunked prompt kernels")
     ap.add_argument("--moe", action="store_true", help="one decode step's routed experts (NumbaBackend.moe)")
     ap.add_argument("--calls", action="store_true", help="many small matvecs, one call each, vs one call for all")
+    ap.add_argument("--crossover", action="store_true", help="prompt matmuls: 8-bit kernel vs dequantized tiles + BLAS")
     args = ap.parse_args()
     numba.set_num_threads(args.threads)
     if args.delta:
@@ -59,6 +61,8 @@ def main():
         return bench_moe()
     if args.calls:
         return bench_calls()
+    if args.crossover:
+        return bench_crossover()
     nchunks = 4 * args.threads
     rng = np.random.default_rng(0)
     bw = measure_read_bandwidth(threads=args.threads)
@@ -132,6 +136,36 @@ def bench_calls(shapes=((512, 2048), (2048, 512), (4096, 2048)), total=256 << 20
             whole = timeit(lambda: K.matvec_q8(code, stack, x, big, nchunks))
             print(f"{qtype.name:5} {n:5d}x{k:<5d} one call each {stack.nbytes / each / 1e9:5.1f} GB/s "
                   f"({each / count * 1e6:5.1f} us per call), one call for all {stack.nbytes / whole / 1e9:5.1f} GB/s")
+
+
+def bench_crossover(shapes=((Q.Q5_K, 8192, 2048), (Q.Q4_K, 4096, 2048), (Q.Q6_K, 2048, 512)),
+                    lengths=(64, 128, 192, 256, 384, 512)):
+    """ms per prompt product through NumbaBackend.matmul, T tokens: the 8-bit activation kernel (4 tokens per
+    pass over a weight row) against dequantized row tiles + BLAS; numba_cpu.Q8_MATMUL_MAX_TOKENS picks between
+    them by prompt length (the DeltaNet input projection, an output projection, an expert-sized down matrix)."""
+    from localcoder.backends import numba_cpu
+    from localcoder.backends.numba_cpu import NumbaBackend
+    from localcoder.gguf_file import QTensor, readonly
+    np.seterr(invalid="ignore", over="ignore")  # random bytes: some blocks' scales are inf or nan
+    rng = np.random.default_rng(0)
+    be = NumbaBackend()
+    threshold = numba_cpu.Q8_MATMUL_MAX_TOKENS
+    print(f"threads {numba.get_num_threads()}; now 8-bit below {threshold} tokens")
+    print(f"{'weight':22} " + " ".join(f"{f'T={T}':>15}" for T in lengths) + "   (8-bit / BLAS ms)")
+    try:
+        for qtype, n, k in shapes:
+            w = QTensor("w", qtype, (n, k), readonly(random_rows(qtype, n, k, rng)), 0, "bench")
+            cells = []
+            for T in lengths:
+                x = rng.standard_normal((T, k)).astype(np.float32)
+                numba_cpu.Q8_MATMUL_MAX_TOKENS = 1 << 30
+                q8 = timeit(lambda: be.matmul(x, w), 0.3)
+                numba_cpu.Q8_MATMUL_MAX_TOKENS = 0
+                blas = timeit(lambda: be.matmul(x, w), 0.3)
+                cells.append(f"{q8 * 1e3:6.1f} / {blas * 1e3:6.1f}")
+            print(f"{qtype.name} {n}x{k}".ljust(22) + " " + " ".join(f"{c:>15}" for c in cells))
+    finally:
+        numba_cpu.Q8_MATMUL_MAX_TOKENS = threshold
 
 
 def bench_moe(sets=8, n_expert=64, k=10, steps=400):

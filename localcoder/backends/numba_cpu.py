@@ -24,8 +24,9 @@ from .numpy_ref import NumpyBackend
 f32 = np.float32
 BLAS_MIN_TOKENS = 16  # from this many tokens a matmul dequantizes row tiles and uses BLAS
 # Prompts shorter than this go through the 8-bit activation kernel (4 tokens per pass over a weight row),
-# longer ones through dequantized tiles and BLAS. Measured, 2 threads, 8192x2048 Q5_K: 26 vs 35 ms at 128
-# tokens, 49 vs 44 ms at 256, 112 vs 73 ms at 512.
+# longer ones through dequantized tiles and BLAS. `python benchmarks/bench_kernels.py --crossover`, 2 threads,
+# 8192x2048 Q5_K, two runs: 20-21 vs 26-31 ms at 128 tokens, 38-41 vs 42-51 at 256, 55-60 vs 55-57 at 384,
+# 73-80 vs 66-69 at 512: the crossover lies between 256 and 512 tokens.
 Q8_MATMUL_MAX_TOKENS = 256
 TILE_BYTES = 64 << 20  # float32 scratch per BLAS tile (few, large tiles: OpenBLAS threads spin between calls
 # and fight the Numba threads when the two alternate quickly)
