@@ -488,7 +488,8 @@ from numba.extending import intrinsic  # noqa: E402
 
 _I8, _I32 = _ir.IntType(8), _ir.IntType(32)
 _V64I8, _V32I8, _V16I32 = _ir.VectorType(_I8, 64), _ir.VectorType(_I8, 32), _ir.VectorType(_I32, 16)
-_V16I8, _V16I16, _V32I16 = _ir.VectorType(_I8, 16), _ir.VectorType(_ir.IntType(16), 16), _ir.VectorType(_ir.IntType(16), 32)
+_I16 = _ir.IntType(16)
+_V16I8, _V16I16, _V32I16 = _ir.VectorType(_I8, 16), _ir.VectorType(_I16, 16), _ir.VectorType(_I16, 32)
 _F32T = _ir.FloatType()
 
 
@@ -529,8 +530,8 @@ def _bcast(builder, v, idx):
 
 # Row-level intrinsics: the whole row . x in one loop of IR, float accumulators kept in vector registers
 # (one horizontal sum per row instead of two per block; sub-block scales applied in int16, see below; Q8_0
-# scales with vcvtdq2ps + vfmadd). x side: xq int8, xd (K/256) float32, bsf float32 sums (bs32 for Q4_K/Q5_K, 32*bs16 for Q6_K,
-# 128*bs32 for Q8_0) precomputed once per vector.
+# scales with vcvtdq2ps + vfmadd). x side: xq int8, xd (K/256) float32, bsf float32 sums (bs32 for
+# Q4_K/Q5_K, 32*bs16 for Q6_K, 128*bs32 for Q8_0) precomputed once per vector.
 
 _F16V, _F8V = _ir.VectorType(_F32T, 16), _ir.VectorType(_F32T, 8)
 _I64 = _ir.IntType(64)
@@ -660,17 +661,16 @@ def _q4k_scales(builder, p):
     return builder.zext(s, _V16I16)
 
 
-def _token_scales(builder, dd, xdb, n):
-    """(d * xd, dmin * xd) splat to n lanes, from dd = <2 x float> (d, dmin) of the block."""
+def _token_scales(builder, dd, xdb):
+    """d * xd splat to 16 lanes and dmin * xd to 8, from dd = <2 x float> (d, dmin) of the block."""
     v = builder.fmul(dd, _splatf(builder, xdb, 2))
-    return [builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, n), [k] * n)) for k in (0, 1)]
+    return [builder.shuffle_vector(v, v, _vconst(_ir.VectorType(_I32, n), [k] * n)) for k, n in ((0, 16), (1, 8))]
 
 
 def _row_q4k_codegen(five):
-    """Q4_K (Q5_K with five): per block and token the 8 sub-block dots are scaled by their 6-bit scales in
-    integers (vpmaddubsw, then vpdpwssd with the scales), then one float fma by d * xd; the mins term
-    dmin * xd * sum(mn * bsum) in an 8-lane float accumulator. One fma chain per token (the same float ops
-    for any number of tokens per pass)."""
+    """Q4_K (Q5_K with five): per block and token the sub-blocks' dots are scaled by their 6-bit scales in
+    integers (_scaled_pair), then one float fma by d * xd; the mins term dmin * xd * sum(mn * bsum) in an
+    8-lane float accumulator. One fma chain per token (the same float ops for any number of tokens)."""
     bsize = 176 if five else 144
 
     def codegen(builder, rp, xps, dps, bps, nb):
@@ -715,9 +715,8 @@ def _row_q4k_codegen(five):
                                            hi, _load(builder, x, _V64I8, 128 * h + 64), sc)
             for j in range(nt):
                 _, xdb, bs = xs[j]
-                dx16 = _token_scales(builder, dd, xdb, 16)[0]
+                dx16, mx8 = _token_scales(builder, dd, xdb)
                 _acc_add(builder, accs[j], builder.sitofp(sums[j], _F16V), dx16)
-                mx8 = _token_scales(builder, dd, xdb, 8)[1]
                 _acc_add(builder, mins[j], builder.fmul(mnf, mx8), bs)
         return [builder.fsub(_hsum(builder, builder.load(accs[j])), _hsum(builder, builder.load(mins[j])))
                 for j in range(nt)]
@@ -725,8 +724,8 @@ def _row_q4k_codegen(five):
 
 
 def _row_q6k_codegen(builder, rp, xps, dps, bps, nb):
-    """Q6_K: per block and token the 16 group dots are scaled by their int8 scales in integers (vpmaddubsw,
-    vpdpwssd), the -32 offset (scale * 32 * bsum16 per group) taken off in float, then one fma by d * xd."""
+    """Q6_K: per block and token the 16 groups' dots are scaled by their int8 scales in integers
+    (_scaled_pair), the -32 offset (scale * 32 * bsum16 per group) taken off in float, then one fma by d * xd."""
     nt = len(xps)
     accs = [_cg.alloca_once_value(builder, _fzero(16)) for _ in range(nt)]
     m4, m3 = _splat8(15), _splat8(3, 32)
