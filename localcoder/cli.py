@@ -153,6 +153,7 @@ def demo(
     console = Console(stderr=True)
     if not demo_model_path().exists():
         console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
+    _compile_notice()
     m = load(ensure_demo_model(), backend=backend)
     c = m.config
     console.print(f"[bold]localcoder demo[/bold]: qwen3next, {c.n_layer} layers "
@@ -205,6 +206,7 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
     from .paths import resolve_model
 
     path = resolve_model(model)
+    _compile_notice()
     t0 = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True, console=_stderr_console()) as progress:
@@ -219,6 +221,17 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
                                 f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
                                 style="dim", highlight=False)
     return m
+
+
+def _compile_notice() -> None:
+    """Before loading a model: if the run will compile the Numba kernels (first run after an install or an
+    upgrade), say so when it starts, instead of a silent minute."""
+    try:
+        from .backends.numba_cpu import on_first_compile
+    except ImportError:  # no numba: the NumPy backend compiles nothing
+        return
+    on_first_compile(lambda: _err("compiling the CPU kernels: about a minute, once after an install or upgrade "
+                                  "(`localcoder warmup` does it ahead of time)"))
 
 
 def _stderr_console():

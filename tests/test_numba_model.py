@@ -112,3 +112,26 @@ def test_warmup_compiles_every_signature_the_model_uses(tiny):
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+NOTICE_CHECK = """
+from localcoder.backends import numba_cpu
+numba_cpu.on_first_compile(lambda: print("compiling"))
+numba_cpu.NumbaBackend()  # compiles (or loads from the cache) its first kernel
+print("done")
+"""
+
+
+def test_compile_notice_only_when_compiling(tmp_path):
+    """The CLI's "compiling the CPU kernels" notice: said once by a process that compiles (an empty Numba
+    cache, as after an install), not by the next one, which loads the kernels from the cache."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    outs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", NOTICE_CHECK], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(r.stdout.split())
+    assert outs == [["compiling", "done"], ["done"]]

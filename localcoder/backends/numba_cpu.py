@@ -609,6 +609,26 @@ class NumbaBackend(NumpyBackend):
         return out if fold else numpy_ref.add_shared(self, out, x, shared)
 
 
+def on_first_compile(say) -> None:
+    """Call say() once, when this process first compiles a kernel: Numba's on-disk cache lacked it (the first
+    run after an install or an upgrade), so the next minute goes to compiling; better said than silent.
+    Loading a kernel from the cache is no compile and says nothing."""
+    from numba.core import event
+
+    class Notice(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                self.said = True
+                say()
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Notice())
+
+
 def warmup(progress=None) -> None:
     """Compile (or load from Numba's cache) every kernel signature the backend uses, on tiny inputs (weights
     read-only, as the model hands them over: Numba compiles read-only and writable arrays apart)."""
