@@ -153,7 +153,7 @@ def demo(
     console = Console(stderr=True)
     if not demo_model_path().exists():
         console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
-    _compile_notice()
+    _compile_notice(backend)
     m = load(ensure_demo_model(), backend=backend)
     c = m.config
     console.print(f"[bold]localcoder demo[/bold]: qwen3next, {c.n_layer} layers "
@@ -206,7 +206,7 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
     from .paths import resolve_model
 
     path = resolve_model(model)
-    _compile_notice()
+    _compile_notice(backend)
     t0 = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True, console=_stderr_console()) as progress:
@@ -223,15 +223,16 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
     return m
 
 
-def _compile_notice() -> None:
+def _compile_notice(backend: str) -> None:
     """Before loading a model: if the run will compile the Numba kernels (first run after an install or an
     upgrade), say so when it starts, instead of a silent minute."""
-    try:
-        from .backends.numba_cpu import on_first_compile
-    except ImportError:  # no numba: the NumPy backend compiles nothing
+    if backend not in ("auto", "numba"):
         return
-    on_first_compile(lambda: _err("compiling the CPU kernels: about a minute, once after an install or upgrade "
-                                  "(`localcoder warmup` does it ahead of time)"))
+    try:
+        from .backends.numba_cpu import COMPILE_NOTICE, on_first_compile
+    except Exception:  # noqa: BLE001 - no usable numba: get_backend says so, and nothing compiles
+        return
+    on_first_compile(lambda: _err(COMPILE_NOTICE))
 
 
 def _stderr_console():

@@ -609,6 +609,10 @@ class NumbaBackend(NumpyBackend):
         return out if fold else numpy_ref.add_shared(self, out, x, shared)
 
 
+COMPILE_NOTICE = ("compiling the CPU kernels: about a minute, once after an install or upgrade "
+                  "(`localcoder warmup` does it ahead of time)")
+
+
 def on_first_compile(say) -> None:
     """Call say() once, when this process first compiles a kernel: Numba's on-disk cache lacked it (the first
     run after an install or an upgrade), so the next minute goes to compiling; better said than silent.
