@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from .backends import announce_compiles
 from .errors import LocalcoderError
 from .sampling import DEFAULTS
 
@@ -153,7 +154,7 @@ def demo(
     console = Console(stderr=True)
     if not demo_model_path().exists():
         console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
-    _compile_notice(backend)
+    announce_compiles(backend, _err)
     m = load(ensure_demo_model(), backend=backend)
     c = m.config
     console.print(f"[bold]localcoder demo[/bold]: qwen3next, {c.n_layer} layers "
@@ -206,7 +207,7 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
     from .paths import resolve_model
 
     path = resolve_model(model)
-    _compile_notice(backend)
+    announce_compiles(backend, _err)
     t0 = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True, console=_stderr_console()) as progress:
@@ -221,18 +222,6 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
                                 f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
                                 style="dim", highlight=False)
     return m
-
-
-def _compile_notice(backend: str) -> None:
-    """Before loading a model: if the run will compile the Numba kernels (first run after an install or an
-    upgrade), say so when it starts, instead of a silent minute."""
-    if backend not in ("auto", "numba"):
-        return
-    try:
-        from .backends.numba_cpu import COMPILE_NOTICE, on_first_compile
-    except Exception:  # noqa: BLE001 - no usable numba: get_backend says so, and nothing compiles
-        return
-    on_first_compile(lambda: _err(COMPILE_NOTICE))
 
 
 def _stderr_console():

@@ -815,14 +815,10 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
     """Load the model and serve it until interrupted."""
     import uvicorn
 
+    from .backends import announce_compiles
     from .model import load
 
-    if backend in ("auto", "numba"):
-        try:
-            from .backends.numba_cpu import COMPILE_NOTICE, on_first_compile
-            on_first_compile(lambda: log.warning(COMPILE_NOTICE))
-        except Exception:  # noqa: BLE001 - no usable numba: get_backend says so, and nothing compiles
-            pass
+    announce_compiles(backend, log.warning)
     model = load(model_path, backend=backend, n_ctx=n_ctx)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
     if host not in _LOOPBACK and not api_key:

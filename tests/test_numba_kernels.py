@@ -261,10 +261,11 @@ def test_matvec_int8_extreme_values(qtype):
         raw[:, :, 0:4] = np.tile(d, 2)  # d, dmin; 6-bit scales and mins all 63
     w = QTensor("w", qtype, (N, Kd), raw.reshape(N, -1), 0, "test")
     be = NumbaBackend(threads=1)
-    x = np.where(np.arange(Kd) < 256, 1.0, -0.5).astype(np.float32)[None]  # quantized: +127, -127
-    got = be.matmul(x, w)[0]
-    check_int8(got, dense(w).astype(np.float64), x[0])
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        x = np.where(np.arange(Kd) < 256, 1.0, -0.5).astype(np.float32)[None]  # quantized: +127, -127
+        check_int8(be.matmul(x, w)[0], dense(w).astype(np.float64), x[0])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

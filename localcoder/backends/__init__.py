@@ -18,6 +18,21 @@ class SharedExpert(NamedTuple):
     weight: Any
 
 BACKENDS = ("auto", "numpy", "numba", "mlx")
+COMPILE_NOTICE = ("compiling the CPU kernels: about a minute, once after an install or upgrade "
+                  "(`localcoder warmup` does it ahead of time)")
+
+
+def announce_compiles(backend: str, say) -> None:
+    """Before loading a model: where the backend may be Numba's, call say(COMPILE_NOTICE) once if this
+    process compiles a kernel (Numba's cache lacks it: the first run after an install or an upgrade), so that
+    a minute of compiling is said, not silent. A run that loads its kernels from the cache says nothing."""
+    if backend not in ("auto", "numba"):
+        return
+    try:
+        from .numba_cpu import on_first_compile
+    except Exception:  # noqa: BLE001 - no usable numba: get_backend says so, and nothing compiles
+        return
+    on_first_compile(lambda: say(COMPILE_NOTICE))
 
 
 def _numba_backend(threads: int | None = None):

@@ -609,28 +609,31 @@ class NumbaBackend(NumpyBackend):
         return out if fold else numpy_ref.add_shared(self, out, x, shared)
 
 
-COMPILE_NOTICE = ("compiling the CPU kernels: about a minute, once after an install or upgrade "
-                  "(`localcoder warmup` does it ahead of time)")
+_compile_notice = None  # on_first_compile's numba:compile listener (one per process)
 
 
 def on_first_compile(say) -> None:
     """Call say() once, when this process first compiles a kernel: Numba's on-disk cache lacked it (the first
     run after an install or an upgrade), so the next minute goes to compiling; better said than silent.
-    Loading a kernel from the cache is no compile and says nothing."""
+    Loading a kernel from the cache is no compile and says nothing. A later call replaces say."""
+    global _compile_notice
     from numba.core import event
 
-    class Notice(event.Listener):
-        said = False
+    if _compile_notice is None:
+        class Notice(event.Listener):
+            said = False
 
-        def on_start(self, ev):
-            if not self.said:
-                self.said = True
-                say()
+            def on_start(self, ev):
+                if not self.said:
+                    self.said = True
+                    self.say()
 
-        def on_end(self, ev):
-            pass
+            def on_end(self, ev):
+                pass
 
-    event.register("numba:compile", Notice())
+        _compile_notice = Notice()
+        event.register("numba:compile", _compile_notice)
+    _compile_notice.say = say
 
 
 def warmup(progress=None) -> None:

@@ -643,9 +643,10 @@ def _scaled_pair(builder, acc, qa, xa, qb, xb, scales):
                    scales)
 
 
-def _packed_scales(builder, s16, a0, b0, a1, b1):
-    """<32 x i16> scales for _scaled_pair: dot lanes 0-7 of qa take s16[a0], 8-15 s16[a1]; qb's b0, b1."""
-    return _bcast(builder, s16, [(a0, b0, a1, b1)[2 * (k // 16) + k % 8 // 4] for k in range(32)])
+def _packed_scales(builder, s16, sa, sb):
+    """<32 x i16> scales for _scaled_pair: s16[sa[m]] for qa's dot lane m (0-15), s16[sb[m]] for qb's, laid
+    out as _packssdw packs the two dots."""
+    return _bcast(builder, s16, [(sa if k % 8 < 4 else sb)[4 * (k // 8) + k % 4] for k in range(32)])
 
 
 def _q4k_scales(builder, p):
@@ -708,7 +709,7 @@ def _row_q4k_codegen(five):
                             hi = builder.or_(hi, add)
                 # x arrives permuted per 256-block (Q4K_PERM): the 64 values under lo, then those under hi;
                 # lo's dot lanes 0-7 are sub-block 4h, 8-15 sub-block 4h + 2 (hi: 4h + 1, 4h + 3)
-                sc = _packed_scales(builder, s16, 4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3)
+                sc = _packed_scales(builder, s16, [4 * h] * 8 + [4 * h + 2] * 8, [4 * h + 1] * 8 + [4 * h + 3] * 8)
                 for j in range(nt):
                     x = xs[j][0]
                     sums[j] = _scaled_pair(builder, sums[j], lo, _load(builder, x, _V64I8, 128 * h),
@@ -749,7 +750,7 @@ def _row_q6k_codegen(builder, rp, xps, dps, bps, nb):
             lo = builder.or_(builder.and_(ql, m4), builder.shl(_concat(builder, a, bb), _splat8(4)))
             hi = builder.or_(builder.lshr(ql, _splat8(4)), builder.shl(_concat(builder, c, e), _splat8(4)))
             g = 8 * n  # lo's dot lanes 4k..4k+3 are scale group g + k, hi's g + 4 + k
-            sc = _bcast(builder, s16, [g + k // 8 + 4 * (k % 8 // 4) for k in range(32)])
+            sc = _packed_scales(builder, s16, [g + m // 4 for m in range(16)], [g + 4 + m // 4 for m in range(16)])
             for j in range(nt):
                 x = xs[j][0]
                 sums[j] = _scaled_pair(builder, sums[j], lo, _load(builder, x, _V64I8, 128 * n),
