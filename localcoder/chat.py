@@ -100,9 +100,16 @@ def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
     return out
 
 
+def check_max_tokens(n: int) -> None:
+    """A reply's token limit (-n, /set max_tokens): at least 1; that many tokens of context stay free for it."""
+    if n < 1:
+        raise LocalcoderError(f"max tokens {n}: a reply needs at least 1 (the context keeps that many free for it)")
+
+
 class ChatSession:
     def __init__(self, model, system: str | None = None, max_tokens: int = 2048, sampler: Sampler | None = None,
                  max_checkpoints: int = 8):
+        check_max_tokens(max_tokens)
         self.model = model
         self.system = system
         self.max_tokens = max_tokens

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from .backends import announce_compiles
+from .backends import announce_compiles, check_threads
 from .errors import LocalcoderError
 from .sampling import DEFAULTS
 
@@ -36,6 +36,7 @@ KvTypeOpt = typer.Option("f32", "--kv-type", help="attention KV cache precision:
 ExpertPrefetchOpt = typer.Option(False, "--expert-prefetch/--no-expert-prefetch",
                                  help="read the next layer's likely experts ahead (when streaming; off by default: on uniform routing the wrong guesses cost more disk time than they save)")
 ExpertStatsOpt = typer.Option(None, "--expert-stats", help="write the per-layer routing trace (JSON lines) here")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads for the numba backend (default: every core)")
 
 
 def _err(msg: str) -> None:
@@ -90,7 +91,8 @@ def info(model: Path = typer.Argument(..., help="GGUF model file")):
 def run(
     prompt: str = typer.Option(..., "-p", "--prompt", help="prompt text"),
     model: Optional[Path] = ModelOpt,
-    n: int = typer.Option(256, "-n", "--max-tokens", help="tokens to generate"),
+    n: int = typer.Option(256, "-n", "--max-tokens", help="tokens to generate; -1: until the model stops or the "
+                          "context is full"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user turn"),
     system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
     temp: float = TempOpt,
@@ -104,16 +106,21 @@ def run(
     ctx: Optional[int] = CtxOpt,
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
+    expert_prefetch: bool = ExpertPrefetchOpt,
     expert_stats: Optional[Path] = ExpertStatsOpt,
     kv_type: str = KvTypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Generate text from a prompt, streamed to stdout; speed goes to stderr."""
     from .generate import GenerationStats
     from .sampling import make_sampler
 
+    if n < -1:
+        raise LocalcoderError(f"-n/--max-tokens {n}: give a number of tokens, or -1 to generate until the model "
+                              "stops or the context is full")
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
     m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True,
-                            kv_type=kv_type)
+                            kv_type=kv_type, threads=threads, expert_prefetch=expert_prefetch)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = m.encode_chat(messages)
@@ -141,6 +148,7 @@ def demo(
     n: int = typer.Option(48, "-n", "--max-tokens"),
     seed: int = typer.Option(0, "--seed"),
     backend: str = BackendOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Run a small random-weight qwen3next model with the real Qwen tokenizer (written on first use, no
     download). It exercises the whole runtime; its words are noise because its weights are random."""
@@ -155,7 +163,7 @@ def demo(
     if not demo_model_path().exists():
         console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
     announce_compiles(backend, _err)
-    m = load(ensure_demo_model(), backend=backend)
+    m = load(ensure_demo_model(), backend=backend, threads=threads)
     c = m.config
     console.print(f"[bold]localcoder demo[/bold]: qwen3next, {c.n_layer} layers "
                   f"({sum(c.recurrent_layers)} Gated DeltaNet + {c.n_attention_layers} attention), hidden {c.n_embd}, "
@@ -198,7 +206,7 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
 
 def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int], expert_cache=None,
                         expert_policy: str = "lru", expert_stats: Optional[Path] = None, quiet: bool = False,
-                        kv_type: str = "f32"):
+                        kv_type: str = "f32", threads: Optional[int] = None, expert_prefetch: bool = False):
     """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -215,7 +223,8 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
         file = GGUFFile(path)
         progress.update(task, advance=1, description="tokenizer, template, weights (memory-mapped)")
         m = Model(file, backend=backend, n_ctx=ctx, expert_cache=expert_cache, expert_policy=expert_policy,
-                  expert_trace=expert_stats is not None, kv_type=kv_type)
+                  expert_trace=expert_stats is not None, expert_prefetch=expert_prefetch, kv_type=kv_type,
+                  threads=threads)
         progress.update(task, advance=1)
     if not quiet:
         _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
@@ -231,12 +240,14 @@ def _stderr_console():
 
 
 def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-             expert_cache=None, expert_policy="lru", kv_type="f32"):
-    from .chat import ChatSession
+             expert_cache=None, expert_policy="lru", kv_type="f32", threads=None, expert_prefetch=False):
+    from .chat import ChatSession, check_max_tokens
     from .sampling import make_sampler
 
+    check_max_tokens(max_tokens)
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
-    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, kv_type=kv_type)
+    m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, kv_type=kv_type, threads=threads,
+                            expert_prefetch=expert_prefetch)
     return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler)
 
 
@@ -260,14 +271,16 @@ def chat(
     no_history: bool = typer.Option(False, "--no-history", help="do not save the transcript on exit"),
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
+    expert_prefetch: bool = ExpertPrefetchOpt,
     kv_type: str = KvTypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Interactive, offline code Q&A in the terminal."""
     from .paths import HOME
     from .repl import Repl, history_file
 
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy, kv_type)
+                       expert_cache, expert_policy, kv_type, threads, expert_prefetch)
     console = _stderr_console()
     if file:
         for f in session.add_files(file):
@@ -296,13 +309,15 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="print the answer with token counts and timings as JSON"),
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
+    expert_prefetch: bool = ExpertPrefetchOpt,
     kv_type: str = KvTypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """One question, one answer, for scripts: `git diff | localcoder ask "review this"`."""
     from .repl import answer_json
 
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy, kv_type)
+                       expert_cache, expert_policy, kv_type, threads, expert_prefetch)
     if file:
         session.add_files(file)
     if not sys.stdin.isatty():
@@ -360,10 +375,11 @@ def quantize(
 
     from .quant.convert import requantize
 
+    check_threads(threads)
     if threads:
         import numba
 
-        numba.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=_stderr_console()) as progress:
         task = progress.add_task("quantizing", total=None)
@@ -385,6 +401,11 @@ def serve(
     backend: str = BackendOpt,
     max_queue: int = typer.Option(16, "--max-queue", help="requests waiting beyond this get 429"),
     cache: Optional[str] = typer.Option(None, "--prompt-cache", help="memory for reusable prompt states, e.g. 4G"),
+    expert_cache: Optional[str] = ExpertCacheOpt,
+    expert_policy: str = ExpertPolicyOpt,
+    expert_prefetch: bool = ExpertPrefetchOpt,
+    kv_type: str = KvTypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """OpenAI-compatible HTTP API (chat completions with tool calls, completions, models)."""
     from .model import parse_size
@@ -392,7 +413,9 @@ def serve(
     from .server import serve as run_server
 
     run_server(resolve_model(model), host=host, port=port, api_key=api_key, n_ctx=ctx, backend=backend,
-               max_queue=max_queue, cache_bytes=parse_size(cache) if cache else None)
+               max_queue=max_queue, cache_bytes=parse_size(cache) if cache else None, threads=threads,
+               expert_cache=expert_cache, expert_policy=expert_policy, expert_prefetch=expert_prefetch,
+               kv_type=kv_type)
 
 
 @app.command()
@@ -404,7 +427,7 @@ def bench(
     quant: str = typer.Option("q4_k_m", "--quant", help="with --synthetic: q4_k_m, q8_0 or q4_0"),
     prompt_tokens: int = typer.Option(512, "-p", "--prompt-tokens"),
     gen_tokens: int = typer.Option(128, "-n", "--gen-tokens"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: Optional[int] = ThreadsOpt,
     backend: str = BackendOpt,
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
@@ -418,6 +441,10 @@ def bench(
 
     if (model is None) == (synthetic is None):
         raise LocalcoderError("give either -m MODEL.gguf or --synthetic qwen3-coder-next")
+    for flag, value in (("-p/--prompt-tokens", prompt_tokens), ("-n/--gen-tokens", gen_tokens)):
+        if value < 1:
+            raise LocalcoderError(f"{flag} {value}: the bench measures at least 1 token")
+    check_threads(threads)
     if synthetic is not None:
         from .synthetic import ensure_synthetic
 

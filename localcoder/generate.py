@@ -82,7 +82,8 @@ def prefill(model, ids: Sequence[int], cache, chunk: int = PREFILL_CHUNK) -> np.
 def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, sampler: Sampler | None = None,
                    stop: Sequence[str] = (), cache=None, stats: GenerationStats | None = None,
                    on_prefill: Callable[[], None] | None = None) -> Iterator[tuple[int, str]]:
-    """Yields (token id, text piece) per generated token. `cache` may already hold a prefix of the
+    """Yields (token id, text piece) per generated token, at most max_tokens of them (a negative max_tokens:
+    until a stop token or string, or the full context). `cache` may already hold a prefix of the
     conversation; `prompt_ids` are the tokens that follow it. `on_prefill` runs once the prompt is in the
     cache (a chat checkpoints there)."""
     sampler = sampler or greedy()
@@ -104,6 +105,8 @@ def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, samp
     text = TextStream(model.tokenizer, stop)
     history = list(cache.tokens)
     stop_ids = model.tokenizer.stop_token_ids
+    if max_tokens < 0:
+        max_tokens = n_ctx  # the context ends generation first
     n = 0
     t0 = time.perf_counter()
     try:

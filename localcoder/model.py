@@ -32,7 +32,7 @@ class Model:
 
     def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
                  expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
-                 kv_type: str = "f32", mmap: bool | None = None, preload: bool = True):
+                 kv_type: str = "f32", mmap: bool | None = None, preload: bool = True, threads: int | None = None):
         self.file = file
         embd = file.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
@@ -40,7 +40,7 @@ class Model:
         self.weights = qwen3next.load_weights(self.config, file.tensors, str(file.path))
         self.tokenizer = Tokenizer.from_metadata(file.metadata)
         self.chat_template = template_from_metadata(file.metadata)
-        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.backend = get_backend(backend, threads=threads) if isinstance(backend, str) else backend
         n_ctx = n_ctx or min(DEFAULT_CTX, self.config.n_ctx_train)
         if not 0 < n_ctx <= self.config.n_ctx_train:
             raise LocalcoderError(f"context {n_ctx} is outside 1..{self.config.n_ctx_train}, the model's "
@@ -205,12 +205,13 @@ def available_memory() -> int:
 
 def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None, expert_cache=None,
          expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
-         kv_type: str = "f32", mmap: bool | None = None) -> Model:
+         kv_type: str = "f32", mmap: bool | None = None, threads: int | None = None) -> Model:
     """Open and validate a qwen3next GGUF (nothing but its header is read here).
 
     expert_cache: byte budget for routed experts (int or "12G"); when it cannot hold them all, experts are
     streamed from disk (see localcoder.experts). Default: from available RAM. mmap: compute on the file
-    mapping instead of process memory (default: only for the MLX backend)."""
+    mapping instead of process memory (default: only for the MLX backend). threads: CPU threads of the numba
+    backend (default: every core; more than the machine has are capped at its count)."""
     return Model(GGUFFile(path), backend=backend, n_ctx=n_ctx, expert_cache=expert_cache,
                  expert_policy=expert_policy, expert_trace=expert_trace, expert_prefetch=expert_prefetch,
-                 kv_type=kv_type, mmap=mmap)
+                 kv_type=kv_type, mmap=mmap, threads=threads)

@@ -811,15 +811,16 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           n_ctx: int | None = None, backend: str = "auto", max_queue: int = 16, cache_bytes: int | None = None,
-          log_level: str = "info") -> None:
-    """Load the model and serve it until interrupted."""
+          log_level: str = "info", **load_options) -> None:
+    """Load the model and serve it until interrupted. load_options go to localcoder.load (threads,
+    expert_cache, expert_policy, expert_prefetch, kv_type)."""
     import uvicorn
 
     from .backends import announce_compiles
     from .model import load
 
     announce_compiles(backend, log.warning)
-    model = load(model_path, backend=backend, n_ctx=n_ctx)
+    model = load(model_path, backend=backend, n_ctx=n_ctx, **load_options)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
     if host not in _LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)

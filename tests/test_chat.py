@@ -114,3 +114,21 @@ def test_files_enter_the_conversation_with_counts_and_budget(model, tmp_path):
     with pytest.raises(ContextOverflow, match="tokens but only"):
         s.add_files(["big.py"], root=tmp_path)
     assert not s.files()  # refused, nothing added
+
+
+def test_max_tokens_must_leave_room_for_a_reply(model):
+    """-n 0 or /set max_tokens 0 would reserve no context for the reply and end every turn at once."""
+    import io
+
+    from rich.console import Console
+
+    from localcoder.repl import Repl
+    with pytest.raises(LocalcoderError, match="max tokens 0"):
+        ChatSession(model, max_tokens=0)
+    s = ChatSession(model, max_tokens=8)
+    repl = Repl(s, Console(file=io.StringIO()), None)
+    with pytest.raises(LocalcoderError, match="max tokens -3"):
+        repl.command("/set max_tokens -3")
+    assert s.max_tokens == 8
+    repl.command("/set max_tokens 5")
+    assert s.max_tokens == 5

@@ -124,3 +124,25 @@ def test_info(small_gguf):
     assert p.returncode == 0, p.stderr
     for needle in ("qwen3next", "Q8_0", "F32", "151936", "Gated DeltaNet", "chat template"):
         assert needle in p.stdout
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["bench", "-p", "0", "-n", "2"], ("-p/--prompt-tokens 0", "at least 1")),
+    (["bench", "-p", "2", "-n", "0"], ("-n/--gen-tokens 0",)),
+    (["bench", "-p", "2", "-n", "2", "--threads", "0"], ("--threads 0", "at least 1")),
+    (["run", "-p", "hi", "-t", "-1"], ("--threads -1",)),
+    (["run", "-p", "hi", "-n", "-2"], ("-n/--max-tokens -2", "-1 to generate until")),
+    (["ask", "hi", "-n", "0"], ("max tokens 0", "at least 1")),
+])
+def test_bad_counts_are_one_line_errors(small_gguf, args, needles):
+    assert_one_line_error(run_cli(*args, "-m", str(small_gguf), "--backend", "numpy"), *needles)
+
+
+def test_run_until_the_context_is_full(small_gguf):
+    """-n -1, as in llama.cpp: generate until a stop token or the full context (here 24 tokens)."""
+    p = run_cli("run", "-m", str(small_gguf), "-p", "def reverse(s):", "-n", "-1", "--ctx", "24", "--temp", "0",
+                "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    prompt = int(p.stderr.split("prompt: ")[1].split()[0])
+    generated = int(p.stderr.split("generation: ")[1].split()[0])
+    assert "finish: length" in p.stderr and prompt + generated == 24, p.stderr

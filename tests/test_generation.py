@@ -116,3 +116,11 @@ def test_f16_kv_cache_greedy_matches_f32(fixtures_dir):
     assert list(m16.generate(ids, 8, greedy())) == a
     with pytest.raises(LocalcoderError, match="f32 or f16"):
         localcoder.load(path, backend="numpy", kv_type="q8")
+
+
+def test_negative_max_tokens_runs_to_the_context_end(fixtures_dir):
+    m = localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf", backend="numpy",
+                        n_ctx=20)
+    stats = GenerationStats()
+    tokens = list(m.generate([750, 282, 579, 263], -1, greedy(), stats=stats))
+    assert stats.finish_reason == "length" and len(tokens) == 16  # 4 prompt tokens + 16 fill the 20

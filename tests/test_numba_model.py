@@ -63,6 +63,18 @@ def test_auto_backend_is_numba_on_x86():
     assert get_backend("auto").name == "numba"
 
 
+def test_threads_option_reaches_the_backend(tiny):
+    """load(threads=N) (the CLI's -t/--threads) sets the numba backend's threads, capped at the machine's."""
+    import numba
+    try:
+        m = localcoder.load(tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numba", threads=1)
+        assert m.backend.threads == 1 and numba.get_num_threads() == 1
+        m = localcoder.load(tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf", backend="numba", threads=10_000)
+        assert m.backend.threads == numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 @pytest.mark.parametrize("q", ["Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_int8_activations_within_2x_llamacpp(tiny, q):
     """p64 through the 8-bit activation kernels, teacher-forced one token at a time (matvecs and experts)

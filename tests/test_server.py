@@ -575,3 +575,23 @@ def test_soak_500(model):
     growth = _soak(model, 500)
     if growth is not None:
         assert growth < 50 << 20, f"RSS grew {growth >> 20} MB"
+
+
+def test_serve_takes_the_load_options(fixtures_dir, monkeypatch):
+    """`localcoder serve --expert-cache 1K --kv-type f16 ...`: the served model streams its experts with the
+    smallest budget and keeps an f16 KV cache (the options reach localcoder.load)."""
+    from localcoder import server
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    path = fixtures_dir / "qwen3next-tiny" / "gguf" / f"{NAME}.gguf"
+    seen = {}
+
+    def spy(*a, **kw):
+        seen["model"] = load(*a, **kw)
+        return seen["model"]
+
+    monkeypatch.setattr("localcoder.model.load", spy)
+    server.serve(path, port=0, backend="numpy", expert_cache="1K", kv_type="f16", expert_policy="lfu")
+    m = seen["model"]
+    assert served["app"] is not None and m.expert_store.n_slots == 1 and m.expert_store.policy_name == "lfu"
+    assert m.new_cache().layers[3].k.dtype == np.float16

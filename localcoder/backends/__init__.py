@@ -40,10 +40,18 @@ def _numba_backend(threads: int | None = None):
     return NumbaBackend(threads)
 
 
+def check_threads(threads: int | None) -> None:
+    """A thread count from the command line or the API: None (every core) or at least 1."""
+    if threads is not None and threads < 1:
+        raise LocalcoderError(f"--threads {threads}: give at least 1 (or leave it out to use every core)")
+
+
 def get_backend(name: str = "auto", threads: int | None = None):
-    """The backend called `name`; "auto" picks the fastest one installed for this machine (Numba on x86)."""
+    """The backend called `name`; "auto" picks the fastest one installed for this machine (Numba on x86).
+    threads: the numba backend's CPU threads (default: every core; more than the machine has are capped)."""
     if name not in BACKENDS:
         raise LocalcoderError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    check_threads(threads)
     if name == "numba":
         try:
             return _numba_backend(threads)
