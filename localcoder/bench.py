@@ -147,7 +147,8 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
     cache = model.new_cache()
     prefill(model, ids[:1], cache)
     first_token_s = time.time() - started
-    prefill(model, ids[1:min(16, prompt_tokens)], cache)  # warm-up: every kernel shape prefill uses
+    if prompt_tokens > 1:
+        prefill(model, ids[1:min(16, prompt_tokens)], cache)  # warm-up: every kernel shape prefill uses
     model.forward([ids[0]], cache, all_logits=False)
     if store is not None:
         store.wait()  # a model that fits is read into memory in the background: measure the steady state

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from .cache import PrefixCache
 from .errors import ContextOverflow, LocalcoderError
+from .paths import check_output_file, write_text_atomically
 from .generate import GenerationStats, generate_steps
 from .sampling import Sampler, make_sampler
 
@@ -259,12 +260,9 @@ class ChatSession:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path).expanduser()
+        path = check_output_file(path, "transcript")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomically(path, json.dumps(self.to_json(), ensure_ascii=False, indent=1))
 
     def load(self, path: str | os.PathLike) -> int:
         path = Path(path).expanduser()

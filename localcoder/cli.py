@@ -5,6 +5,7 @@ Every user error (LocalcoderError) is printed as one line `error: ...` and exits
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ TopKOpt = typer.Option(DEFAULTS["top_k"], "--top-k")
 TopPOpt = typer.Option(DEFAULTS["top_p"], "--top-p")
 MinPOpt = typer.Option(DEFAULTS["min_p"], "--min-p")
 RepeatOpt = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty")
-SeedOpt = typer.Option(None, "--seed")
+SeedOpt = typer.Option(None, "--seed", help="random seed for sampling; -1 or none: a fresh one each run")
 ExpertCacheOpt = typer.Option(None, "--expert-cache", help="memory for routed experts, e.g. 12G; experts that do "
                               "not fit are streamed from disk (default: from available RAM)")
 ExpertPolicyOpt = typer.Option("lru", "--expert-policy", help="expert cache policy: lru or lfu")
@@ -87,6 +88,12 @@ def info(model: Path = typer.Argument(..., help="GGUF model file")):
                                        if src else "none in the file; built-in Qwen3-Coder template"))
 
 
+def _check_gen_tokens(n: int) -> None:
+    if n < -1:
+        raise LocalcoderError(f"-n/--max-tokens {n}: give a number of tokens, or -1 to generate until the model "
+                              "stops or the context is full")
+
+
 @app.command()
 def run(
     prompt: str = typer.Option(..., "-p", "--prompt", help="prompt text"),
@@ -115,9 +122,11 @@ def run(
     from .generate import GenerationStats
     from .sampling import make_sampler
 
-    if n < -1:
-        raise LocalcoderError(f"-n/--max-tokens {n}: give a number of tokens, or -1 to generate until the model "
-                              "stops or the context is full")
+    _check_gen_tokens(n)
+    if expert_stats is not None:
+        from .paths import check_output_file
+
+        expert_stats = check_output_file(expert_stats, "routing trace")
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
     m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True,
                             kv_type=kv_type, threads=threads, expert_prefetch=expert_prefetch)
@@ -145,7 +154,8 @@ def run(
 @app.command()
 def demo(
     prompt: str = typer.Option("Write a Python function that reverses a string.", "-p", "--prompt"),
-    n: int = typer.Option(48, "-n", "--max-tokens"),
+    n: int = typer.Option(48, "-n", "--max-tokens", help="tokens to generate; -1: until the model stops or the "
+                          "context is full"),
     seed: int = typer.Option(0, "--seed"),
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -159,6 +169,7 @@ def demo(
     from .sampling import make_sampler
     from .synthetic import demo_model_path, ensure_demo_model
 
+    _check_gen_tokens(n)
     console = Console(stderr=True)
     if not demo_model_path().exists():
         console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
@@ -194,13 +205,11 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
          f"cache {store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer, {store.policy_name})")
     if trace_path is not None and store.trace is not None:
         import json
-        import os
 
-        tmp = Path(str(trace_path) + ".tmp")
-        with open(tmp, "w") as f:
-            for layer, ids in store.trace:
-                f.write(json.dumps({"layer": layer, "experts": ids}) + "\n")
-        os.replace(tmp, trace_path)
+        from .paths import write_text_atomically
+
+        write_text_atomically(Path(trace_path), "".join(json.dumps({"layer": layer, "experts": ids}) + "\n"
+                                                        for layer, ids in store.trace))
         _err(f"routing trace: {len(store.trace)} steps written to {trace_path}")
 
 
@@ -231,6 +240,43 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
                                 f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
                                 style="dim", highlight=False)
     return m
+
+
+@contextlib.contextmanager
+def _bytes_progress():
+    """report(done_bytes, total_bytes, name) for convert/quantize: a progress bar on stderr from the first
+    report on, so that input checks failing before any writing print their one-line error alone."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=_stderr_console())
+    task = None
+
+    def report(done: int, total: int, name: str) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(name[:40], total=total)
+        bar.update(task, completed=done, total=total, description=name[:40])
+
+    try:
+        yield report
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def _writable_dir(path: Path, flag: str) -> Path:
+    """Create the folder if needed and check it takes files now, not when the session ends."""
+    import os
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocalcoderError(f"cannot create {path} ({e.strerror}); give a writable folder with {flag}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LocalcoderError(f"{path} is not writable; give a writable folder with {flag}")
+    return path
 
 
 def _stderr_console():
@@ -279,13 +325,13 @@ def chat(
     from .paths import HOME
     from .repl import Repl, history_file
 
+    hist = None if no_history else history_file(_writable_dir(history_dir or HOME / "history", "--history-dir"))
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
                        expert_cache, expert_policy, kv_type, threads, expert_prefetch)
     console = _stderr_console()
     if file:
         for f in session.add_files(file):
             console.print(f"added {f.path} ({f.tokens:,} tokens)", highlight=False)
-    hist = None if no_history else history_file(history_dir or HOME / "history")
     from rich.console import Console
 
     Repl(session, Console(), hist).run()
@@ -348,17 +394,9 @@ def convert(
     keep_mtp: bool = typer.Option(False, "--keep-mtp", help="carry the multi-token-prediction tensors"),
 ):
     """Convert a safetensors checkpoint to a qwen3next GGUF (streaming, bounded memory)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .quant.convert import convert as run_convert
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=_stderr_console()) as progress:
-        task = progress.add_task("converting", total=None)
-
-        def report(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name[:40])
-
+    with _bytes_progress() as report:
         path = run_convert(hf_dir, out, out_type=out_type, keep_mtp=keep_mtp, progress=report)
     _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")
 
@@ -371,8 +409,6 @@ def quantize(
     threads: Optional[int] = typer.Option(None, "--threads", help="quantizer threads (default: all cores)"),
 ):
     """Re-quantize a GGUF with llama-quantize's per-tensor mix (streaming, bounded memory)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .quant.convert import requantize
 
     check_threads(threads)
@@ -380,13 +416,7 @@ def quantize(
         import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=_stderr_console()) as progress:
-        task = progress.add_task("quantizing", total=None)
-
-        def report(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name[:40])
-
+    with _bytes_progress() as report:
         path = requantize(in_gguf, out_gguf, out_type, progress=report)
     _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")
 
@@ -502,7 +532,14 @@ def warmup():
     _err(f"kernels compiled and cached in {time.perf_counter() - t0:.1f} s")
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary output files are removed on the way
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except LocalcoderError as e:

@@ -44,3 +44,25 @@ def resolve_model(model) -> Path:
     if not found:
         raise LocalcoderError(missing_model_message())
     return found[0]
+
+
+def check_output_file(path: Path, what: str) -> Path:
+    """Before any work: `path` can name the file to write (it has a name and is not a folder)."""
+    path = Path(path).expanduser()
+    if not path.name:
+        raise LocalcoderError(f"the {what} path {str(path)!r} has no file name; give one like out.gguf")
+    if path.is_dir():
+        raise LocalcoderError(f"{path} is a folder; give a file path for the {what} (e.g. {path / 'out'})")
+    return path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write PATH.tmp and rename it to path, so a reader never sees half a file; on any error PATH.tmp is removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -30,19 +30,20 @@ class Sampler:
 
     def __post_init__(self):
         problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature {self.temperature} < 0")
+        if not 0 <= self.temperature < float("inf"):  # also NaN
+            problems.append(f"temperature {self.temperature} is not a finite number >= 0")
         if self.top_k < 0:
             problems.append(f"top_k {self.top_k} < 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p {self.top_p} not in (0, 1]")
         if not 0 <= self.min_p < 1:
             problems.append(f"min_p {self.min_p} not in [0, 1)")
-        if self.repeat_penalty <= 0:
-            problems.append(f"repeat_penalty {self.repeat_penalty} <= 0 (1 disables it)")
+        if not 0 < self.repeat_penalty < float("inf"):
+            problems.append(f"repeat_penalty {self.repeat_penalty} is not a finite number > 0 (1 disables it)")
         if problems:
             raise LocalcoderError("bad sampling options: " + "; ".join(problems))
-        self.rng = np.random.default_rng(self.seed)
+        # a negative seed (llama.cpp's -1) draws a fresh one, as no seed does
+        self.rng = np.random.default_rng(None if self.seed is None or self.seed < 0 else self.seed)
 
     @property
     def greedy(self) -> bool:

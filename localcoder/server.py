@@ -809,6 +809,27 @@ class _BearerAuth:
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+def _check_listen(host: str, port: int) -> None:
+    """One-line errors for a port out of range, an unknown host or an address already in use."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise LocalcoderError(f"--port {port} is not a TCP port; choose one in 1..65535 (default 8080)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise LocalcoderError(f"--host {host!r} cannot be resolved ({e.strerror}); use an address such as "
+                              "127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise LocalcoderError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or "
+                                  "stop the program using it") from None
+
+
 def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           n_ctx: int | None = None, backend: str = "auto", max_queue: int = 16, cache_bytes: int | None = None,
           log_level: str = "info", **load_options) -> None:
@@ -819,6 +840,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
     from .backends import announce_compiles
     from .model import load
 
+    _check_listen(host, port)  # before the model loads: a busy port should not cost a load
     announce_compiles(backend, log.warning)
     model = load(model_path, backend=backend, n_ctx=n_ctx, **load_options)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)

@@ -32,6 +32,7 @@ QWEN2_PRE_REGEX = (
 )
 
 _PRE_REGEXES = {"qwen2": QWEN2_PRE_REGEX}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # never in valid text
 
 # GGUF token types (llama.cpp llama_token_type)
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
@@ -223,6 +224,10 @@ class Tokenizer:
         """Token ids of ``text`` (no BOS is added).  See the module docstring for ``parse_special``."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        if not text.isascii():
+            # lone surrogates: bytes that were not UTF-8 (argv, stdin and terminals decode them with
+            # surrogateescape) or a bad JSON escape; each becomes U+FFFD, as in a file read with errors="replace"
+            text = _SURROGATE.sub("\ufffd", text)
         pat = self._re_all if parse_special else self._re_user
         table = self._special_all if parse_special else self._special_user
         out: list[int] = []

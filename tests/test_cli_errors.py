@@ -146,3 +146,52 @@ def test_run_until_the_context_is_full(small_gguf):
     prompt = int(p.stderr.split("prompt: ")[1].split()[0])
     generated = int(p.stderr.split("generation: ")[1].split()[0])
     assert "finish: length" in p.stderr and prompt + generated == 24, p.stderr
+
+
+def test_convert_never_writes_over_its_checkpoint(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    p = run_cli("convert", str(hf), "-o", str(hf / "config.json"))
+    assert_one_line_error(p, "file of the checkpoint")
+    assert (hf / "config.json").read_text() == "{}"
+    assert_one_line_error(run_cli("convert", str(hf), "-o", str(tmp_path)), "is a folder")
+    assert_one_line_error(run_cli("convert", str(hf), "-o", ""), "no file name")
+    assert_one_line_error(run_cli("quantize", str(hf), str(tmp_path / "x.gguf")), "is a folder")
+
+
+def test_sampling_values_llama_cpp_users_type(small_gguf):
+    """--seed -1 is llama.cpp's "random seed"; NaN is not a temperature."""
+    p = run_cli("run", "-m", str(small_gguf), "-p", "hi", "-n", "2", "--seed", "-1", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+    for opt in ("--temp", "--repeat-penalty"):
+        p = run_cli("run", "-m", str(small_gguf), "-p", "hi", "-n", "2", opt, "nan", "--backend", "numpy")
+        assert_one_line_error(p, "not a finite number")
+
+
+def test_prompt_bytes_that_are_not_utf8(small_gguf):
+    """A terminal or pipe can hand over bytes that are not UTF-8: they become U+FFFD, not a crash."""
+    p = run_cli("run", "-m", str(small_gguf), "-p", os.fsdecode(b"\xff\xfe abc"), "-n", "2", "--backend", "numpy")
+    assert p.returncode == 0, p.stderr
+
+
+def test_output_folders_are_checked_before_the_work(small_gguf, tmp_path):
+    p = run_cli("run", "-m", str(small_gguf), "-p", "hi", "-n", "2", "--expert-stats", str(tmp_path),
+                "--backend", "numpy")
+    assert_one_line_error(p, "is a folder", "routing trace")
+    assert not list(tmp_path.parent.glob("*.tmp"))
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    p = run_cli("chat", "-m", str(small_gguf), "--history-dir", str(blocked / "sub"), "--backend", "numpy")
+    assert_one_line_error(p, "--history-dir")
+
+
+def test_serve_address_problems_before_loading(small_gguf):
+    import socket
+    assert_one_line_error(run_cli("serve", "-m", str(small_gguf), "--port", "70000"), "not a TCP port")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(run_cli("serve", "-m", str(small_gguf), "--port", str(port)), "cannot listen",
+                              "--port")

@@ -229,3 +229,11 @@ def test_bad_metadata(tiny_meta, change, match):
 def test_no_tokenizer_at_all():
     with pytest.raises(GGUFError):
         Tokenizer.from_metadata({"general.architecture": "qwen3next"})
+
+
+def test_lone_surrogates_become_replacement_characters(tok):
+    """Bytes that were not UTF-8 reach encode() as lone surrogates (argv, stdin, a JSON "\\ud800"): they are
+    encoded as U+FFFD, like a file read with errors="replace"."""
+    import os
+    assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
+    assert tok.encode(os.fsdecode(b"x\xffy")) == tok.encode("x\ufffdy")

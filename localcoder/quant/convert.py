@@ -40,6 +40,7 @@ from gguf import LlamaFileType as FT
 
 from ..config import ARCH, ModelConfig
 from ..errors import LocalcoderError
+from ..paths import check_output_file
 from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
 from . import quantizers
 from .formats import dequantize
@@ -733,6 +734,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     if not hf_dir.is_dir():
         raise LocalcoderError(f"{hf_dir} is not a folder; pass the folder of a Hugging Face checkpoint")
     ftype = _out_ftype(out_type, out_path)
+    if out_path.exists() and out_path.resolve().parent == hf_dir.resolve() and not _is_gguf(out_path):
+        raise LocalcoderError(f"{out_path} is a file of the checkpoint being converted; write the GGUF to a new path")
     config = _read_json(hf_dir / "config.json", "config.json, model*.safetensors, tokenizer.json")
     vocab_size = int(config.get("vocab_size") or 0)
     if vocab_size <= 0:
@@ -782,10 +785,16 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     return _write_file(out_path, planned, metadata, progress)
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def _out_ftype(out_type: str, out_path: Path) -> FT:
     ftype = OUT_TYPES.get(str(out_type).lower())
     if ftype is None:
         raise LocalcoderError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
+    check_output_file(out_path, "output GGUF")
     if not out_path.parent.is_dir():
         raise LocalcoderError(f"cannot write {out_path}: folder {out_path.parent} does not exist; create it first")
     return ftype
@@ -883,7 +892,8 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type
     """
     in_path, out_path = Path(in_path).expanduser(), Path(out_path).expanduser()
     if not in_path.is_file():
-        raise LocalcoderError(f"{in_path} does not exist; pass the F32/F16/BF16 GGUF to re-quantize")
+        problem = "is a folder" if in_path.is_dir() else "does not exist"
+        raise LocalcoderError(f"{in_path} {problem}; pass the F32/F16/BF16 GGUF to re-quantize")
     ftype = _out_ftype(out_type, out_path)
     if out_path.exists() and out_path.resolve() == in_path.resolve():
         raise LocalcoderError(f"{out_path} is the input file; write the re-quantized model to another path")
