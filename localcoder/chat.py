@@ -18,8 +18,8 @@ from typing import Iterator
 
 from .cache import PrefixCache
 from .errors import ContextOverflow, LocalcoderError
-from .paths import check_output_file, write_text_atomically
 from .generate import GenerationStats, generate_steps
+from .paths import check_output_file, write_text_atomically
 from .sampling import Sampler, make_sampler
 
 LANGS = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "tsx", ".jsx": "jsx", ".rs": "rust",
@@ -110,14 +110,22 @@ def check_max_tokens(n: int) -> None:
 class ChatSession:
     def __init__(self, model, system: str | None = None, max_tokens: int = 2048, sampler: Sampler | None = None,
                  max_checkpoints: int = 8):
-        check_max_tokens(max_tokens)
         self.model = model
         self.system = system
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # checked by the property below, as /set max_tokens is
         self.sampler = sampler or make_sampler()
         self.history: list[dict] = []  # OpenAI-format messages (user turns keep their Turn under "turn")
         self.pending: list[ContextFile] = []  # files added since the last user turn
         self.prefix = PrefixCache(model.new_cache(), max_checkpoints)
+
+    @property
+    def max_tokens(self) -> int:
+        return self._max_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, n: int) -> None:
+        check_max_tokens(n)
+        self._max_tokens = n
         self.last = GenerationStats()
         self.total = GenerationStats()
 

@@ -266,19 +266,6 @@ def _bytes_progress():
             bar.stop()
 
 
-def _writable_dir(path: Path, flag: str) -> Path:
-    """Create the folder if needed and check it takes files now, not when the session ends."""
-    import os
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LocalcoderError(f"cannot create {path} ({e.strerror}); give a writable folder with {flag}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise LocalcoderError(f"{path} is not writable; give a writable folder with {flag}")
-    return path
-
-
 def _stderr_console():
     from rich.console import Console
 
@@ -322,10 +309,10 @@ def chat(
     threads: Optional[int] = ThreadsOpt,
 ):
     """Interactive, offline code Q&A in the terminal."""
-    from .paths import HOME
+    from .paths import HOME, check_output_dir
     from .repl import Repl, history_file
 
-    hist = None if no_history else history_file(_writable_dir(history_dir or HOME / "history", "--history-dir"))
+    hist = None if no_history else history_file(check_output_dir(history_dir or HOME / "history", "--history-dir"))
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
                        expert_cache, expert_policy, kv_type, threads, expert_prefetch)
     console = _stderr_console()
@@ -413,9 +400,9 @@ def quantize(
 
     check_threads(threads)
     if threads:
-        import numba
+        from .backends.numba_cpu import set_threads
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        set_threads(threads)
     with _bytes_progress() as report:
         path = requantize(in_gguf, out_gguf, out_type, progress=report)
     _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")

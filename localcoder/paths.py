@@ -56,6 +56,17 @@ def check_output_file(path: Path, what: str) -> Path:
     return path
 
 
+def check_output_dir(path: Path, flag: str) -> Path:
+    """Before any work: create the folder if needed and check it takes files now, not when the session ends."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocalcoderError(f"cannot create {path} ({e.strerror}); give a writable folder with {flag}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LocalcoderError(f"{path} is not writable; give a writable folder with {flag}")
+    return path
+
+
 def write_text_atomically(path: Path, text: str) -> Path:
     """Write PATH.tmp and rename it to path, so a reader never sees half a file; on any error PATH.tmp is removed."""
     tmp = path.with_name(path.name + ".tmp")

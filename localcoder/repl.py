@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
-from .chat import ChatSession, check_max_tokens
+from .chat import ChatSession
 from .errors import LocalcoderError
 from .memory import peak_rss_bytes
 
@@ -149,7 +149,6 @@ class Repl:
             except ValueError:
                 raise LocalcoderError(f"/set {key}: {value!r} is not a {kind.__name__}") from None
             if attr == "max_tokens":
-                check_max_tokens(v)
                 s.max_tokens = v
             else:
                 from .sampling import make_sampler

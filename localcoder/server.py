@@ -814,7 +814,7 @@ def _check_listen(host: str, port: int) -> None:
     import socket
 
     if not 0 <= port <= 65535:
-        raise LocalcoderError(f"--port {port} is not a TCP port; choose one in 1..65535 (default 8080)")
+        raise LocalcoderError(f"--port {port} is not a TCP port; choose one in 0..65535 (0: any free port; default 8080)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -832,9 +832,10 @@ def _check_listen(host: str, port: int) -> None:
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           n_ctx: int | None = None, backend: str = "auto", max_queue: int = 16, cache_bytes: int | None = None,
-          log_level: str = "info", **load_options) -> None:
-    """Load the model and serve it until interrupted. load_options go to localcoder.load (threads,
-    expert_cache, expert_policy, expert_prefetch, kv_type)."""
+          log_level: str = "info", threads: int | None = None, expert_cache=None, expert_policy: str = "lru",
+          expert_prefetch: bool = False, kv_type: str = "f32") -> None:
+    """Load the model (threads, expert_cache, expert_policy, expert_prefetch and kv_type as for
+    localcoder.load) and serve it until interrupted."""
     import uvicorn
 
     from .backends import announce_compiles
@@ -842,7 +843,8 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
 
     _check_listen(host, port)  # before the model loads: a busy port should not cost a load
     announce_compiles(backend, log.warning)
-    model = load(model_path, backend=backend, n_ctx=n_ctx, **load_options)
+    model = load(model_path, backend=backend, n_ctx=n_ctx, threads=threads, expert_cache=expert_cache,
+                 expert_policy=expert_policy, expert_prefetch=expert_prefetch, kv_type=kv_type)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
     if host not in _LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)

@@ -371,9 +371,7 @@ class NumbaBackend(NumpyBackend):
     def __init__(self, threads: int | None = None, int8_activations: bool | None = None):
         super().__init__()
         self.int8 = K.HAVE_VNNI if int8_activations is None else bool(int8_activations) and K.HAVE_VNNI
-        if threads:
-            numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-        self.threads = numba.get_num_threads()
+        self.threads = set_threads(threads)
         with sigint_blocked():  # the thread pool starts with the first parallel kernel: never takes Ctrl-C
             x = np.zeros((1, 64), np.float32)
             conv1d_silu(x, np.zeros((64, 2), np.float32), np.zeros((1, 64), np.float32), np.empty_like(x))
@@ -607,6 +605,14 @@ class NumbaBackend(NumpyBackend):
             else:
                 K.moe_experts(*args, K.F16_LUT, out, self.nchunks)
         return out if fold else numpy_ref.add_shared(self, out, x, shared)
+
+
+def set_threads(threads: int | None) -> int:
+    """Numba's thread count for the calling thread's parallel kernels: `threads`, capped at the pool Numba
+    started with (every core), or left as it is for None; returns the count in effect."""
+    if threads:
+        numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    return numba.get_num_threads()
 
 
 _compile_notice = None  # on_first_compile's numba:compile listener (one per process)

@@ -689,10 +689,7 @@ def _row_q4k_codegen(five):
                 qh = _load(builder, p, _V32I8, 16)
                 qh64 = _concat(builder, qh, qh)
             sums = [None] * nt
-            xs = []
-            for j in range(nt):
-                x, xdb, bs = _token_block(builder, xps[j], dps[j], bps[j], b, _F8V)
-                xs.append((x, xdb, bs))
+            xs = [_token_block(builder, xps[j], dps[j], bps[j], b, _F8V) for j in range(nt)]
             for h in range(2):
                 q = _load(builder, p, _V64I8, (48 if five else 16) + 64 * h)
                 lo = builder.and_(q, _splat8(15))
