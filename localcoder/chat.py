@@ -57,6 +57,24 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in f.read(8192)
 
 
+def _check_named_file(path: Path, spec: str) -> None:
+    """A file named on its own is attached whole or refused with the reason: skipping it, as a directory's
+    binary files are skipped, would leave the user believing the model saw it."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise LocalcoderError(f"{spec} is {size / 1e6:.1f} MB, over the {MAX_FILE_BYTES / 1e6:.0f} MB limit for "
+                              "a context file; attach the part that matters")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise LocalcoderError(f"{spec} is a binary file (it contains NUL bytes at offset {data.index(0)}); "
+                              "attach text files only")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LocalcoderError(f"{spec} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                              "convert it to UTF-8 (e.g. iconv -t utf-8) or attach text files only") from None
+
+
 def _gitignored(paths: list[Path], root: Path) -> set[Path]:
     """The paths git would ignore (when root is in a git work tree; else those matching ./.gitignore)."""
     try:
@@ -76,7 +94,8 @@ def _gitignored(paths: list[Path], root: Path) -> set[Path]:
 
 
 def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
-    """Files named by paths, globs and directories; honours .gitignore, skips .git and binary files."""
+    """Files named by paths, globs and directories; honours .gitignore, skips .git and binary files in
+    directories and globs, and refuses a file named on its own that is binary, not UTF-8 or too large."""
     root = (root or Path.cwd()).resolve()
     found: list[Path] = []
     for spec in specs:
@@ -85,6 +104,7 @@ def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
         if p.is_dir():
             cands = [q for q in sorted(p.rglob("*")) if q.is_file() and ".git" not in q.relative_to(p).parts]
         elif p.is_file():
+            _check_named_file(p, spec)
             cands = [p]
         else:
             cands = sorted(q for q in Path(p.anchor).glob(str(p.relative_to(p.anchor))) if q.is_file())

@@ -13,8 +13,10 @@ separators=.., sort_keys=..)`` (no HTML escaping, unlike Jinja's built-in one).
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping
 
 import jinja2
@@ -24,9 +26,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from localcoder.errors import LocalcoderError
 
-__all__ = ["ChatTemplate", "QWEN3_CODER_TEMPLATE", "template_from_metadata", "load_builtin_template"]
+__all__ = ["ChatTemplate", "QWEN3_CODER_TEMPLATE", "template_from_metadata", "template_from_file",
+           "load_builtin_template"]
 
-_HINT = "pass --chat-template FILE to use another template, or check the messages"
+_HINT = "pass --chat-template-file FILE to use another template, or check the messages"
 
 
 def load_builtin_template() -> str:
@@ -72,8 +75,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
-def _error(e: BaseException) -> LocalcoderError:
-    return LocalcoderError(f"chat template error: {_one_line(e)}; {_HINT}")
+def _error(e: BaseException, hint: str = _HINT) -> LocalcoderError:
+    return LocalcoderError(f"chat template error: {_one_line(e)}; {hint}")
 
 
 def _make_env() -> ImmutableSandboxedEnvironment:
@@ -127,16 +130,18 @@ def _parse_arguments(fn: dict) -> dict:
 class ChatTemplate:
     """A compiled chat template."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", hint: str = _HINT):
+        """hint: the fix named by errors (a template from the user's own file names that file)."""
         if not isinstance(source, str):
-            raise LocalcoderError(f"chat template error: template is {type(source).__name__}, not text; {_HINT}")
+            raise LocalcoderError(f"chat template error: template is {type(source).__name__}, not text; {hint}")
         self.source = source
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
+        self.hint = hint
         try:
             self._template = _make_env().from_string(source)
         except Exception as e:  # TemplateSyntaxError, or anything odd the parser raises
-            raise _error(e) from None
+            raise _error(e, hint) from None
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                **extra: Any) -> str:
@@ -148,7 +153,7 @@ class ChatTemplate:
             return self._template.render(messages=_normalize_messages(list(messages)), tools=tools,
                                          add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as e:
-            raise _error(e) from None
+            raise _error(e, self.hint) from None
 
     def __repr__(self) -> str:
         return f"ChatTemplate({len(self.source)} chars)"
@@ -175,3 +180,32 @@ def template_from_metadata(meta: Mapping[str, Any]) -> ChatTemplate:
         source = QWEN3_CODER_TEMPLATE
     return ChatTemplate(source, bos_token=_token_text(meta, "tokenizer.ggml.bos_token_id"),
                         eos_token=_token_text(meta, "tokenizer.ggml.eos_token_id"))
+
+
+def template_from_file(path: str | os.PathLike, meta: Mapping[str, Any]) -> ChatTemplate:
+    """A Jinja template from the user's file (`--chat-template-file`, llama.cpp's option), used instead of the
+    GGUF's; bos/eos texts from the GGUF as for its own template. It renders a one-message conversation here, so
+    that a broken file fails when the model loads rather than at the first turn."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LocalcoderError(f"chat template file not found: {path}; check the --chat-template-file path") from None
+    except IsADirectoryError:
+        raise LocalcoderError(f"chat template file {path} is a folder; pass the .jinja file itself") from None
+    except OSError as e:
+        raise LocalcoderError(f"cannot read chat template file {path}: {e.strerror}; check the path and "
+                              "permissions") from None
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LocalcoderError(f"chat template file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                              f"{e.start}); pass a Jinja template saved as UTF-8") from None
+    hint = f"fix {path} or pass another --chat-template-file"
+    template = ChatTemplate(source, bos_token=_token_text(meta, "tokenizer.ggml.bos_token_id"),
+                            eos_token=_token_text(meta, "tokenizer.ggml.eos_token_id"), hint=hint)
+    probe = "Hello from localcoder"
+    if probe not in template.render([{"role": "user", "content": probe}], add_generation_prompt=True):
+        raise LocalcoderError(f"chat template error: {path} renders a user message without its text (does it "
+                              f"loop over `messages`?); {hint}")
+    return template

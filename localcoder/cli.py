@@ -38,6 +38,8 @@ ExpertPrefetchOpt = typer.Option(False, "--expert-prefetch/--no-expert-prefetch"
                                  help="read the next layer's likely experts ahead (when streaming; off by default: on uniform routing the wrong guesses cost more disk time than they save)")
 ExpertStatsOpt = typer.Option(None, "--expert-stats", help="write the per-layer routing trace (JSON lines) here")
 ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads for the numba backend (default: every core)")
+ChatTemplateFileOpt = typer.Option(None, "--chat-template-file", help="Jinja chat template to use instead of the "
+                                   "model's (llama.cpp's option)")
 
 
 def _err(msg: str) -> None:
@@ -101,7 +103,7 @@ def run(
     n: int = typer.Option(256, "-n", "--max-tokens", help="tokens to generate; -1: until the model stops or the "
                           "context is full"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user turn"),
-    system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message (implies --chat)"),
     temp: float = TempOpt,
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
@@ -117,20 +119,29 @@ def run(
     expert_stats: Optional[Path] = ExpertStatsOpt,
     kv_type: str = KvTypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    chat_template_file: Optional[Path] = ChatTemplateFileOpt,
 ):
-    """Generate text from a prompt, streamed to stdout; speed goes to stderr."""
+    """Generate text from a prompt, streamed to stdout; speed goes to stderr. --system and
+    --chat-template-file imply --chat (llama.cpp's -sys does too): a plain completion has no use for them."""
     from .generate import GenerationStats
     from .sampling import make_sampler
 
     _check_gen_tokens(n)
+    if "" in stop:
+        raise LocalcoderError('--stop "": an empty stop string cannot mark where to stop; give the text to stop '
+                              "at, or leave --stop out")
     if expert_stats is not None:
         from .paths import check_output_file
 
         expert_stats = check_output_file(expert_stats, "routing trace")
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
     m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True,
-                            kv_type=kv_type, threads=threads, expert_prefetch=expert_prefetch)
-    if chat:
+                            kv_type=kv_type, threads=threads, expert_prefetch=expert_prefetch,
+                            chat_template_file=chat_template_file)
+    if expert_stats is not None and m.backend.name == "mlx":
+        raise LocalcoderError("--expert-stats: the MLX backend routes experts on the device and records no "
+                              "routing trace; drop it, or use --backend numba or numpy")
+    if chat or system is not None or chat_template_file is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = m.encode_chat(messages)
     else:
@@ -215,7 +226,8 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
 
 def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int], expert_cache=None,
                         expert_policy: str = "lru", expert_stats: Optional[Path] = None, quiet: bool = False,
-                        kv_type: str = "f32", threads: Optional[int] = None, expert_prefetch: bool = False):
+                        kv_type: str = "f32", threads: Optional[int] = None, expert_prefetch: bool = False,
+                        chat_template_file: Optional[Path] = None):
     """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -233,7 +245,7 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
         progress.update(task, advance=1, description="tokenizer, template, weights (memory-mapped)")
         m = Model(file, backend=backend, n_ctx=ctx, expert_cache=expert_cache, expert_policy=expert_policy,
                   expert_trace=expert_stats is not None, expert_prefetch=expert_prefetch, kv_type=kv_type,
-                  threads=threads)
+                  threads=threads, chat_template_file=chat_template_file)
         progress.update(task, advance=1)
     if not quiet:
         _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
@@ -273,14 +285,15 @@ def _stderr_console():
 
 
 def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-             expert_cache=None, expert_policy="lru", kv_type="f32", threads=None, expert_prefetch=False):
+             expert_cache=None, expert_policy="lru", kv_type="f32", threads=None, expert_prefetch=False,
+             chat_template_file=None):
     from .chat import ChatSession, check_max_tokens
     from .sampling import make_sampler
 
     check_max_tokens(max_tokens)
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
     m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, kv_type=kv_type, threads=threads,
-                            expert_prefetch=expert_prefetch)
+                            expert_prefetch=expert_prefetch, chat_template_file=chat_template_file)
     return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler)
 
 
@@ -307,14 +320,17 @@ def chat(
     expert_prefetch: bool = ExpertPrefetchOpt,
     kv_type: str = KvTypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    chat_template_file: Optional[Path] = ChatTemplateFileOpt,
 ):
     """Interactive, offline code Q&A in the terminal."""
+    from .chat import expand_paths
     from .paths import HOME, check_output_dir
     from .repl import Repl, history_file
 
     hist = None if no_history else history_file(check_output_dir(history_dir or HOME / "history", "--history-dir"))
+    expand_paths(file)  # a missing, binary or non-UTF-8 -f file fails before the model loads
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy, kv_type, threads, expert_prefetch)
+                       expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file)
     console = _stderr_console()
     if file:
         for f in session.add_files(file):
@@ -345,12 +361,15 @@ def ask(
     expert_prefetch: bool = ExpertPrefetchOpt,
     kv_type: str = KvTypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    chat_template_file: Optional[Path] = ChatTemplateFileOpt,
 ):
     """One question, one answer, for scripts: `git diff | localcoder ask "review this"`."""
+    from .chat import expand_paths
     from .repl import answer_json
 
+    expand_paths(file)  # a missing, binary or non-UTF-8 -f file fails before the model loads
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy, kv_type, threads, expert_prefetch)
+                       expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file)
     if file:
         session.add_files(file)
     if not sys.stdin.isatty():
@@ -423,6 +442,7 @@ def serve(
     expert_prefetch: bool = ExpertPrefetchOpt,
     kv_type: str = KvTypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    chat_template_file: Optional[Path] = ChatTemplateFileOpt,
 ):
     """OpenAI-compatible HTTP API (chat completions with tool calls, completions, models)."""
     from .model import parse_size
@@ -432,7 +452,7 @@ def serve(
     run_server(resolve_model(model), host=host, port=port, api_key=api_key, n_ctx=ctx, backend=backend,
                max_queue=max_queue, cache_bytes=parse_size(cache) if cache else None, threads=threads,
                expert_cache=expert_cache, expert_policy=expert_policy, expert_prefetch=expert_prefetch,
-               kv_type=kv_type)
+               kv_type=kv_type, chat_template_file=chat_template_file)
 
 
 @app.command()

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import GGUFError
 
 ARCH = "qwen3next"
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+INT_MAX = 2 ** 31 - 1  # llama.cpp keeps hyper-parameters in int32/uint32_t
+
+
+def hyperparameter(value: Any, kind: type = int, low: float = 1, high: float | None = None) -> int | float:
+    """`value` as a whole number in low..high (kind int; high defaults to INT_MAX) or a finite number in
+    (low, high] (kind float); ValueError saying what was expected otherwise. The one check for the numbers of
+    GGUF metadata and config.json alike: a string, a bool, a fraction, NaN or a negative epsilon would otherwise
+    surface as a traceback deep in the converter or as NaN logits at the first token."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        if not (number and (isinstance(value, int) or value.is_integer()) and value >= low):
+            raise ValueError(f"is not a whole number >= {low}")
+        if value > (INT_MAX if high is None else high):
+            raise ValueError(f"is too large (at most {INT_MAX if high is None else high:,})")
+        return int(value)
+    try:
+        x = float(value) if number else math.nan
+    except OverflowError:  # an int beyond float range
+        x = math.inf
+    if not (math.isfinite(x) and x > low):
+        raise ValueError(f"is not a finite number > {low}")
+    if high is not None and x > high:
+        raise ValueError(f"is too large (at most {high:g})")
+    return x
 
 
 @dataclass(frozen=True)
@@ -55,18 +81,19 @@ class ModelConfig:
             raise GGUFError(f"expected arch {ARCH}, file says {arch} ({path}); localcoder runs Qwen3-Next / "
                             "Qwen3-Coder-Next GGUFs only")
 
-        def key(name: str, kind=int):
+        def key(name: str, kind=int, low: float = 1, high: float | None = None, default: Any = None):
             full = f"{ARCH}.{name}"
-            if full not in metadata:
+            if full not in metadata and default is None:
                 raise GGUFError(f"{path} lacks metadata key {full}; the file is incomplete or was made by an "
                                 "old converter: re-convert it with `localcoder convert`")
-            value = metadata[full]
+            value = metadata.get(full, default)
             try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise GGUFError(f"{path}: metadata key {full} = {value!r} is not a {kind.__name__}") from None
+                return hyperparameter(value, kind, low, high)
+            except ValueError as e:
+                raise GGUFError(f"{path}: metadata key {full} = {value!r} {e}; the file is damaged or was made by "
+                                "a broken converter: re-download or re-convert it") from None
 
-        n_layer = key("block_count")
+        n_layer = key("block_count", high=MAX_LAYERS)
         n_embd = key("embedding_length")
         n_head = key("attention.head_count")
         n_head_kv = key("attention.head_count_kv")
@@ -75,7 +102,11 @@ class ModelConfig:
         n_v_heads = key("ssm.time_step_rank")
         d_inner = key("ssm.inner_size")
         if f"{ARCH}.attention.recurrent_layers" in metadata:
-            recurrent = tuple(bool(x) for x in metadata[f"{ARCH}.attention.recurrent_layers"])
+            flags = metadata[f"{ARCH}.attention.recurrent_layers"]
+            if not isinstance(flags, list):
+                raise GGUFError(f"{path}: metadata key {ARCH}.attention.recurrent_layers = {flags!r} is not a list "
+                                "of per-layer flags; the file is damaged: re-download or re-convert it")
+            recurrent = tuple(bool(x) for x in flags)
         else:
             interval = key("full_attention_interval")
             recurrent = tuple((i + 1) % interval != 0 for i in range(n_layer))
@@ -83,11 +114,11 @@ class ModelConfig:
         problems = []
         if len(recurrent) != n_layer:
             problems.append(f"recurrent_layers has {len(recurrent)} entries for {n_layer} layers")
-        if n_head_kv <= 0 or n_head % n_head_kv:
+        if n_head % n_head_kv:
             problems.append(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-        if n_k_heads <= 0 or n_v_heads % n_k_heads:
+        if n_v_heads % n_k_heads:
             problems.append(f"ssm.time_step_rank {n_v_heads} is not a multiple of ssm.group_count {n_k_heads}")
-        if n_v_heads <= 0 or d_inner % n_v_heads:
+        if d_inner % n_v_heads:
             problems.append(f"ssm.inner_size {d_inner} is not a multiple of ssm.time_step_rank {n_v_heads}")
         n_rot = key("rope.dimension_count")
         if n_rot > head_dim or n_rot % 2:
@@ -103,12 +134,12 @@ class ModelConfig:
             n_embd=n_embd,
             n_vocab=n_vocab,
             n_ctx_train=key("context_length"),
-            rms_eps=key("attention.layer_norm_rms_epsilon", float),
+            rms_eps=key("attention.layer_norm_rms_epsilon", float, low=0),
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             n_rot=n_rot,
-            rope_theta=key("rope.freq_base", float),
+            rope_theta=key("rope.freq_base", float, low=0),
             ssm_n_k_heads=n_k_heads,
             ssm_n_v_heads=n_v_heads,
             ssm_k_dim=key("ssm.state_size"),
@@ -117,6 +148,6 @@ class ModelConfig:
             n_expert=n_expert,
             n_expert_used=n_used,
             n_ff_exp=key("expert_feed_forward_length"),
-            n_ff_shexp=int(metadata.get(f"{ARCH}.expert_shared_feed_forward_length", 0)),
+            n_ff_shexp=key("expert_shared_feed_forward_length", low=0, default=0),
             recurrent_layers=recurrent,
         )

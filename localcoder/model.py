@@ -13,7 +13,7 @@ import numpy as np
 from . import generate as gen
 from .backends import get_backend
 from .cache import ModelCache, make_cache
-from .chat_template import template_from_metadata
+from .chat_template import template_from_file, template_from_metadata
 from .config import ModelConfig
 from .errors import LocalcoderError
 from .experts import ExpertStore
@@ -32,15 +32,21 @@ class Model:
 
     def __init__(self, file: GGUFFile, backend="auto", n_ctx: int | None = None, expert_cache=None,
                  expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
-                 kv_type: str = "f32", mmap: bool | None = None, preload: bool = True, threads: int | None = None):
+                 kv_type: str = "f32", mmap: bool | None = None, preload: bool = True, threads: int | None = None,
+                 chat_template_file: str | os.PathLike | None = None):
         self.file = file
         embd = file.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
         self.config = ModelConfig.from_gguf(file.metadata, n_vocab, str(file.path))
         self.weights = qwen3next.load_weights(self.config, file.tensors, str(file.path))
         self.tokenizer = Tokenizer.from_metadata(file.metadata)
-        self.chat_template = template_from_metadata(file.metadata)
+        self.chat_template = (template_from_metadata(file.metadata) if chat_template_file is None
+                              else template_from_file(chat_template_file, file.metadata))
         self.backend = get_backend(backend, threads=threads) if isinstance(backend, str) else backend
+        if self.backend.name == "mlx":
+            _check_mlx_expert_options(expert_policy, expert_prefetch)
+            if expert_cache is not None:  # MLX converts experts into its own cache: this is its budget
+                self.backend.experts.budget = parse_size(expert_cache)
         n_ctx = n_ctx or min(DEFAULT_CTX, self.config.n_ctx_train)
         if not 0 < n_ctx <= self.config.n_ctx_train:
             raise LocalcoderError(f"context {n_ctx} is outside 1..{self.config.n_ctx_train}, the model's "
@@ -64,6 +70,8 @@ class Model:
         """Stream experts when the budget cannot hold them all (default budget: 0.8 x (available RAM less the
         dense weights) less 1 GB). When it can: slots for every expert, preloaded in the background and
         filled on demand first, or with mmap the memory map itself (no store unless tracing)."""
+        if self.backend.name == "mlx" and not trace:
+            return None  # the MLX backend converts experts from the map and streams them itself
         sets = [layer.experts for layer in self.weights.layers]
         expert_bytes = sum(t.nbytes for es in sets for t in es.tensors)
         dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes
@@ -155,6 +163,15 @@ class Model:
         return self.tokenizer.encode(text, parse_special=True)
 
 
+def _check_mlx_expert_options(policy: str, prefetch: bool) -> None:
+    """The MLX backend streams experts through its own LRU cache (sized by --expert-cache), with no frequency
+    policy and no speculative prefetch: refuse those options rather than ignore them."""
+    given = ([f"--expert-policy {policy}"] if policy != "lru" else []) + (["--expert-prefetch"] if prefetch else [])
+    if given:
+        raise LocalcoderError(f"{', '.join(given)}: the MLX backend streams experts through its own LRU cache "
+                              "(--expert-cache sets its size) without this; drop them, or use --backend numba")
+
+
 def _pread_all(jobs: list[tuple[str, int, np.ndarray]], piece: int = 8 << 20, threads: int = 4) -> None:
     """Fill each array from its file at its offset, in `piece`-byte reads on `threads` threads (disks serve
     parallel reads several times faster than one sequential stream; measured here: 1.3-2 vs 0.5 GB/s),
@@ -205,13 +222,15 @@ def available_memory() -> int:
 
 def load(path: str | os.PathLike, backend="auto", n_ctx: int | None = None, expert_cache=None,
          expert_policy: str = "lru", expert_trace: bool = False, expert_prefetch: bool = False,
-         kv_type: str = "f32", mmap: bool | None = None, threads: int | None = None) -> Model:
+         kv_type: str = "f32", mmap: bool | None = None, threads: int | None = None,
+         chat_template_file: str | os.PathLike | None = None) -> Model:
     """Open and validate a qwen3next GGUF (nothing but its header is read here).
 
     expert_cache: byte budget for routed experts (int or "12G"); when it cannot hold them all, experts are
     streamed from disk (see localcoder.experts). Default: from available RAM. mmap: compute on the file
     mapping instead of process memory (default: only for the MLX backend). threads: CPU threads of the numba
-    backend (default: every core; more than the machine has are capped at its count)."""
+    backend (default: every core; more than the machine has are capped at its count). chat_template_file: a
+    Jinja chat template to use instead of the GGUF's (checked by rendering a message at load)."""
     return Model(GGUFFile(path), backend=backend, n_ctx=n_ctx, expert_cache=expert_cache,
                  expert_policy=expert_policy, expert_trace=expert_trace, expert_prefetch=expert_prefetch,
-                 kv_type=kv_type, mmap=mmap, threads=threads)
+                 kv_type=kv_type, mmap=mmap, threads=threads, chat_template_file=chat_template_file)

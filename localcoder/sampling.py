@@ -1,7 +1,13 @@
 """Token samplers. make_sampler() returns a callable (logits (V,), history ids) -> next token id.
 
-The chain follows llama.cpp's order: repetition penalty, top-k, top-p, min-p, temperature, then a draw from
-the seeded generator. Temperature 0 is greedy (argmax after the penalty).
+The chain follows llama.cpp's order: penalties (repetition, frequency, presence), top-k, top-p, min-p,
+temperature, then a draw from the seeded generator. Temperature 0 is greedy (argmax after the penalties).
+
+The penalties count, as llama.cpp's do, the last `repeat_last_n` tokens of the whole context (prompt and reply
+alike), not OpenAI's "tokens of this reply so far": one window for all three, as in llama.cpp's one penalties
+sampler. For a token seen `count` times there:
+logit = logit / repeat_penalty (logit > 0) or logit * repeat_penalty (logit <= 0),
+then logit -= count * frequency_penalty + presence_penalty.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import numpy as np
 from .errors import LocalcoderError
 
 # Qwen3-Coder-Next model card: temperature 1.0, top_p 0.95, top_k 40
-DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0)
+DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0, frequency_penalty=0.0,
+                presence_penalty=0.0)
 
 
 @dataclass
@@ -26,6 +33,8 @@ class Sampler:
     repeat_penalty: float = DEFAULTS["repeat_penalty"]
     repeat_last_n: int = 64
     seed: int | None = None
+    frequency_penalty: float = DEFAULTS["frequency_penalty"]
+    presence_penalty: float = DEFAULTS["presence_penalty"]
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -40,6 +49,9 @@ class Sampler:
             problems.append(f"min_p {self.min_p} not in [0, 1)")
         if not 0 < self.repeat_penalty < float("inf"):
             problems.append(f"repeat_penalty {self.repeat_penalty} is not a finite number > 0 (1 disables it)")
+        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's range
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} {getattr(self, name)} not in [-2, 2] (0 disables it)")
         if problems:
             raise LocalcoderError("bad sampling options: " + "; ".join(problems))
         # a negative seed (llama.cpp's -1) draws a fresh one, as no seed does
@@ -49,12 +61,18 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def penalize(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
+        """The logits (float64, a copy) after the penalties for the last repeat_last_n tokens of history."""
         logits = np.asarray(logits, dtype=np.float64).copy()
-        if self.repeat_penalty != 1.0 and len(history):
-            recent = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64))
+        if len(history) and (self.repeat_penalty != 1.0 or self.frequency_penalty or self.presence_penalty):
+            recent, counts = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64), return_counts=True)
             vals = logits[recent]
-            logits[recent] = np.where(vals > 0, vals / self.repeat_penalty, vals * self.repeat_penalty)
+            vals = np.where(vals > 0, vals / self.repeat_penalty, vals * self.repeat_penalty)
+            logits[recent] = vals - (counts * self.frequency_penalty + self.presence_penalty)
+        return logits
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        logits = self.penalize(logits, history)
         if self.greedy:
             return int(np.argmax(logits))
         if 0 < self.top_k < len(logits):
@@ -84,8 +102,10 @@ class Sampler:
 def make_sampler(temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
                  top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
                  repeat_penalty: float = DEFAULTS["repeat_penalty"], repeat_last_n: int = 64,
-                 seed: int | None = None) -> Sampler:
-    return Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+                 seed: int | None = None, frequency_penalty: float = DEFAULTS["frequency_penalty"],
+                 presence_penalty: float = DEFAULTS["presence_penalty"]) -> Sampler:
+    return Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, frequency_penalty,
+                   presence_penalty)
 
 
 def greedy() -> Sampler:

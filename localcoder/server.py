@@ -46,19 +46,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .api_schema import (APIError, Logprob, LogprobSampler, bad, chat_logprob, chat_logprobs, integer, json_body,
+                         legacy_logprobs, parse_max_tokens, parse_messages, parse_sampler, parse_stop,
+                         parse_tool_choice, parse_tools, top_count, typed_field)
 from .cache import KVCache, ModelCache
 from .errors import LocalcoderError
 from .generate import PREFILL_CHUNK, GenerationStats, generate_steps
-from .sampling import DEFAULTS, Sampler, make_sampler
+from .sampling import Sampler
 from .toolcalls import ToolCallDelta, ToolCallParser, parse_tool_calls
 
 __all__ = ["serve", "create_app", "PromptCache", "model_generate", "GenerateFn"]
 
 log = logging.getLogger("localcoder.server")
 
-MAX_BODY_BYTES = 64 << 20
 POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
-ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 # generate_fn(prompt_ids, max_tokens, sampler, stop, cache, stats, cancel) -> (token id, text piece), ...
 # `cache` holds the whole prompt but `prompt_ids` (its last token: the server runs the rest itself, so it can
@@ -77,178 +78,8 @@ def model_generate(model) -> GenerateFn:
     return generate
 
 
-# -- errors ------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An OpenAI-style error answer: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
 class _ClientGone(Exception):
     pass
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# -- request fields ----------------------------------------------------------------------------------------
-def _field(body: dict, key: str, kinds: tuple, what: str, default=None):
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise _bad(f"'{key}' must be {what}, got {json.dumps(v)[:80]}", param=key, code="invalid_type")
-    return v
-
-
-def _number(body, key, default=None):
-    return _field(body, key, (int, float), "a number", default)
-
-
-def _integer(body, key, default=None):
-    return _field(body, key, (int,), "an integer", default)
-
-
-def _max_tokens(body: dict) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        n = _integer(body, key)
-        if n is not None:
-            if n < 1:
-                raise _bad(f"'{key}' must be at least 1, got {n}", param=key)
-            return n
-    return None
-
-
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
-        raise _bad("'stop' must be a string or a list of at most 16 strings", param="stop", code="invalid_type")
-    return [s for s in stop if s]
-
-
-def _sampler(body: dict) -> Sampler:
-    top_k = _integer(body, "top_k", DEFAULTS["top_k"])
-    penalty = _number(body, "repetition_penalty", _number(body, "repeat_penalty", DEFAULTS["repeat_penalty"]))
-    try:
-        return make_sampler(temperature=float(_number(body, "temperature", DEFAULTS["temperature"])),
-                            top_k=max(top_k, 0), top_p=float(_number(body, "top_p", DEFAULTS["top_p"])),
-                            min_p=float(_number(body, "min_p", DEFAULTS["min_p"])), repeat_penalty=float(penalty),
-                            seed=_integer(body, "seed"))
-    except LocalcoderError as e:
-        raise _bad(str(e), code="invalid_value") from None
-
-
-def _content(content: Any, where: str) -> str | None:
-    """Message content as text: a string, null, or a list of text parts (what many clients send)."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and part.get("type") in ("text", "input_text") and \
-                    isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif isinstance(part, dict) and isinstance(part.get("type"), str):
-                raise _bad(f"{where}.content[{j}] is a '{part['type']}' part; this model reads text only",
-                           param=f"{where}.content", code="unsupported_content")
-            else:
-                raise _bad(f"{where}.content[{j}] must be a text part", param=f"{where}.content",
-                           code="invalid_type")
-        return "\n".join(texts)
-    raise _bad(f"{where}.content must be a string, a list of text parts, or null", param=f"{where}.content",
-               code="invalid_type")
-
-
-def _messages(raw: Any) -> list[dict]:
-    if not isinstance(raw, list) or not raw:
-        raise _bad("'messages' must be a non-empty list of messages", param="messages", code="invalid_type")
-    out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(f"{where} must be an object", param=where, code="invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(f"{where}.role must be one of {sorted(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
-        msg = {k: v for k, v in m.items() if k not in ("role", "content")}
-        msg["role"] = "system" if role == "developer" else role
-        content = _content(m.get("content"), where)
-        calls = m.get("tool_calls")
-        if role == "assistant" and calls:
-            if not isinstance(calls, list):
-                raise _bad(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls", code="invalid_type")
-            for j, c in enumerate(calls):
-                fn = c.get("function") if isinstance(c, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-                        not isinstance(fn.get("arguments", "{}"), (str, dict)):
-                    raise _bad(f"{where}.tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
-                               f"{{\"name\": str, \"arguments\": str}}}}", param=f"{where}.tool_calls",
-                               code="invalid_type")
-            msg["content"] = content  # may be None: the template renders the calls
-        else:
-            msg.pop("tool_calls", None)
-            msg["content"] = content or ""
-        out.append(msg)
-    return out
-
-
-def _tools(raw: Any) -> list[dict] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, list):
-        raise _bad("'tools' must be a list of function tools", param="tools", code="invalid_type")
-    for i, tool in enumerate(raw):
-        where = f"tools[{i}]"
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or tool.get("type", "function") != "function":
-            raise _bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where,
-                       code="invalid_type")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise _bad(f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
-        params = fn.get("parameters")
-        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
-            raise _bad(f"{where}.function.parameters of '{fn['name']}' must be a JSON schema object "
-                       f"({{\"type\": \"object\", \"properties\": {{...}}}}), got {json.dumps(params)[:80]}",
-                       param=f"{where}.function.parameters", code="invalid_schema")
-    return raw or None
-
-
-def _tool_choice(raw: Any, tools: list[dict] | None) -> tuple[bool, str]:
-    """(render and parse tools?, text that opens the reply)."""
-    if raw is None or raw == "auto":
-        return tools is not None, ""
-    if raw == "none":
-        return False, ""
-    names = [t["function"]["name"] for t in tools or ()]
-    if raw == "required":
-        if not names:
-            raise _bad("tool_choice 'required' needs 'tools'", param="tool_choice")
-        return True, "<tool_call>\n<function=" + (names[0] + ">\n" if len(names) == 1 else "")
-    if isinstance(raw, dict) and raw.get("type") == "function" and isinstance(raw.get("function"), dict):
-        name = raw["function"].get("name")
-        if name not in names:
-            raise _bad(f"tool_choice names function {json.dumps(name)}, which is not in 'tools' ({names})",
-                       param="tool_choice")
-        return True, f"<tool_call>\n<function={name}>\n"
-    raise _bad("tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": "
-               "{\"name\": ...}}", param="tool_choice", code="invalid_type")
 
 
 # -- prompt reuse ------------------------------------------------------------------------------------------
@@ -320,6 +151,7 @@ class _Work:
     tools: list[dict] | None = None  # parse tool calls against these (None: no parsing)
     prefill: str = ""  # text the reply starts with (tool_choice), part of the prompt
     keep_at: tuple[int, ...] = ()  # prompt lengths whose states are worth keeping too (the system prompt)
+    logprobs: int | None = None  # alternatives per token to report (None: no logprobs)
 
 
 @dataclass(eq=False)
@@ -407,7 +239,7 @@ class _Server:
         if name is None:
             return
         if not isinstance(name, str):
-            raise _bad("'model' must be a string", param="model", code="invalid_type")
+            raise bad("'model' must be a string", param="model", code="invalid_type")
         if name.lower() not in self.aliases:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
@@ -416,7 +248,7 @@ class _Server:
         """Room left for the reply; the prompt must leave at least one token."""
         room = self.model.n_ctx - len(ids)
         if room < 1:
-            raise _bad(f"the prompt is {len(ids)} tokens but the context holds {self.model.n_ctx}; shorten the "
+            raise bad(f"the prompt is {len(ids)} tokens but the context holds {self.model.n_ctx}; shorten the "
                        f"conversation or restart the server with a larger --ctx (the model allows "
                        f"{self.model.config.n_ctx_train})", param=param, code="context_length_exceeded")
         return room
@@ -424,18 +256,19 @@ class _Server:
     def chat_work(self, body: dict) -> _Work:
         """Validate a chat request and render it to token ids (runs in a worker thread: rendering and
         tokenizing a long conversation takes a while)."""
-        messages = _messages(body.get("messages"))
-        tools = _tools(body.get("tools"))
-        use_tools, prefill = _tool_choice(body.get("tool_choice"), tools)
+        messages = parse_messages(body.get("messages"))
+        tools = parse_tools(body.get("tools"))
+        use_tools, prefill = parse_tool_choice(body.get("tool_choice"), tools)
         sampler, stop, max_tokens, stream, usage = self._common(body)
+        logprobs = chat_logprobs(body)
         try:
             text = self.model.render_chat(messages, tools if use_tools else None, add_generation_prompt=True)
         except LocalcoderError as e:
-            raise _bad(str(e), param="messages", code="template_error") from None
+            raise bad(str(e), param="messages", code="template_error") from None
         ids = self.model.tokenizer.encode(text + prefill, parse_special=True)
         room = self.check_context(ids, "messages")
         return _Work(ids, min(max_tokens or room, room), sampler, stop, stream, usage,
-                     tools if use_tools else None, prefill, self._system_end(messages, ids))
+                     tools if use_tools else None, prefill, self._system_end(messages, ids), logprobs)
 
     def _system_end(self, messages: list[dict], ids: list[int]) -> tuple[int, ...]:
         """Where the system message (and the tools, rendered into it) ends: a new conversation of an agent
@@ -446,34 +279,54 @@ class _Server:
         return (ids.index(end) + 1,)
 
     def completion_work(self, body: dict) -> _Work:
+        """Validate a completion request and tokenize its prompt, a fill-in-the-middle one with a `suffix`
+        (runs in a worker thread, as chat_work)."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        if isinstance(prompt, str):
+        suffix = typed_field(body, "suffix", (str,), "a string")
+        sampler, stop, max_tokens, stream, usage = self._common(body)
+        logprobs = top_count(body, "logprobs")
+        if suffix is not None:
+            ids = self._fim(prompt, suffix)
+        elif isinstance(prompt, str):
             ids = self.model.tokenizer.encode(prompt, parse_special=True)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.model.config.n_vocab]
-            if bad:
-                raise _bad(f"token id {bad[0]} is outside 0..{self.model.config.n_vocab - 1}", param="prompt")
+            outside = [t for t in ids if not 0 <= t < self.model.config.n_vocab]
+            if outside:
+                raise bad(f"token id {outside[0]} is outside 0..{self.model.config.n_vocab - 1}", param="prompt")
         else:
-            raise _bad("'prompt' must be a string, a list with one string, or a list of token ids",
+            raise bad("'prompt' must be a string, a list with one string, or a list of token ids",
                        param="prompt", code="invalid_type")
         if not ids:
-            raise _bad("'prompt' is empty", param="prompt")
-        sampler, stop, max_tokens, stream, usage = self._common(body)
+            raise bad("'prompt' is empty", param="prompt")
         room = self.check_context(ids, "prompt")
-        return _Work(ids, min(max_tokens or 16, room), sampler, stop, stream, usage)
+        return _Work(ids, min(max_tokens or 16, room), sampler, stop, stream, usage, logprobs=logprobs)
+
+    def _fim(self, prefix: Any, suffix: str) -> list[int]:
+        """Qwen-Coder's fill-in-the-middle prompt, <|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>,
+        with the user's text tokenized without matching control tokens (code may well contain them)."""
+        if not isinstance(prefix, str):
+            raise bad("with 'suffix' (fill-in-the-middle), 'prompt' must be the text before the gap, not token "
+                       "ids", param="prompt", code="invalid_type")
+        tok = self.model.tokenizer
+        if tok.fim_ids is None:
+            raise bad("'suffix' asks for fill-in-the-middle, but this model's vocabulary has no <|fim_prefix|>, "
+                       "<|fim_suffix|> and <|fim_middle|> tokens; send the prompt without 'suffix'",
+                       param="suffix", code="fim_unsupported")
+        pre, suf, mid = tok.fim_ids
+        return [pre, *tok.encode(prefix), suf, *tok.encode(suffix), mid]
 
     def _common(self, body: dict):
-        n = _integer(body, "n", 1)
+        n = integer(body, "n", 1)
         if n != 1:
-            raise _bad("only n=1 is supported", param="n")
-        stream = _field(body, "stream", (bool,), "true or false", False)
-        options = _field(body, "stream_options", (dict,), "an object", {})
-        usage = _field(options, "include_usage", (bool,), "true or false", False)
-        return _sampler(body), _stop(body), _max_tokens(body), stream, usage
+            raise bad("only n=1 is supported", param="n")
+        stream = typed_field(body, "stream", (bool,), "true or false", False)
+        options = typed_field(body, "stream_options", (dict,), "an object", {})
+        usage = typed_field(options, "include_usage", (bool,), "true or false", False)
+        return parse_sampler(body), parse_stop(body), parse_max_tokens(body), stream, usage
 
     # -- running ------------------------------------------------------------------------------------
     def _run(self, job: _Job) -> None:
@@ -488,14 +341,20 @@ class _Server:
             if not job.cancel.is_set():
                 # stored before the last token, so that the same prompt again (a retry) reuses all of it
                 self.prompts.store(cache, copy=True)
-                steps = self.generate_fn(work.ids[-1:], work.max_tokens, work.sampler, work.stop, cache,
+                sampler = work.sampler if work.logprobs is None else LogprobSampler(work.sampler, work.logprobs)
+                steps = self.generate_fn(work.ids[-1:], work.max_tokens, sampler, work.stop, cache,
                                          job.stats, job.cancel)
+                logprobs, decoder, offset = [], self.model.tokenizer.stream_decoder(), 0
                 try:
                     for token, piece in steps:
                         if token >= 0:
                             job.completion_tokens += 1
-                        if piece:
-                            job.emit(("text", piece))
+                            if work.logprobs is not None and sampler.picked and sampler.picked[0][0] == token:
+                                logprobs.append(Logprob(*sampler.picked.popleft(), offset))
+                                offset += len(decoder.add(token))
+                        if piece:  # the logprobs of the tokens since the last piece go with it
+                            job.emit(("text", piece, logprobs))
+                            logprobs = []
                         if job.cancel.is_set():
                             break
                 finally:
@@ -567,28 +426,29 @@ class _Server:
                 pending.cancel()
 
 
-    async def collect(self, request: Request, job: _Job) -> str:
-        """The whole reply (for a request that is not streamed)."""
-        pieces = []
+    async def collect(self, request: Request, job: _Job) -> tuple[str, list[Logprob]]:
+        """The whole reply and its tokens' logprobs (for a request that is not streamed)."""
+        pieces, logprobs = [], []
         try:
             async for event in self.events(request, job, check_each=False):
                 if event[0] == "text":
                     pieces.append(event[1])
+                    logprobs += event[2]
                 elif event[0] == "error":
                     raise event[1]
         finally:
             await self.close(job)
-        return "".join(pieces)
+        return "".join(pieces), logprobs
 
     async def stream(self, request: Request, job: _Job, head, on_text, tail):
-        """Server-sent events: head(), on_text(piece) per piece, tail(), then [DONE]; each gives a list of
-        encoded events. An error after the start is sent as an error event."""
+        """Server-sent events: head(), on_text(piece, its tokens' logprobs) per piece, tail(), then [DONE];
+        each gives a list of encoded events. An error after the start is sent as an error event."""
         try:
             for b in head():
                 yield b
             async for event in self.events(request, job, check_each=True):
                 if event[0] == "text":
-                    for b in on_text(event[1]):
+                    for b in on_text(event[1], event[2]):
                         yield b
                 elif event[0] == "error":
                     yield _sse(APIError(500, f"generation failed: {event[1]}", type="server_error").body())
@@ -639,25 +499,23 @@ class _JobStream(StreamingResponse):
 
 
 # -- the app -----------------------------------------------------------------------------------------------
-async def _json_body(request: Request) -> dict:
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", code="invalid_json")
-    return body
+def _check_api_key(api_key: str | None) -> None:
+    """An empty key would turn authentication off without a word."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise LocalcoderError("--api-key is empty, which would serve without authentication; give a key (e.g. "
+                              "--api-key \"$(openssl rand -hex 16)\"), or leave the option out to serve without one")
+    if api_key != api_key.strip():
+        raise LocalcoderError("--api-key starts or ends with whitespace, which HTTP clients drop from the "
+                              "Authorization header, so no request could match it; remove the spaces")
 
 
 def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_bytes: int | None = None,
                generate_fn: GenerateFn | None = None) -> Starlette:
     """The ASGI app serving `model`. `generate_fn` replaces the model's generation (tests script the
     model's output with it; see GenerateFn)."""
+    _check_api_key(api_key)
     srv = _Server(model, api_key, max_queue, cache_bytes, generate_fn)
 
     async def health(request: Request):
@@ -677,14 +535,16 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
         return JSONResponse(model_card())
 
     async def chat(request: Request):
-        body = await _json_body(request)
+        body = await json_body(request)
         srv.check_model(body)
         work = await anyio.to_thread.run_sync(srv.chat_work, body)
         job = await srv.start(request, work)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if work.stream:
             return _JobStream(srv, job, chat_stream(request, job, rid, created))
-        text = await srv.collect(request, job)
+        text, lps = await srv.collect(request, job)
+        logprobs = None if work.logprobs is None else {
+            "content": [chat_logprob(srv.model.tokenizer, lp) for lp in lps]}
         message: dict[str, Any] = {"role": "assistant", "content": text}
         calls = []
         if work.tools is not None:
@@ -692,17 +552,22 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
             if calls:
                 message["tool_calls"] = [c.to_openai() for c in calls]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": srv.name,
-                             "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                                           "finish_reason": _finish(job, bool(calls))}],
                              "usage": _usage(job)})
 
     def chat_stream(request: Request, job: _Job, rid: str, created: int):
         usage = job.work.include_usage
         parser = ToolCallParser(job.work.tools) if job.work.tools is not None else None
+        held: list[Logprob] = []  # logprobs not sent yet, for the next chunk (the tool-call parser holds text)
 
         def chunk(delta: dict, finish: str | None = None) -> bytes:
+            logprobs = None
+            if held:
+                logprobs = {"content": [chat_logprob(srv.model.tokenizer, lp) for lp in held]}
+                held.clear()
             out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if usage:
                 out["usage"] = None
             return _sse(out)
@@ -715,7 +580,8 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
             prefill = parser.feed(job.work.prefill) if parser is not None and job.work.prefill else []
             return [chunk({"role": "assistant", "content": ""})] + deltas(prefill)
 
-        def on_text(text: str) -> list[bytes]:
+        def on_text(text: str, logprobs: list[Logprob]) -> list[bytes]:
+            held.extend(logprobs)
             return deltas(parser.feed(text) if parser is not None else [text])
 
         def tail() -> list[bytes]:
@@ -729,31 +595,32 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
         return srv.stream(request, job, head, on_text, tail)
 
     async def completions(request: Request):
-        body = await _json_body(request)
+        body = await json_body(request)
         srv.check_model(body)
         work = await anyio.to_thread.run_sync(srv.completion_work, body)
         job = await srv.start(request, work)
         rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
-        def choice(text: str, finish: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(text: str, finish: str | None, lps: list[Logprob]) -> dict:
+            logprobs = None if work.logprobs is None else legacy_logprobs(srv.model.tokenizer, lps)
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         if work.stream:
-            def piece(text: str, finish: str | None = None) -> list[bytes]:
+            def piece(text: str, lps: list[Logprob], finish: str | None = None) -> list[bytes]:
                 return [_sse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
-                              "choices": [choice(text, finish)]})]
+                              "choices": [choice(text, finish, lps)]})]
 
             def tail() -> list[bytes]:
-                out = piece("", _finish(job, False))
+                out = piece("", [], _finish(job, False))
                 if work.include_usage:
                     out.append(_sse({"id": rid, "object": "text_completion", "created": created,
                                      "model": srv.name, "choices": [], "usage": _usage(job)}))
                 return out
 
             return _JobStream(srv, job, srv.stream(request, job, list, piece, tail))
-        text = await srv.collect(request, job)
+        text, lps = await srv.collect(request, job)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
-                             "choices": [choice(text, _finish(job, False))], "usage": _usage(job)})
+                             "choices": [choice(text, _finish(job, False), lps)], "usage": _usage(job)})
 
     async def on_api_error(request: Request, exc: APIError):
         return exc.response()
@@ -788,16 +655,17 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
 
 
 class _BearerAuth:
-    """Every path but /health wants `Authorization: Bearer KEY` when a key is set."""
+    """Every path but /health wants `Authorization: Bearer KEY` when a key is set: the scheme in any case
+    (RFC 7235), the key compared in constant time."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if self.expected is not None and scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope.get("headers") or ()).get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected)):
                 err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the key the "
                                     "server was started with (--api-key)", type="invalid_request_error",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -833,18 +701,20 @@ def _check_listen(host: str, port: int) -> None:
 def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           n_ctx: int | None = None, backend: str = "auto", max_queue: int = 16, cache_bytes: int | None = None,
           log_level: str = "info", threads: int | None = None, expert_cache=None, expert_policy: str = "lru",
-          expert_prefetch: bool = False, kv_type: str = "f32") -> None:
-    """Load the model (threads, expert_cache, expert_policy, expert_prefetch and kv_type as for
-    localcoder.load) and serve it until interrupted."""
+          expert_prefetch: bool = False, kv_type: str = "f32", chat_template_file=None) -> None:
+    """Load the model (threads, expert_cache, expert_policy, expert_prefetch, kv_type and chat_template_file
+    as for localcoder.load) and serve it until interrupted."""
     import uvicorn
 
     from .backends import announce_compiles
     from .model import load
 
+    _check_api_key(api_key)  # before the model loads, as the port
     _check_listen(host, port)  # before the model loads: a busy port should not cost a load
     announce_compiles(backend, log.warning)
     model = load(model_path, backend=backend, n_ctx=n_ctx, threads=threads, expert_cache=expert_cache,
-                 expert_policy=expert_policy, expert_prefetch=expert_prefetch, kv_type=kv_type)
+                 expert_policy=expert_policy, expert_prefetch=expert_prefetch, kv_type=kv_type,
+                 chat_template_file=chat_template_file)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
     if host not in _LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)

@@ -132,3 +132,43 @@ def test_max_tokens_must_leave_room_for_a_reply(model):
     assert s.max_tokens == 8
     repl.command("/set max_tokens 5")
     assert s.max_tokens == 5
+
+
+def test_named_binary_non_utf8_or_large_file_is_refused_with_the_reason(tmp_path):
+    """A file named on its own (-f FILE, /add FILE) used to be skipped without a word when binary or too large;
+    in a directory or glob such files are still skipped, as documented."""
+    from localcoder.chat import MAX_FILE_BYTES
+
+    (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x00\x01")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "huge.txt").write_text("x" * (MAX_FILE_BYTES + 1))
+    (tmp_path / "ok.py").write_text("x = 1\n")
+    with pytest.raises(LocalcoderError, match=r"blob.bin is a binary file \(it contains NUL bytes at offset 4\)"):
+        expand_paths(["blob.bin"], tmp_path)
+    with pytest.raises(LocalcoderError, match="latin1.txt is not UTF-8 text .byte 0xe9 at offset 3."):
+        expand_paths(["ok.py", "latin1.txt"], tmp_path)
+    with pytest.raises(LocalcoderError, match="huge.txt is 2.0 MB, over the 2 MB limit"):
+        expand_paths(["huge.txt"], tmp_path)
+    # in a directory: binary and large files skipped, other text read with U+FFFD for its bad bytes
+    assert [p.name for p in expand_paths(["."], tmp_path)] == ["latin1.txt", "ok.py"]
+
+
+def test_add_of_a_binary_file_keeps_the_chat_going(model, tmp_path, monkeypatch):
+    """/add FILE with a binary file prints one line saying which file and why; the session goes on."""
+    import io
+
+    from rich.console import Console
+
+    from localcoder import repl
+
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "ok.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    lines = iter(["/add blob.bin", "/add ok.py", "/files", "/exit"])
+    monkeypatch.setattr(repl, "read_message", lambda prompt=">>> ": next(lines))
+    out = io.StringIO()
+    s = ChatSession(model, max_tokens=4, sampler=greedy())
+    repl.Repl(s, Console(file=out, width=200), None).run()
+    text = out.getvalue()
+    assert "error: blob.bin is a binary file (it contains NUL bytes at offset 0); attach text files only" in text
+    assert "added ok.py" in text and [f.path for f in s.files()] == ["ok.py"]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import gguf_metadata
 
-from localcoder.chat_template import QWEN3_CODER_TEMPLATE, ChatTemplate, template_from_metadata
+from localcoder.chat_template import QWEN3_CODER_TEMPLATE, ChatTemplate, template_from_file, template_from_metadata
 from localcoder.errors import LocalcoderError
 from localcoder.tokenizer import Tokenizer
 
@@ -121,7 +121,7 @@ def test_malicious_template_is_a_clean_error(source):
     with pytest.raises(LocalcoderError, match="chat template error") as ei:
         ChatTemplate(source).render([{"role": "user", "content": "x"}])
     assert "\n" not in str(ei.value)
-    assert "--chat-template" in str(ei.value)
+    assert "--chat-template-file FILE" in str(ei.value)  # the option that exists (run, chat, ask, serve)
 
 
 def test_raise_exception_and_syntax_errors():
@@ -138,3 +138,28 @@ def test_raise_exception_and_syntax_errors():
         ChatTemplate(QWEN3_CODER_TEMPLATE).render([{"role": "user", "content": None}])
     with pytest.raises(LocalcoderError):
         ChatTemplate(None)  # type: ignore[arg-type]
+
+
+def test_template_from_file(full_meta, tmp_path):
+    """--chat-template-file: the file's template with the GGUF's bos/eos texts, checked at load."""
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}{{ eos_token }}",
+                 encoding="utf-8")
+    t = template_from_file(f, full_meta)
+    bos, eos = (full_meta["tokenizer.ggml.tokens"][full_meta[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos"))
+    assert t.render([{"role": "user", "content": "hé"}]) == f"{bos}[user] hé{eos}"
+    (tmp_path / "latin1.jinja").write_bytes(b"{{ messages }} caf\xe9")
+    (tmp_path / "syntax.jinja").write_text("{% if %}")
+    (tmp_path / "raises.jinja").write_text("{{ raise_exception('no roles here') }}")
+    (tmp_path / "empty.jinja").write_text("")
+    for name, match in (("missing.jinja", "chat template file not found: .*missing.jinja; check the "
+                                          "--chat-template-file path"),
+                        ("latin1.jinja", r"latin1.jinja is not UTF-8 text \(byte 0xe9 at offset 18\)"),
+                        ("syntax.jinja", r"chat template error: .*\(template line 1\); fix .*syntax.jinja or pass "
+                                         "another --chat-template-file"),
+                        ("raises.jinja", "chat template error: no roles here; fix .*raises.jinja"),
+                        ("empty.jinja", "empty.jinja renders a user message without its text"),
+                        (".", "is a folder")):
+        with pytest.raises(LocalcoderError, match=match) as e:
+            template_from_file(tmp_path / name, full_meta)
+        assert "\n" not in str(e.value)

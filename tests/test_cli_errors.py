@@ -195,3 +195,114 @@ def test_serve_address_problems_before_loading(small_gguf):
         port = busy.getsockname()[1]
         assert_one_line_error(run_cli("serve", "-m", str(small_gguf), "--port", str(port)), "cannot listen",
                               "--port")
+
+
+def test_stop_must_not_be_empty(small_gguf):
+    """An empty stop string cannot mark where to stop; it used to be dropped without a word."""
+    p = run_cli("run", "-m", str(small_gguf), "-p", "hi", "-n", "2", "--stop", "", "--backend", "numpy")
+    assert_one_line_error(p, '--stop ""', "give the text to stop at")
+
+
+def _prompt_tokens(proc):
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stderr.split("prompt: ")[1].split()[0])
+
+
+def test_run_system_implies_chat(small_gguf):
+    """--system applies the chat template as llama.cpp's -sys does, instead of being ignored without --chat."""
+    base = ("run", "-m", str(small_gguf), "-p", "hi", "-n", "1", "--temp", "0", "--backend", "numpy")
+    plain = _prompt_tokens(run_cli(*base))
+    with_chat = _prompt_tokens(run_cli(*base, "--chat", "--system", "be brief"))
+    assert _prompt_tokens(run_cli(*base, "--system", "be brief")) == with_chat > plain + 4
+
+
+def _patch_metadata_float(src, dst, key, value):
+    """A copy of a GGUF with one FLOAT32 metadata value overwritten in place."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    at = data.index(key.encode()) + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == gguf.GGUFValueType.FLOAT32
+    struct.pack_into("<f", data, at + 4, value)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("eps", [-1e-6, float("nan"), float("inf")])
+def test_rms_epsilon_must_be_positive_and_finite(small_gguf, tmp_path, eps):
+    """A negative or non-finite epsilon made NaN logits and a traceback in the sampler at the first token."""
+    f = _patch_metadata_float(small_gguf, tmp_path / "eps.gguf", "qwen3next.attention.layer_norm_rms_epsilon", eps)
+    p = run_cli("run", "-m", str(f), "-p", "hi", "-n", "2", "--backend", "numpy")
+    assert_one_line_error(p, "qwen3next.attention.layer_norm_rms_epsilon", "not a finite number > 0", "re-download")
+
+
+def test_convert_config_with_a_non_numeric_size(tmp_path):
+    """config.json's numbers are checked before anything is written: a string where an integer belongs is a
+    one-line error naming the key (it was a ValueError traceback)."""
+    import json
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = {"architectures": ["Qwen3NextForCausalLM"], "vocab_size": 2176, "num_hidden_layers": 4,
+              "hidden_size": "two thousand"}
+    (hf / "config.json").write_text(json.dumps(config))
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (hf / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    p = run_cli("convert", str(hf), "-o", str(tmp_path / "out.gguf"))
+    assert_one_line_error(p, "hidden_size = 'two thousand'", "not a whole number", "config.json")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["hf"]
+
+
+def test_chat_template_file(small_gguf, tmp_path):
+    """--chat-template-file (llama.cpp's option) replaces the model's template on run, chat, ask and serve;
+    a missing, non-UTF-8 or broken file is a one-line error at load."""
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    base = ("-m", str(small_gguf), "-n", "1", "--temp", "0", "--backend", "numpy")
+    raw = _prompt_tokens(run_cli("run", "-p", "hello world", *base))
+    assert _prompt_tokens(run_cli("run", "-p", "hello world", "--chat", *base)) > raw + 4
+    # the file's template is used (and, like --system, implies --chat): the prompt renders as the bare text
+    assert _prompt_tokens(run_cli("run", "-p", "hello world", "--chat-template-file", str(plain), *base)) == raw
+    bad_utf8 = tmp_path / "latin1.jinja"
+    bad_utf8.write_bytes(b"{{ messages[0].content }} caf\xe9")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    static = tmp_path / "static.jinja"
+    static.write_text("no messages here")
+    for f, needles in ((tmp_path / "nope.jinja", ("chat template file not found", "nope.jinja")),
+                       (tmp_path, ("is a folder",)),
+                       (bad_utf8, ("not UTF-8", "latin1.jinja")),
+                       (broken, ("chat template error", "fix", "broken.jinja")),
+                       (static, ("without its text", "static.jinja"))):
+        assert_one_line_error(run_cli("run", "-p", "hi", "--chat-template-file", str(f), *base), *needles)
+    for cmd in (("ask", "hi"), ("chat",), ("serve", "--port", "0")):
+        p = run_cli(*cmd, "-m", str(small_gguf), "--backend", "numpy", "--chat-template-file", str(broken))
+        assert_one_line_error(p, "chat template error", "broken.jinja")
+
+
+def test_named_binary_or_non_utf8_file_is_an_error(small_gguf, tmp_path):
+    """-f FILE with a binary or non-UTF-8 file says so (it used to be skipped without a word); a binary file
+    inside a directory is still skipped, as documented."""
+    (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    for cmd in (("ask", "what is this?"), ("chat", "--no-history")):
+        p = run_cli(*cmd, "-m", str(small_gguf), "-f", "blob.bin", "--backend", "numpy", cwd=tmp_path)
+        assert_one_line_error(p, "blob.bin is a binary file", "NUL")
+    p = run_cli("ask", "hi", "-m", str(small_gguf), "-f", "latin1.txt", "--backend", "numpy", cwd=tmp_path)
+    assert_one_line_error(p, "latin1.txt is not UTF-8 text", "0xe9")
+
+
+mlx_missing = pytest.mark.skipif(__import__("importlib").util.find_spec("mlx") is None,
+                                 reason="MLX is not installed: pip install -e '.[mlx]'")
+
+
+@mlx_missing
+def test_expert_streaming_options_with_mlx_are_errors(small_gguf, tmp_path):
+    """The MLX backend keeps its own LRU expert cache (--expert-cache sizes it): the other streaming options
+    would be silently ignored."""
+    base = ("run", "-m", str(small_gguf), "-p", "hi", "-n", "1", "--backend", "mlx")
+    p = run_cli(*base, "--expert-cache", "1G", "--expert-policy", "lfu", "--expert-prefetch")
+    assert_one_line_error(p, "--expert-policy lfu, --expert-prefetch", "MLX backend", "--backend numba")
+    p = run_cli(*base, "--expert-stats", str(tmp_path / "trace.jsonl"))
+    assert_one_line_error(p, "--expert-stats", "MLX backend")
+    assert not list(tmp_path.iterdir())

@@ -263,3 +263,46 @@ def test_temp_file_removed_on_error_mid_write(tiny, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         convert(tiny / "hf", tmp_path / "out.gguf", "bf16", progress=boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_beyond_num_hidden_layers(tiny, tmp_path):
+    """Tensors of a layer past num_hidden_layers were written but never run (block_count stopped short)."""
+    root = _copy_hf(tiny, tmp_path / "hf")
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    _expect_error(root, tmp_path, r"tensors of layer 3 \(model\.layers\.3\..*num_hidden_layers = 3 .*correct "
+                  r"num_hidden_layers in config\.json")
+
+
+@pytest.mark.parametrize("content, match", [(b'\xff\xfe{"bos_token": null}', "tokenizer_config.json is not UTF-8"),
+                                            (b"[1, 2]", "tokenizer_config.json is not a JSON object")])
+def test_unreadable_tokenizer_config(tiny, tmp_path, content, match):
+    """gguf-py reads tokenizer_config.json with a bare open(): checked first, so a bad one is a one-line error."""
+    root = _copy_hf(tiny, tmp_path / "hf")
+    (root / "tokenizer_config.json").write_bytes(content)
+    _expect_error(root, tmp_path, match)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden_size", "2048", "hidden_size = '2048' is not a whole number >= 1"),
+    ("hidden_size", 256.5, "hidden_size = 256.5 is not a whole number"),
+    ("num_hidden_layers", True, "num_hidden_layers = True is not a whole number"),
+    ("num_hidden_layers", 100000, "num_hidden_layers = 100000 is too large"),
+    ("num_experts", 0, "num_experts = 0 is not a whole number >= 1"),
+    ("vocab_size", -5, "vocab_size = -5 is not a whole number >= 1"),
+    ("rms_norm_eps", -1e-6, "rms_norm_eps = -1e-06 is not a finite number > 0"),
+    ("rope_theta", "1e7", "rope_theta = '1e7' is not a finite number > 0"),
+    ("partial_rotary_factor", 2, "partial_rotary_factor = 2 is too large"),
+    ("layer_types", "linear_attention", "layer_types = 'linear_attention' is not a list"),
+])
+def test_config_numbers_are_checked(fixtures_dir, tmp_path, key, value, match):
+    """Every number of config.json goes through the one check GGUF metadata does (config.hyperparameter); a
+    string, bool, fraction or out-of-range value is a one-line error naming the key, before anything is read
+    or written (no safetensors needed)."""
+    root = tmp_path / "hf"
+    root.mkdir()
+    config = json.loads((fixtures_dir / "qwen3next-tiny" / "hf" / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, key: value}))
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (root / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    _expect_error(root, tmp_path, match.replace("(", r"\(").replace("[", r"\["))

@@ -35,10 +35,31 @@ def test_repeat_penalty_discourages_history():
     assert s(logits, history=[0]) == 1
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.0), dict(top_k=-2)])
+def test_frequency_and_presence_penalties_follow_llamacpp():
+    """logit -= count * frequency + presence for each token in the last repeat_last_n of the history, after
+    the repeat penalty (llama.cpp's penalties sampler); tokens outside the window are left alone."""
+    logits = np.array([2.0, 1.9, -1.0, 0.5])
+    s = make_sampler(temperature=0, repeat_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5,
+                     repeat_last_n=4)
+    history = [3, 0, 0, 2, 0]  # the window holds 0, 0, 2, 0: token 3 is out of it
+    np.testing.assert_allclose(s.penalize(logits, history),
+                               [2.0 / 2 - 3 * 0.25 - 0.5, 1.9, -1.0 * 2 - 0.25 - 0.5, 0.5])
+    assert s(logits, history) == 1
+    assert make_sampler(temperature=0)(logits, history) == 0  # no penalties: argmax
+    # a negative presence penalty favours what is already there (OpenAI allows [-2, 2])
+    assert make_sampler(temperature=0, presence_penalty=-2.0)(np.array([1.0, 2.0]), [0]) == 0
+    # before top-k, as in llama.cpp: the one candidate left is the best after the penalties
+    s = make_sampler(top_k=1, frequency_penalty=2.0, seed=0)
+    assert {s(np.array([0.0, -3.0]), [0, 0, 0]) for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.0), dict(top_k=-2),
+                                dict(frequency_penalty=2.5), dict(presence_penalty=-3.0),
+                                dict(frequency_penalty=float("nan")), dict(presence_penalty=float("inf"))])
 def test_bad_options_are_one_line_errors(kw):
-    with pytest.raises(LocalcoderError):
+    with pytest.raises(LocalcoderError) as e:
         make_sampler(**kw)
+    assert list(kw)[0] in str(e.value)
 
 
 class FakeTok:

@@ -50,3 +50,43 @@ def test_raw_reader_reads_exact_bytes(tmp_path, direct):
             reader.read(np.empty((4, 4), np.uint8)[:, :2], 0)
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("attention.layer_norm_rms_epsilon", -1e-6, "not a finite number > 0"),
+    ("attention.layer_norm_rms_epsilon", float("nan"), "not a finite number > 0"),
+    ("attention.layer_norm_rms_epsilon", float("inf"), "not a finite number > 0"),
+    ("rope.freq_base", 0.0, "not a finite number > 0"),
+    ("embedding_length", "256", "not a whole number >= 1"),
+    ("embedding_length", 256.5, "not a whole number >= 1"),
+    ("block_count", True, "not a whole number >= 1"),
+    ("block_count", 513, r"too large \(at most 512\)"),
+    ("attention.head_count_kv", 0, "not a whole number >= 1"),
+    ("ssm.group_count", -2, "not a whole number >= 1"),
+    ("expert_used_count", [2], "not a whole number >= 1"),
+    ("context_length", 2 ** 40, r"too large \(at most 2,147,483,647\)"),
+    ("expert_shared_feed_forward_length", -1, "not a whole number >= 0"),
+])
+def test_hyperparameters_are_checked(fixtures_dir, key, value, match):
+    """Every number ModelConfig reads goes through config.hyperparameter: a negative or non-finite epsilon, a
+    string or a zero head count is one GGUFError naming the key (they were NaN logits, a ZeroDivisionError or
+    a traceback in the sampler)."""
+    from localcoder.config import ModelConfig
+    from localcoder.errors import GGUFError
+
+    meta = dict(GGUFFile(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf").metadata)
+    ModelConfig.from_gguf(meta, 2176, "tiny.gguf")  # the file itself is fine
+    meta[f"qwen3next.{key}"] = value
+    with pytest.raises(GGUFError, match=f"tiny.gguf: metadata key qwen3next.{key} = .* {match};") as e:
+        ModelConfig.from_gguf(meta, 2176, "tiny.gguf")
+    assert "\n" not in str(e.value) and "re-download or re-convert" in str(e.value)
+
+
+def test_recurrent_layers_must_be_a_list(fixtures_dir):
+    from localcoder.config import ModelConfig
+    from localcoder.errors import GGUFError
+
+    meta = dict(GGUFFile(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf").metadata)
+    meta["qwen3next.attention.recurrent_layers"] = 1
+    with pytest.raises(GGUFError, match="recurrent_layers = 1 is not a list"):
+        ModelConfig.from_gguf(meta, 2176, "tiny.gguf")

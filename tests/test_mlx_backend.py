@@ -20,6 +20,7 @@ import localcoder  # noqa: E402
 from localcoder.backends import get_backend  # noqa: E402
 from localcoder.backends import mlx_backend as mb  # noqa: E402
 from localcoder.backends.numpy_ref import NumpyBackend, gated_delta_recurrent  # noqa: E402
+from localcoder.errors import LocalcoderError  # noqa: E402
 from localcoder.experts import ExpertSet  # noqa: E402
 from localcoder.generate import prefill  # noqa: E402
 from localcoder.gguf_file import GGUFFile, QTensor  # noqa: E402
@@ -384,3 +385,13 @@ def test_decode_graph_stays_lazy(fixtures_dir):
     finally:
         mb.np.asarray, mb.mx.eval = real, real_eval
     assert isinstance(out, mx.array) and reads == [(1,)] and evals == []  # only embed reads its input ids
+
+
+def test_expert_cache_sizes_the_mlx_expert_cache():
+    """--expert-cache with MLX is the budget of MLX's own expert cache; the model builds no expert store of its
+    own (MLX reads experts from the map), so nothing is copied or streamed twice."""
+    model = localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_cache="3M")
+    assert model.backend.experts.budget == 3 << 20
+    assert model.expert_store is None
+    with pytest.raises(LocalcoderError, match="--expert-prefetch: the MLX backend"):
+        localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_prefetch=True)

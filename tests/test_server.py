@@ -6,8 +6,11 @@ handling, tool-call parser and streaming code.
 """
 
 import contextlib
+import copy
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +23,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import greedy_decode  # noqa: E402
+from localcoder.api_schema import MAX_BODY_BYTES  # noqa: E402
 from localcoder.cache import ModelCache  # noqa: E402
+from localcoder.errors import LocalcoderError  # noqa: E402
 from localcoder.generate import TextStream  # noqa: E402
 from localcoder.model import load  # noqa: E402
 from localcoder.server import PromptCache, create_app  # noqa: E402
+from localcoder.tokenizer import Tokenizer  # noqa: E402
 
 NAME = "qwen3next-tiny-Q4_K_M"
 WEATHER = {"type": "function", "function": {
@@ -75,11 +82,13 @@ class Script:
         self.model, self.delay = model, delay
         self.replies: list[str] = []
         self.prompts: list[str] = []
+        self.ids: list[list[int]] = []  # the prompts as token ids
         self.produced = 0  # tokens yielded over all requests
 
     def __call__(self, prompt_ids, max_tokens, sampler, stop, cache, stats, cancel):
         tok = self.model.tokenizer
-        self.prompts.append(tok.decode(list(cache.tokens) + list(prompt_ids)))
+        self.ids.append(list(cache.tokens) + list(prompt_ids))
+        self.prompts.append(tok.decode(self.ids[-1]))
         text = self.replies.pop(0) if self.replies else "OK."
         stream = TextStream(tok, stop)
         for i, token in enumerate(tok.encode(text, parse_special=True)):
@@ -273,6 +282,28 @@ BAD = [  # (path, body, status, code, param)
     ("/v1/completions", {"prompt": 123}, 400, "invalid_type", "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 999999]}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, None, "prompt"),
+    ("/v1/chat/completions", b"[" * 100000, 400, "invalid_json", None),
+    ("/v1/completions", b'{"prompt": ' * 100000, 400, "invalid_json", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}, 400,
+     "invalid_value", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": "high"}, 400,
+     "invalid_type", "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -2.01}, 400, "invalid_value", None),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 10 ** 400}, 400, "invalid_value", "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -10 ** 400}, 400,
+     "invalid_value", "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, 400,
+     "invalid_type", "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, None, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": -1}, 400, None, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None,
+     "top_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, None, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "invalid_type", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "suffix": 5}, 400, "invalid_type", "suffix"),
+    ("/v1/completions", {"prompt": [1, 2], "suffix": "y"}, 400, "invalid_type", "prompt"),
 ]
 
 
@@ -281,7 +312,7 @@ def test_bad_inputs_get_openai_errors_and_the_server_goes_on(real):
     for path, body, status, code, param in BAD:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = httpx.post(url + path, content=data, headers={"Content-Type": "application/json"}, timeout=30)
-        assert r.status_code == status, (body, r.text)
+        assert r.status_code == status, (str(body)[:80], r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
         if code is not None:
@@ -298,6 +329,172 @@ def test_bad_inputs_get_openai_errors_and_the_server_goes_on(real):
     assert e.value.code == "context_length_exceeded"
     r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "still there?"}], max_tokens=2)
     assert r.usage.completion_tokens == 2
+
+
+def test_nested_json_is_a_bad_request(real):
+    url, _ = real
+    r = httpx.post(url + "/v1/chat/completions", content=b"[" * 100000, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the request body is not valid JSON: nested too deeply"
+
+
+def _raw_request(url, head: bytes, body=b"", timeout=10.0) -> tuple[int, dict]:
+    """Send bytes as they are (a Content-Length the body does not have, a chunked body); the status and the
+    JSON of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536) or b"\r\n\r\n"
+        header, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(rest) < length:
+            more = sock.recv(65536)
+            assert more, "the connection closed before the answer was complete"
+            rest += more
+    return int(header.split()[1]), json.loads(rest[:length])
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(real):
+    url, _ = real
+    assert MAX_BODY_BYTES == 16 << 20
+    # the Content-Length alone is enough: no body is sent, the server answers at once
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n").encode()
+    t0 = time.monotonic()
+    status, body = _raw_request(url, head, timeout=5)
+    assert status == 413 and time.monotonic() - t0 < 2
+    assert body["error"]["code"] == "body_too_large" and "16 MiB" in body["error"]["message"]
+    # a chunked body (no Content-Length) is cut off as soon as it passes the limit
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"x" * (1 << 20)
+    chunks = (b"%x\r\n" % len(piece) + piece + b"\r\n") * 17 + b"0\r\n\r\n"
+    status, body = _raw_request(url, head, chunks, timeout=30)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    # at the limit the body is read (and here judged as JSON)
+    status, body = _raw_request(url, head.replace(b"chunked", b"identity").replace(
+        b"Transfer-Encoding: identity", f"Content-Length: {MAX_BODY_BYTES}".encode()), b"x" * MAX_BODY_BYTES,
+        timeout=30)
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert client(url).models.list().data  # and the server goes on
+
+
+def test_huge_prompt_does_not_stall_the_server(real):
+    """A prompt of a few MB takes seconds to tokenize; that happens off the event loop (the tokenizer lets go
+    of the GIL), so /health answers meanwhile, and the prompt gets the context error."""
+    url, _ = real
+    content = "word " * 700_000  # 3.5 MB, about 1.4 million tokens
+    with ThreadPoolExecutor(1) as pool:
+        post = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=120,
+                           json={"messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        # the server runs in this process: a thread holding the GIL stalls this loop too, so the gaps between
+        # answers (sleep included) are what shows a stall, not the time of one request
+        gaps, last = [], time.monotonic()
+        while not post.done():
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+            time.sleep(0.05)
+        r = post.result()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert len(gaps) >= 5 and max(gaps) < 0.5, gaps
+
+
+def test_penalties_are_applied(real):
+    """frequency_penalty and presence_penalty reach the sampler (greedy: the reply is what a local greedy
+    generation with the same penalties gives) on both endpoints."""
+    from localcoder.generate import generate
+    from localcoder.sampling import make_sampler
+
+    url, _ = real
+    m = model_of(real)
+    msgs = [{"role": "user", "content": "Repeat after me: la la la la la la la la"}]
+    ids = m.encode_chat(msgs)
+    c = client(url)
+    replies = {}
+    # the random model's greedy reply repeats nothing, so negative penalties (favour what is in the window,
+    # here the prompt's tail) are the ones that show
+    for f, p in ((0.0, 0.0), (0.0, -2.0), (-2.0, -2.0)):
+        want = list(generate(m, ids, 12, make_sampler(temperature=0, frequency_penalty=f, presence_penalty=p)))
+        r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0,
+                                      frequency_penalty=f, presence_penalty=p)
+        assert r.choices[0].message.content == m.tokenizer.decode(want)
+        replies[f, p] = tuple(want)
+        r = c.completions.create(model=NAME, prompt=m.tokenizer.decode(ids), max_tokens=12, temperature=0,
+                                 frequency_penalty=f, presence_penalty=p)
+        assert r.choices[0].text == m.tokenizer.decode(want)
+    assert len(set(replies.values())) == 3, replies
+
+
+def _log_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x - (x.max(-1, keepdims=True) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+
+
+def test_chat_logprobs(real):
+    """logprobs: true, top_logprobs: N: the model's own distribution at each step (before penalties,
+    temperature and truncation), in OpenAI's form, whole or streamed."""
+    url, _ = real
+    m = model_of(real)
+    tok = m.tokenizer
+    msgs = [{"role": "user", "content": "Give me logprobs."}]
+    tokens, step_logits = greedy_decode(m, m.encode_chat(msgs), m.new_cache(), n=6)
+    logp = _log_softmax(step_logits)
+    c = client(url)
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                  top_logprobs=3, presence_penalty=1.0)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for entry, t, lp in zip(content, tokens, logp):
+        assert entry.token == tok.id_to_piece(t) and bytes(entry.bytes) == tok.token_bytes(t)
+        assert entry.logprob == pytest.approx(lp[t], abs=1e-4)
+        top = np.argsort(-lp)[:3]
+        assert [e.token for e in entry.top_logprobs] == [tok.id_to_piece(i) for i in top]
+        assert [e.logprob for e in entry.top_logprobs] == pytest.approx(lp[top], abs=1e-4)
+        assert [bytes(e.bytes) for e in entry.top_logprobs] == [tok.token_bytes(i) for i in top]
+    assert b"".join(bytes(e.bytes) for e in content).decode(errors="replace") == r.choices[0].message.content
+    # streamed: each chunk carries its tokens' logprobs
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3, presence_penalty=1.0, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    # top_logprobs 0: the tokens only; no logprobs asked: none given
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=2, logprobs=True)
+    assert len(r.choices[0].logprobs.content) == 2 and r.choices[0].logprobs.content[0].top_logprobs == []
+    assert c.chat.completions.create(model=NAME, messages=msgs, max_tokens=2).choices[0].logprobs is None
+
+
+def test_completion_logprobs(real):
+    """The legacy form: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset."""
+    url, _ = real
+    m = model_of(real)
+    tok = m.tokenizer
+    prompt = "def add(a, b):"
+    tokens, step_logits = greedy_decode(m, tok.encode(prompt, parse_special=True), m.new_cache(), n=5)
+    logp = _log_softmax(step_logits)
+    c = client(url)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tok.id_to_piece(t) for t in tokens]
+    assert lp.token_logprobs == pytest.approx([logp[i, t] for i, t in enumerate(tokens)], abs=1e-4)
+    for alternatives, row in zip(lp.top_logprobs, logp):
+        top = np.argsort(-row)[:2]
+        want = {}
+        for i in top:
+            want.setdefault(tok.id_to_piece(i), row[i])
+        assert alternatives == pytest.approx(want, abs=1e-4)
+    text = tok.decode(tokens)
+    assert r.choices[0].text == text
+    assert lp.text_offset == [len(tok.decode(tokens[:i])) for i in range(len(tokens))]
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                       stream=True))
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].text]
+    assert sum((s.tokens for s in streamed), []) == lp.tokens
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    assert c.completions.create(model=NAME, prompt=prompt, max_tokens=2).choices[0].logprobs is None
 
 
 # -- scripted replies ------------------------------------------------------------------------------------
@@ -397,13 +594,52 @@ def test_tool_choice(scripted):
     assert parts[0].function.name == "run_shell" and json.loads(parts[1].function.arguments) == {"command": "pwd"}
 
 
+def test_fill_in_the_middle(scripted, model):
+    """`suffix` on /v1/completions: <|fim_prefix|>{prompt}<|fim_suffix|>{suffix}<|fim_middle|>, the user's
+    text tokenized as text (its '<|...|>' are not special tokens)."""
+    url, script = scripted
+    tok = model.tokenizer
+    pre, suf, mid = (tok.token_to_id(t) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+    prefix = "def greet(name):\n    s = '<|fim_suffix|><|im_start|>'\n"
+    suffix = "\n    return s\n"
+    script.replies[:] = ["    s += name"]
+    r = client(url).completions.create(model=NAME, prompt=prefix, suffix=suffix, max_tokens=20)
+    assert r.choices[0].text == "    s += name"
+    want = [pre, *tok.encode(prefix), suf, *tok.encode(suffix), mid]
+    assert script.ids[-1] == want and want.count(suf) == 1
+    assert tok.token_to_id("<|im_start|>") not in want
+    # an empty prefix or suffix still makes the layout
+    client(url).completions.create(model=NAME, prompt="", suffix="x = 1\n", max_tokens=2)
+    assert script.ids[-1] == [pre, suf, *tok.encode("x = 1\n"), mid]
+    # the model ends a middle with <|endoftext|> or <|fim_pad|> (llama.cpp's end-of-generation tokens)
+    assert {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|fim_pad|>")} <= tok.stop_token_ids
+
+
+def test_fill_in_the_middle_needs_the_tokens(model):
+    meta = dict(model.file.metadata)
+    meta["tokenizer.ggml.tokens"] = [t.replace("<|fim_middle|>", "<|fim_mid|>")
+                                     for t in meta["tokenizer.ggml.tokens"]]
+    plain = copy.copy(model)
+    plain.tokenizer = Tokenizer.from_metadata(meta)
+    with serving(create_app(plain, generate_fn=Script(plain))) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "a = ", "suffix": "\n"})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "fim_unsupported" and err["param"] == "suffix" and "<|fim_middle|>" in err["message"]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "a = "}).status_code == 200
+
+
 def test_api_key(model):
     script = Script(model)
     with serving(create_app(model, api_key="s3cret", generate_fn=script)) as url:
         assert httpx.get(url + "/health").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearers3cret"},
+                        {"Authorization": "Bearer s3cret2"}):
             r = httpx.get(url + "/v1/models", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):  # RFC 7235: the scheme in any case
+            assert httpx.get(url + "/v1/models", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").chat.completions.create(model=NAME, messages=[{"role": "user",
                                                                                     "content": "x"}])
@@ -411,6 +647,21 @@ def test_api_key(model):
         r = client(url, key="s3cret").chat.completions.create(model=NAME, messages=[{"role": "user",
                                                                                      "content": "x"}])
         assert r.choices[0].message.content == "OK."
+
+
+def test_empty_api_key_is_an_error(model):
+    """An empty --api-key would serve without authentication: a one-line error before the model loads (here
+    the model file does not even exist, and the key is what is reported)."""
+    for key in ("", "  "):
+        with pytest.raises(LocalcoderError, match="--api-key is empty"):
+            create_app(model, api_key=key)
+    with pytest.raises(LocalcoderError, match="whitespace"):
+        create_app(model, api_key=" s3cret")
+    proc = subprocess.run([sys.executable, "-m", "localcoder", "serve", "-m", "no-such-model.gguf", "--api-key",
+                           ""], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --api-key is empty"), proc.stderr
 
 
 def test_burst_gets_429_with_retry_after(model):

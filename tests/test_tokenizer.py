@@ -53,8 +53,20 @@ def test_metadata_fields(tok):
     assert tok.eos_token_id == 151645
     assert tok.bos_token_id == 151643
     assert tok.pad_token_id == 151643
-    assert tok.stop_token_ids == frozenset({151645, 151643})
+    # <|im_end|>, <|endoftext|>, and llama.cpp's FIM end-of-generation tokens <|fim_pad|>, <|repo_name|>,
+    # <|file_sep|>
+    assert tok.stop_token_ids == frozenset({151645, 151643, 151662, 151663, 151664})
     assert isinstance(tok.stop_token_ids, frozenset)
+
+
+def test_fim_ids(full_meta, tok):
+    """<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> by name; the GGUF's fim_*_token_id win when present;
+    None when the vocabulary lacks them."""
+    assert tok.fim_ids == (151659, 151661, 151660)
+    meta = dict(full_meta, **{"tokenizer.ggml.fim_pre_token_id": 151665, "tokenizer.ggml.fim_mid_token_id": 7})
+    assert Tokenizer.from_metadata(meta).fim_ids == (151665, 151661, 7)
+    tokens = [t.replace("fim_suffix", "fim_after") for t in full_meta["tokenizer.ggml.tokens"]]
+    assert Tokenizer.from_metadata(dict(full_meta, **{"tokenizer.ggml.tokens": tokens})).fim_ids is None
 
 
 def test_reference_ids(tok, reference):
@@ -178,7 +190,7 @@ def test_stream_decoder_skip_special(tok):
 def test_tiny_vocab_prompts(tiny_tok, fixtures_dir):
     assert tiny_tok.vocab_size == 2176
     assert tiny_tok.eos_token_id == 2050
-    assert tiny_tok.stop_token_ids == frozenset({2050, 2048})
+    assert tiny_tok.stop_token_ids == frozenset({2050, 2048, 2067, 2068, 2069})
     with open(fixtures_dir / "qwen3next-tiny" / "ref" / "prompts.json", encoding="utf-8") as f:
         prompts = json.load(f)
     assert set(prompts) >= {"p7", "p64", "p300"}

@@ -38,7 +38,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
-from ..config import ARCH, ModelConfig
+from ..config import ARCH, MAX_LAYERS, ModelConfig, hyperparameter
 from ..errors import LocalcoderError
 from ..paths import check_output_file
 from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
@@ -497,6 +497,7 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
     converter's F32 file; `_apply_mix` then re-orders and re-types them."""
     base_ftype = FT.ALL_F32 if ftype in QUANTIZE_FTYPES else ftype
     n_body = cfg.n_layer - (_count_mtp(sources) if keep_mtp else 0)  # MTP layers follow the body's layers
+    _check_layer_count(sources, n_body)
     renamed = {}
     for name, src in sources.items():
         if name.startswith(("mtp.", "model.mtp.")):
@@ -540,6 +541,22 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
     return planned
 
 
+def _check_layer_count(sources: dict[str, Source], n_layer: int) -> None:
+    """Tensors of a layer past num_hidden_layers would be written but never run (block_count stops before
+    them), so a config.json that undercounts its layers is refused, naming the first layer past it."""
+    beyond = {}
+    for name in sources:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= n_layer:
+            beyond.setdefault(int(m.group(1)), name)
+    if beyond:
+        first, last = min(beyond), max(beyond)
+        raise LocalcoderError(f"the checkpoint has tensors of layer {first} ({beyond[first]} in "
+                              f"{sources[beyond[first]].path.name}) but config.json says num_hidden_layers = "
+                              f"{n_layer} (layers 0..{n_layer - 1}); correct num_hidden_layers in config.json "
+                              f"(the checkpoint's layers go up to {last})")
+
+
 def _count_mtp(sources: dict[str, Source]) -> int:
     layers = {int(m.group(1)) for n in sources if (m := re.match(r"(?:model\.)?mtp\.layers\.(\d+)\.", n))}
     return len(layers)
@@ -573,11 +590,30 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise LocalcoderError(f"{path.parent} has no {path.name}; pass the folder of a Hugging Face checkpoint "
                               f"({what})") from None
+    except UnicodeDecodeError as e:
+        raise LocalcoderError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              "re-download it") from None
     except (OSError, ValueError) as e:
         raise LocalcoderError(f"cannot parse {path}: {e}; re-download it") from None
     if not isinstance(value, dict):
         raise LocalcoderError(f"{path} is not a JSON object; re-download it")
     return value
+
+
+def config_number(config: dict[str, Any], key: str, path: str = "config.json", kind: type = int, low: float = 1,
+                  high: float | None = None, default: Any = None) -> int | float:
+    """A number of config.json (or of its rope_parameters), checked by the one rule GGUF metadata follows too
+    (config.hyperparameter), so that a string or a negative size is a one-line error naming the key."""
+    value = config.get(key)
+    value = (config.get("rope_parameters") or {}).get(key) if value is None else value  # null: absent
+    value = default if value is None else value
+    if value is None:
+        raise LocalcoderError(f"{path} lacks {key}; the config is incomplete, re-download it")
+    try:
+        return hyperparameter(value, kind, low, high)
+    except ValueError as e:
+        raise LocalcoderError(f"{path}: {key} = {value!r} {e}; correct it in config.json (or re-download "
+                              "the checkpoint)") from None
 
 
 def hf_metadata(config: dict[str, Any], n_mtp: int, path: str = "config.json") -> dict[str, Any]:
@@ -586,57 +622,59 @@ def hf_metadata(config: dict[str, Any], n_mtp: int, path: str = "config.json") -
     if arch not in HF_ARCHITECTURES:
         raise LocalcoderError(f"{path}: architecture {arch} is not supported; localcoder converts "
                               f"{', '.join(HF_ARCHITECTURES)} (Qwen3-Next / Qwen3-Coder-Next) checkpoints only")
-    rope = config.get("rope_parameters") or {}
 
-    def get(key: str, default: Any = None):
-        value = config.get(key, rope.get(key, default))
-        if value is None:
-            raise LocalcoderError(f"{path} lacks {key}; the config is incomplete, re-download it")
-        return value
+    def get(key: str, kind: type = int, low: float = 1, high: float | None = None, default: Any = None):
+        return config_number(config, key, path, kind, low, high, default)
 
     scaling = config.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
+    rope_type = scaling.get("rope_type", scaling.get("type", (config.get("rope_parameters") or {}).get(
+        "rope_type", "default")))
     if rope_type != "default":
         raise LocalcoderError(f"{path}: rope scaling {rope_type!r} is not supported; remove rope_scaling "
                               "from config.json (the runtime uses plain RoPE)")
     dense = config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
     if dense or not config.get("norm_topk_prob", True):
         raise LocalcoderError(f"{path}: norm_topk_prob=false or dense MLP layers are not supported by qwen3next")
-    n_layer = int(get("num_hidden_layers"))
+    n_layer = get("num_hidden_layers", high=MAX_LAYERS - n_mtp)
     layer_types = config.get("layer_types")
-    interval = config.get("full_attention_interval")
     if layer_types is None:
-        interval = int(interval or 4)
+        interval = get("full_attention_interval", default=4)
         recurrent = [(i + 1) % interval != 0 for i in range(n_layer)]
+    elif not isinstance(layer_types, list):
+        raise LocalcoderError(f"{path}: layer_types = {layer_types!r} is not a list of per-layer types; correct "
+                              "it in config.json (or re-download the checkpoint)")
     else:
         recurrent = [t == "linear_attention" for t in layer_types]
-        interval = int(interval or (recurrent.index(False) + 1 if False in recurrent else 4))
-    head_dim = int(config.get("head_dim") or get("hidden_size") // get("num_attention_heads"))
+        interval = get("full_attention_interval", default=recurrent.index(False) + 1 if False in recurrent else 4)
+    if config.get("head_dim") is not None:
+        head_dim = get("head_dim")
+    else:
+        head_dim = get("hidden_size") // get("num_attention_heads")
     p = ARCH + "."
     return {
         p + "block_count": n_layer + n_mtp,
-        p + "context_length": int(get("max_position_embeddings")),
-        p + "embedding_length": int(get("hidden_size")),
-        p + "feed_forward_length": int(get("intermediate_size")),
-        p + "attention.head_count": int(get("num_attention_heads")),
-        p + "attention.head_count_kv": int(get("num_key_value_heads")),
-        p + "rope.freq_base": float(get("rope_theta")),
-        p + "attention.layer_norm_rms_epsilon": float(get("rms_norm_eps")),
-        p + "expert_count": int(get("num_experts")),
-        p + "expert_used_count": int(get("num_experts_per_tok")),
+        p + "context_length": get("max_position_embeddings"),
+        p + "embedding_length": get("hidden_size"),
+        p + "feed_forward_length": get("intermediate_size"),
+        p + "attention.head_count": get("num_attention_heads"),
+        p + "attention.head_count_kv": get("num_key_value_heads"),
+        p + "rope.freq_base": get("rope_theta", float, low=0),
+        p + "attention.layer_norm_rms_epsilon": get("rms_norm_eps", float, low=0),
+        p + "expert_count": get("num_experts"),
+        p + "expert_used_count": get("num_experts_per_tok"),
         p + "attention.key_length": head_dim,
         p + "attention.value_length": head_dim,
         "general.file_type": None,  # set by convert()
-        p + "expert_feed_forward_length": int(get("moe_intermediate_size")),
-        p + "expert_shared_feed_forward_length": int(get("shared_expert_intermediate_size")),
-        p + "ssm.conv_kernel": int(get("linear_conv_kernel_dim")),
-        p + "ssm.state_size": int(get("linear_key_head_dim")),
-        p + "ssm.group_count": int(get("linear_num_key_heads")),
-        p + "ssm.time_step_rank": int(get("linear_num_value_heads")),
-        p + "ssm.inner_size": int(get("linear_value_head_dim")) * int(get("linear_num_value_heads")),
+        p + "expert_feed_forward_length": get("moe_intermediate_size"),
+        p + "expert_shared_feed_forward_length": get("shared_expert_intermediate_size", low=0),
+        p + "ssm.conv_kernel": get("linear_conv_kernel_dim"),
+        p + "ssm.state_size": get("linear_key_head_dim"),
+        p + "ssm.group_count": get("linear_num_key_heads"),
+        p + "ssm.time_step_rank": get("linear_num_value_heads"),
+        p + "ssm.inner_size": get("linear_value_head_dim") * get("linear_num_value_heads"),
         p + "attention.recurrent_layers": recurrent + [False] * n_mtp,  # an MTP layer is a full-attention layer
         p + "full_attention_interval": interval,
-        p + "rope.dimension_count": int(head_dim * float(get("partial_rotary_factor", 0.25))),
+        p + "rope.dimension_count": int(head_dim * get("partial_rotary_factor", float, 0, 1, default=0.25)),
         **({p + "nextn_predict_layers": n_mtp} if n_mtp else {}),
     }
 
@@ -685,6 +723,26 @@ def vocab_metadata(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int],
             tokens.append(reverse[i])
             types.append(TT_NORMAL)
     return tokens, types, pre
+
+
+def special_vocab(hf_dir: Path, vocab_size: int) -> gguf.SpecialVocab:
+    """gguf-py's SpecialVocab (merges, special token ids, add-bos/eos flags, chat template), with its input files
+    checked first: it reads them with bare open()/json.load, so a file that is not UTF-8 or not a JSON object
+    would end the conversion in a traceback."""
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if (hf_dir / name).exists():
+            _read_json(hf_dir / name, name)
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.exists():
+        try:
+            jinja.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise LocalcoderError(f"cannot read {jinja}: {e}; re-download it") from None
+    try:
+        return gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise LocalcoderError(f"cannot read the tokenizer files in {hf_dir} ({type(e).__name__}: {e}); "
+                              "re-download tokenizer.json and tokenizer_config.json") from None
 
 
 def _pre_tokenizer(pre: Any) -> str | None:
@@ -737,9 +795,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     if out_path.exists() and out_path.resolve().parent == hf_dir.resolve() and not _is_gguf(out_path):
         raise LocalcoderError(f"{out_path} is a file of the checkpoint being converted; write the GGUF to a new path")
     config = _read_json(hf_dir / "config.json", "config.json, model*.safetensors, tokenizer.json")
-    vocab_size = int(config.get("vocab_size") or 0)
-    if vocab_size <= 0:
-        raise LocalcoderError(f"{hf_dir / 'config.json'} lacks vocab_size; the config is incomplete, re-download it")
+    vocab_size = config_number(config, "vocab_size", str(hf_dir / "config.json"))
     sources = checkpoint_sources(hf_dir)
     n_mtp = _count_mtp(sources) if keep_mtp else 0
     meta = hf_metadata(config, n_mtp, str(hf_dir / "config.json"))
@@ -749,7 +805,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     if mixed:
         planned = _apply_mix(planned, ftype, cfg.n_expert, cfg.n_layer)
     tokens, types, pre = vocab_metadata(hf_dir, vocab_size)
-    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
+    special = special_vocab(hf_dir, vocab_size)
     if not special.merges:
         raise LocalcoderError(f"{hf_dir}/tokenizer.json has no BPE merges; re-download the tokenizer files")
     _check_space(out_path, planned, extra=len(json.dumps(tokens)) + 4 * len(special.merges) + (1 << 20))
@@ -912,15 +968,12 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type
             raise LocalcoderError(f"{in_path.name} is already quantized (tensor {t.name} is "
                                   f"{t.tensor_type.name}); re-quantize from its F32/F16/BF16 GGUF or convert "
                                   "the Hugging Face checkpoint with localcoder convert")
-
-    def value(key: str, default: int) -> int:
-        f = reader.fields.get(f"{ARCH}.{key}")
-        return int(f.contents()) if f is not None else default
-
+    # the hyper-parameters, checked as the runtime checks them (the mix depends on the expert and layer counts)
+    cfg = ModelConfig.from_gguf({k: f.contents() for k, f in reader.fields.items()
+                                 if k.startswith(ARCH + ".") or k == "general.architecture"}, 0, str(in_path))
     tensors = sorted(reader.tensors, key=lambda t: llama_order(t.name))
     shapes = [ggml_shape(tuple(int(d) for d in t.shape[::-1])) for t in tensors]
-    types = mix_types([(t.name, sh) for t, sh in zip(tensors, shapes)], ftype, value("expert_count", 0),
-                      value("block_count", 0))
+    types = mix_types([(t.name, sh) for t, sh in zip(tensors, shapes)], ftype, cfg.n_expert, cfg.n_layer)
     planned = []
     for t, shape, qtype in zip(tensors, shapes, types):
         qtype = t.tensor_type if qtype is None else qtype
