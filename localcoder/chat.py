@@ -94,10 +94,12 @@ def _gitignored(paths: list[Path], root: Path) -> set[Path]:
 
 
 def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
-    """Files named by paths, globs and directories; honours .gitignore, skips .git and binary files in
-    directories and globs, and refuses a file named on its own that is binary, not UTF-8 or too large."""
+    """Files named by paths, globs and directories; skips .git, what .gitignore ignores and binary files in
+    directories and globs; a file named on its own is taken even if ignored (as `git add` takes one when named)
+    and refused with the reason if it is binary, not UTF-8 or too large."""
     root = (root or Path.cwd()).resolve()
     found: list[Path] = []
+    named: set[Path] = set()
     for spec in specs:
         p = Path(os.path.expanduser(spec))
         p = p if p.is_absolute() else root / p
@@ -106,6 +108,7 @@ def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
         elif p.is_file():
             _check_named_file(p, spec)
             cands = [p]
+            named.add(p.resolve())
         else:
             cands = sorted(q for q in Path(p.anchor).glob(str(p.relative_to(p.anchor))) if q.is_file())
             if not cands:
@@ -114,7 +117,7 @@ def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
     ignored = _gitignored(found, root) if found else set()
     out, seen = [], set()
     for q in found:
-        if q in seen or q in ignored or q.stat().st_size > MAX_FILE_BYTES or _is_binary(q):
+        if q in seen or (q in ignored and q not in named) or q.stat().st_size > MAX_FILE_BYTES or _is_binary(q):
             continue
         seen.add(q)
         out.append(q)
@@ -164,7 +167,13 @@ class ChatSession:
         Re-encoding a reply's text does not always give back the sampled ids (BPE has several spellings of
         one string, e.g. runs of newlines), and any difference would defeat prompt reuse from that point."""
         tok = self.model.tokenizer
-        text = self.model.render_chat(self.messages(extra_user), add_generation_prompt=add_generation_prompt)
+        text, contents = self.model.chat_template.render_spans(self.messages(extra_user),
+                                                               add_generation_prompt=add_generation_prompt)
+
+        def encode(a: int, b: int) -> list[int]:  # text[a:b], control tokens inside contents left as text
+            return tok.encode(text[a:b], parse_special=True,
+                              plain=[(max(s, a) - a, min(e, b) - a) for s, e in contents if s < b and e > a])
+
         ids: list[int] = []
         at = 0
         for m in self.history:
@@ -175,9 +184,9 @@ class ChatSession:
             if start < 0:
                 continue
             body = start + len(head) - len(m["content"])
-            ids += tok.encode(text[at:body], parse_special=True) + list(m["ids"])
+            ids += encode(at, body) + list(m["ids"])
             at = body + len(m["content"])
-        return ids + tok.encode(text[at:], parse_special=True)
+        return ids + encode(at, len(text))
 
     def context_used(self) -> int:
         turn = Turn("", list(self.pending)) if self.pending else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -155,8 +156,46 @@ class ChatTemplate:
         except Exception as e:
             raise _error(e, self.hint) from None
 
+    def render_spans(self, messages: list[dict], tools: list[dict] | None = None,
+                     add_generation_prompt: bool = True, **extra: Any) -> tuple[str, list[tuple[int, int]]]:
+        """render() and where in its text each message's content lies, as sorted (start, end) spans: the
+        caller tokenizes those without matching control tokens, so that a file, a paste or a tool result
+        holding `<|im_end|>` or `<|im_start|>` (any code about chat models does) stays text and cannot end its
+        turn or open another. Found by rendering again with a placeholder per content; a content the template
+        trims is found trimmed. No spans (every control token matched, as llama.cpp does) when the template
+        does anything else to a content, so that the spans are never wrong."""
+        text = self.render(messages, tools, add_generation_prompt, **extra)
+        contents = [m.get("content") if isinstance(m, Mapping) else None for m in messages]
+        own = [i for i, c in enumerate(contents) if isinstance(c, str) and c]
+        if not own or _MARK[0] in text:
+            return text, []
+        marked = list(messages)
+        for i in own:
+            marked[i] = {**messages[i], "content": f"{_MARK[0]}{i}{_MARK[1]}"}
+        pieces = re.split(f"{_MARK[0]}(\\d+){_MARK[1]}", self.render(marked, tools, add_generation_prompt, **extra))
+        spans, pos = [], 0
+        for k, piece in enumerate(pieces):  # template text, content index, template text, ...
+            if k % 2 == 0:
+                if not text.startswith(piece, pos):
+                    return text, []
+                pos += len(piece)
+                continue
+            content = contents[int(piece)]
+            for found in (content, content.strip()):
+                if text.startswith(found, pos) and text.startswith(pieces[k + 1], pos + len(found)):
+                    break
+            else:
+                return text, []
+            if found:
+                spans.append((pos, pos + len(found)))
+            pos += len(found)
+        return (text, spans) if pos == len(text) else (text, [])
+
     def __repr__(self) -> str:
         return f"ChatTemplate({len(self.source)} chars)"
+
+
+_MARK = ("\ue000", "\ue001")  # private-use characters around a content's index (render_spans)
 
 
 def _token_text(meta: Mapping[str, Any], key: str) -> str:

@@ -159,8 +159,11 @@ class Model:
         return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: list[dict], tools=None, add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, tools, add_generation_prompt)
-        return self.tokenizer.encode(text, parse_special=True)
+        """The rendered conversation's ids: the template's control tokens matched, not those written inside a
+        message's content (see ChatTemplate.render_spans)."""
+        text, contents = self.chat_template.render_spans(messages, tools=tools,
+                                                         add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, parse_special=True, plain=contents)
 
 
 def _check_mlx_expert_options(policy: str, prefetch: bool) -> None:

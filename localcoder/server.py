@@ -262,10 +262,11 @@ class _Server:
         sampler, stop, max_tokens, stream, usage = self._common(body)
         logprobs = chat_logprobs(body)
         try:
-            text = self.model.render_chat(messages, tools if use_tools else None, add_generation_prompt=True)
+            text, contents = self.model.chat_template.render_spans(messages, tools if use_tools else None,
+                                                                   add_generation_prompt=True)
         except LocalcoderError as e:
             raise bad(str(e), param="messages", code="template_error") from None
-        ids = self.model.tokenizer.encode(text + prefill, parse_special=True)
+        ids = self.model.tokenizer.encode(text + prefill, parse_special=True, plain=contents)
         room = self.check_context(ids, "messages")
         return _Work(ids, min(max_tokens or room, room), sampler, stop, stream, usage,
                      tools if use_tools else None, prefill, self._system_end(messages, ids), logprobs)

@@ -18,6 +18,7 @@ normal tokens, the UTF-8 text itself for control/user-defined tokens), and the b
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import re
 from typing import Any, Mapping, Sequence
@@ -232,8 +233,10 @@ class Tokenizer:
         if text:
             out.extend(self._bpe.encode_batch_fast([text], add_special_tokens=False)[0].ids)
 
-    def encode(self, text: str, parse_special: bool = False) -> list[int]:
-        """Token ids of ``text`` (no BOS is added).  See the module docstring for ``parse_special``."""
+    def encode(self, text: str, parse_special: bool = False, plain: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Token ids of ``text`` (no BOS is added).  See the module docstring for ``parse_special``.
+        ``plain``: sorted, disjoint (start, end) character spans of text tokenized as with parse_special=False
+        (a chat message's content: a control token's text there is text, as the user wrote it)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
         if not text.isascii():
@@ -246,8 +249,13 @@ class Tokenizer:
         if pat is None:
             self._encode_plain(text, out)
             return out
+        starts = [a for a, _ in plain]
         pos = 0
         for m in pat.finditer(text):
+            if plain and m.group() not in self._special_user:
+                k = bisect.bisect_left(starts, m.end()) - 1  # the last span starting before the match ends
+                if k >= 0 and plain[k][1] > m.start():
+                    continue  # inside a plain span: left to the BPE with the text around it
             self._encode_plain(text[pos:m.start()], out)
             out.append(table[m.group()])
             pos = m.end()

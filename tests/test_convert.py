@@ -265,13 +265,19 @@ def test_temp_file_removed_on_error_mid_write(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_layers_beyond_num_hidden_layers(tiny, tmp_path):
-    """Tensors of a layer past num_hidden_layers were written but never run (block_count stopped short)."""
+@pytest.mark.parametrize("key, value, match", [
+    # a layer past num_hidden_layers was written but never run (block_count stopped short)
+    ("num_hidden_layers", 3, r"tensors of layer 3 \(model\.layers\.3\..*num_hidden_layers = 3 .*correct "
+                             r"num_hidden_layers in config\.json"),
+    # an expert id past num_experts was reported as a missing shard ("has 1 of 7 experts")
+    ("num_experts", 7, r"the checkpoint has expert 7 \(model\.layers\.0\.mlp\.experts\.7\..*num_experts = 7 "
+                       r"\(experts 0\.\.6\); correct num_experts in config\.json"),
+])
+def test_tensors_beyond_the_config(tiny, tmp_path, key, value, match):
     root = _copy_hf(tiny, tmp_path / "hf")
     config = json.loads((root / "config.json").read_text())
-    (root / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    _expect_error(root, tmp_path, r"tensors of layer 3 \(model\.layers\.3\..*num_hidden_layers = 3 .*correct "
-                  r"num_hidden_layers in config\.json")
+    (root / "config.json").write_text(json.dumps({**config, key: value}))
+    _expect_error(root, tmp_path, match)
 
 
 @pytest.mark.parametrize("content, match", [(b'\xff\xfe{"bos_token": null}', "tokenizer_config.json is not UTF-8"),

@@ -249,3 +249,19 @@ def test_lone_surrogates_become_replacement_characters(tok):
     import os
     assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
     assert tok.encode(os.fsdecode(b"x\xffy")) == tok.encode("x\ufffdy")
+
+
+def test_plain_spans_keep_control_tokens_as_text(tok):
+    """encode(..., plain=spans): control tokens inside a span (a chat message's content) are text, those
+    outside are control tokens; user-defined ones are matched everywhere, as parse_special=False does."""
+    text = "<|im_start|>user\nA<|im_end|>B<tool_call>C<|im_end|>\n"
+    a, b = text.index("A"), text.index("C") + 1
+    ids = tok.encode(text, parse_special=True, plain=[(a, b)])
+    im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert ids.count(im_start) == 1 and ids.count(im_end) == 1 and ids[-2] == im_end
+    assert tok.token_to_id("<tool_call>") in ids
+    assert tok.decode(ids) == text
+    assert tok.encode(text, parse_special=True, plain=[]) == tok.encode(text, parse_special=True)
+    assert tok.encode(text, parse_special=True, plain=[(0, len(text))]).count(im_end) == 0
+    # a span that covers part of a control token's text leaves it text too
+    assert tok.encode(text, parse_special=True, plain=[(b + 2, b + 3)]).count(im_end) == 1

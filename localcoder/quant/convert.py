@@ -516,8 +516,13 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
             matched = True
             gguf_name = out.format(bid=m.group("bid")) if "bid" in pattern.groupindex else out
             if "xid" in pattern.groupindex:
+                xid = int(m.group("xid"))
+                if xid >= cfg.n_expert:  # else it would wait for experts that never come ("a shard is incomplete")
+                    raise LocalcoderError(f"the checkpoint has expert {xid} ({name} in {renamed[name].path.name}) but "
+                                          f"config.json says num_experts = {cfg.n_expert} (experts 0..{cfg.n_expert - 1});"
+                                          f" correct num_experts in config.json")
                 group = experts.setdefault(gguf_name, {})
-                group[int(m.group("xid"))] = renamed[name]
+                group[xid] = renamed[name]
                 if len(group) < cfg.n_expert:
                     continue
                 if sorted(group) != list(range(cfg.n_expert)):
