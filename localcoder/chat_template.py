@@ -158,44 +158,82 @@ class ChatTemplate:
 
     def render_spans(self, messages: list[dict], tools: list[dict] | None = None,
                      add_generation_prompt: bool = True, **extra: Any) -> tuple[str, list[tuple[int, int]]]:
-        """render() and where in its text each message's content lies, as sorted (start, end) spans: the
-        caller tokenizes those without matching control tokens, so that a file, a paste or a tool result
-        holding `<|im_end|>` or `<|im_start|>` (any code about chat models does) stays text and cannot end its
-        turn or open another. Found by rendering again with a placeholder per content; a content the template
-        trims is found trimmed. No spans (every control token matched, as llama.cpp does) when the template
-        does anything else to a content, so that the spans are never wrong."""
+        """render() and where in its text the conversation's own text lies, as sorted (start, end) spans: each
+        message's content and each string argument of its tool calls. The caller tokenizes those without
+        matching control tokens, so that a file, a paste, a tool result or a call that writes a file holding
+        `<|im_end|>` or `<|im_start|>` (any code about chat models does) stays text and cannot end its turn or
+        open another. Found by rendering again with a placeholder for each such text (blank ones need none: they
+        hold no token); a content the template trims is found trimmed. When the template does anything else to
+        them, the arguments go unmarked, then everything (every control token matched, as llama.cpp does), so
+        the spans are never wrong."""
+        messages = _normalize_messages(list(messages))
         text = self.render(messages, tools, add_generation_prompt, **extra)
-        contents = [m.get("content") if isinstance(m, Mapping) else None for m in messages]
-        own = [i for i, c in enumerate(contents) if isinstance(c, str) and c]
-        if not own or _MARK[0] in text:
+        # two private-use characters the rendering does not contain bracket a placeholder's number
+        cp = next((c for c in range(0xE000, 0xF8FF, 2) if chr(c) not in text and chr(c + 1) not in text), None)
+        if cp is None:
             return text, []
-        marked = list(messages)
-        for i in own:
-            marked[i] = {**messages[i], "content": f"{_MARK[0]}{i}{_MARK[1]}"}
-        pieces = re.split(f"{_MARK[0]}(\\d+){_MARK[1]}", self.render(marked, tools, add_generation_prompt, **extra))
-        spans, pos = [], 0
-        for k, piece in enumerate(pieces):  # template text, content index, template text, ...
-            if k % 2 == 0:
-                if not text.startswith(piece, pos):
-                    return text, []
-                pos += len(piece)
-                continue
-            content = contents[int(piece)]
-            for found in (content, content.strip()):
-                if text.startswith(found, pos) and text.startswith(pieces[k + 1], pos + len(found)):
-                    break
-            else:
+        for with_arguments in (True, False):
+            texts: list[str] = []
+            marked = [_marked(m, texts, chr(cp), chr(cp + 1), with_arguments) for m in messages]
+            if not texts:
                 return text, []
-            if found:
-                spans.append((pos, pos + len(found)))
-            pos += len(found)
-        return (text, spans) if pos == len(text) else (text, [])
+            rendered = self.render(marked, tools, add_generation_prompt, **extra)
+            pieces = re.split(f"{chr(cp)}(\\d+){chr(cp + 1)}", rendered)
+            spans = _align(text, pieces, texts)
+            if spans is not None:
+                return text, spans
+        return text, []
 
     def __repr__(self) -> str:
         return f"ChatTemplate({len(self.source)} chars)"
 
 
-_MARK = ("\ue000", "\ue001")  # private-use characters around a content's index (render_spans)
+def _marked(msg, texts: list[str], open_: str, close: str, with_arguments: bool):
+    """msg (normalized) with its content and, with_arguments, its tool calls' string arguments replaced by
+    placeholders open_ N close; each replaced text is appended to texts (N is its index)."""
+    if not isinstance(msg, Mapping):
+        return msg
+
+    def mark(value):
+        if isinstance(value, str) and value.strip():
+            texts.append(value)
+            return f"{open_}{len(texts) - 1}{close}"
+        return value
+
+    msg = {**msg, "content": mark(msg.get("content"))} if "content" in msg else dict(msg)
+    calls = msg.get("tool_calls")
+    if with_arguments and isinstance(calls, list):
+        new_calls = []
+        for call in calls:
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            target = fn if isinstance(fn, Mapping) else call
+            if isinstance(target, Mapping) and isinstance(target.get("arguments"), Mapping):
+                target = {**target, "arguments": {k: mark(v) for k, v in target["arguments"].items()}}
+                call = {**call, "function": target} if isinstance(fn, Mapping) else target
+            new_calls.append(call)
+        msg["tool_calls"] = new_calls
+    return msg
+
+
+def _align(text: str, pieces: list[str], texts: list[str]) -> list[tuple[int, int]] | None:
+    """Spans of texts in text, from the placeholder rendering split into pieces (template text, a placeholder's
+    number, template text, ...); a text may appear trimmed. None when the two renderings do not line up."""
+    spans, pos = [], 0
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            if not text.startswith(piece, pos):
+                return None
+            pos += len(piece)
+            continue
+        own = texts[int(piece)]
+        for found in (own, own.strip()):
+            if text.startswith(found, pos) and text.startswith(pieces[k + 1], pos + len(found)):
+                break
+        else:
+            return None
+        spans.append((pos, pos + len(found)))
+        pos += len(found)
+    return spans if pos == len(text) else None
 
 
 def _token_text(meta: Mapping[str, Any], key: str) -> str:

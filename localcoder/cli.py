@@ -301,7 +301,8 @@ def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p,
 def chat(
     model: Optional[Path] = ModelOpt,
     file: List[str] = typer.Option([], "-f", "--file", help="file, directory or glob to put in the conversation "
-                                   "(repeatable; honours .gitignore, skips binary files)"),
+                                   "(repeatable; directories and globs skip what .gitignore ignores and binary "
+                                   "files; a named binary or non-UTF-8 file is an error)"),
     system: Optional[str] = typer.Option(None, "--system", help="system message"),
     max_tokens: int = typer.Option(2048, "-n", "--max-tokens", help="tokens per reply at most"),
     temp: float = TempOpt,

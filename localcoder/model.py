@@ -70,8 +70,8 @@ class Model:
         """Stream experts when the budget cannot hold them all (default budget: 0.8 x (available RAM less the
         dense weights) less 1 GB). When it can: slots for every expert, preloaded in the background and
         filled on demand first, or with mmap the memory map itself (no store unless tracing)."""
-        if self.backend.name == "mlx" and not trace:
-            return None  # the MLX backend converts experts from the map and streams them itself
+        if self.backend.name == "mlx":
+            return None  # the MLX backend converts experts from the map and streams them itself (no trace)
         sets = [layer.experts for layer in self.weights.layers]
         expert_bytes = sum(t.nbytes for es in sets for t in es.tensors)
         dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes

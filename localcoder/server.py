@@ -544,18 +544,22 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
         if work.stream:
             return _JobStream(srv, job, chat_stream(request, job, rid, created))
         text, lps = await srv.collect(request, job)
-        logprobs = None if work.logprobs is None else {
-            "content": [chat_logprob(srv.model.tokenizer, lp) for lp in lps]}
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        calls = []
-        if work.tools is not None:
-            message["content"], calls = parse_tool_calls(work.prefill + text, work.tools)
-            if calls:
-                message["tool_calls"] = [c.to_openai() for c in calls]
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": srv.name,
-                             "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                                          "finish_reason": _finish(job, bool(calls))}],
-                             "usage": _usage(job)})
+
+        def reply() -> JSONResponse:  # off the event loop: a long reply's logprobs take a while to shape
+            logprobs = None if work.logprobs is None else {
+                "content": [chat_logprob(srv.model.tokenizer, lp) for lp in lps]}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = []
+            if work.tools is not None:
+                message["content"], calls = parse_tool_calls(work.prefill + text, work.tools)
+                if calls:
+                    message["tool_calls"] = [c.to_openai() for c in calls]
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": srv.name,
+                                 "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                                              "finish_reason": _finish(job, bool(calls))}],
+                                 "usage": _usage(job)})
+
+        return await anyio.to_thread.run_sync(reply)
 
     def chat_stream(request: Request, job: _Job, rid: str, created: int):
         usage = job.work.include_usage
@@ -620,8 +624,9 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
 
             return _JobStream(srv, job, srv.stream(request, job, list, piece, tail))
         text, lps = await srv.collect(request, job)
-        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": srv.name,
-                             "choices": [choice(text, _finish(job, False), lps)], "usage": _usage(job)})
+        return await anyio.to_thread.run_sync(lambda: JSONResponse(  # off the event loop, as for chat
+            {"id": rid, "object": "text_completion", "created": created, "model": srv.name,
+             "choices": [choice(text, _finish(job, False), lps)], "usage": _usage(job)}))
 
     async def on_api_error(request: Request, exc: APIError):
         return exc.response()

@@ -300,6 +300,8 @@ def test_unreadable_tokenizer_config(tiny, tmp_path, content, match):
     ("rope_theta", "1e7", "rope_theta = '1e7' is not a finite number > 0"),
     ("partial_rotary_factor", 2, "partial_rotary_factor = 2 is too large"),
     ("layer_types", "linear_attention", "layer_types = 'linear_attention' is not a list"),
+    ("rope_parameters", [1e7], "rope_parameters = [10000000.0] is not an object"),
+    ("rope_scaling", "yarn", "rope_scaling = 'yarn' is not an object"),
 ])
 def test_config_numbers_are_checked(fixtures_dir, tmp_path, key, value, match):
     """Every number of config.json goes through the one check GGUF metadata does (config.hyperparameter); a

@@ -393,5 +393,6 @@ def test_expert_cache_sizes_the_mlx_expert_cache():
     model = localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_cache="3M")
     assert model.backend.experts.budget == 3 << 20
     assert model.expert_store is None
+    assert localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_trace=True).expert_store is None
     with pytest.raises(LocalcoderError, match="--expert-prefetch: the MLX backend"):
         localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_prefetch=True)

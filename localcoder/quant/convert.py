@@ -605,12 +605,21 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
+def _section(config: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    """A sub-object of config.json ({} when absent or null)."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise LocalcoderError(f"{path}: {key} = {value!r} is not an object; correct it in config.json (or "
+                              "re-download the checkpoint)")
+    return value
+
+
 def config_number(config: dict[str, Any], key: str, path: str = "config.json", kind: type = int, low: float = 1,
                   high: float | None = None, default: Any = None) -> int | float:
     """A number of config.json (or of its rope_parameters), checked by the one rule GGUF metadata follows too
     (config.hyperparameter), so that a string or a negative size is a one-line error naming the key."""
     value = config.get(key)
-    value = (config.get("rope_parameters") or {}).get(key) if value is None else value  # null: absent
+    value = _section(config, "rope_parameters", path).get(key) if value is None else value  # null: absent
     value = default if value is None else value
     if value is None:
         raise LocalcoderError(f"{path} lacks {key}; the config is incomplete, re-download it")
@@ -631,8 +640,8 @@ def hf_metadata(config: dict[str, Any], n_mtp: int, path: str = "config.json") -
     def get(key: str, kind: type = int, low: float = 1, high: float | None = None, default: Any = None):
         return config_number(config, key, path, kind, low, high, default)
 
-    scaling = config.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", (config.get("rope_parameters") or {}).get(
+    scaling = _section(config, "rope_scaling", path)
+    rope_type = scaling.get("rope_type", scaling.get("type", _section(config, "rope_parameters", path).get(
         "rope_type", "default")))
     if rope_type != "default":
         raise LocalcoderError(f"{path}: rope scaling {rope_type!r} is not supported; remove rope_scaling "
