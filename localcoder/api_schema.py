@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import anyio
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -231,8 +232,8 @@ async def json_body(request: Request) -> dict:
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise too_large()
-    try:
-        body = json.loads(raw)
+    try:  # a body of megabytes parses for a while: off the event loop
+        body = json.loads(raw) if len(raw) < (1 << 20) else await anyio.to_thread.run_sync(json.loads, raw)
     except RecursionError:  # json's C parser recurses per level: [[[[... runs out of stack
         raise bad("the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:

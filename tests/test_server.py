@@ -333,9 +333,12 @@ def test_bad_inputs_get_openai_errors_and_the_server_goes_on(real):
 
 def test_nested_json_is_a_bad_request(real):
     url, _ = real
-    r = httpx.post(url + "/v1/chat/completions", content=b"[" * 100000, timeout=30)
-    assert r.status_code == 400
-    assert r.json()["error"]["message"] == "the request body is not valid JSON: nested too deeply"
+    for size in (100_000, 2_000_000):  # parsed on the event loop, and (over 1 MB) in a worker thread
+        r = httpx.post(url + "/v1/chat/completions", content=b"[" * size, timeout=30)
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "the request body is not valid JSON: nested too deeply"
+    r = httpx.post(url + "/v1/chat/completions", content=b"{" + b" " * 2_000_000 + b"[}", timeout=30)
+    assert r.status_code == 400 and "not valid JSON: Expecting" in r.json()["error"]["message"]
 
 
 def _raw_request(url, head: bytes, body=b"", timeout=10.0) -> tuple[int, dict]:
