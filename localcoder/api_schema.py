@@ -59,7 +59,7 @@ def number(body, key, default=None) -> float | None:
         return None if v is None else float(v)
     except OverflowError:  # an integer of hundreds of digits
         raise bad(f"'{key}' is out of range ({len(str(v))} digits); give an ordinary number", param=key,
-                   code="invalid_value") from None
+                  code="invalid_value") from None
 
 
 def integer(body, key, default=None):
@@ -131,13 +131,13 @@ def content_text(content: Any, where: str) -> str | None:
                 texts.append(part["text"])
             elif isinstance(part, dict) and isinstance(part.get("type"), str):
                 raise bad(f"{where}.content[{j}] is a '{part['type']}' part; this model reads text only",
-                           param=f"{where}.content", code="unsupported_content")
+                          param=f"{where}.content", code="unsupported_content")
             else:
                 raise bad(f"{where}.content[{j}] must be a text part", param=f"{where}.content",
-                           code="invalid_type")
+                          code="invalid_type")
         return "\n".join(texts)
     raise bad(f"{where}.content must be a string, a list of text parts, or null", param=f"{where}.content",
-               code="invalid_type")
+              code="invalid_type")
 
 
 def parse_messages(raw: Any) -> list[dict]:
@@ -163,8 +163,8 @@ def parse_messages(raw: Any) -> list[dict]:
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
                         not isinstance(fn.get("arguments", "{}"), (str, dict)):
                     raise bad(f"{where}.tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
-                               f"{{\"name\": str, \"arguments\": str}}}}", param=f"{where}.tool_calls",
-                               code="invalid_type")
+                              f"{{\"name\": str, \"arguments\": str}}}}", param=f"{where}.tool_calls",
+                              code="invalid_type")
             msg["content"] = content  # may be None: the template renders the calls
         else:
             msg.pop("tool_calls", None)
@@ -183,14 +183,14 @@ def parse_tools(raw: Any) -> list[dict] | None:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or tool.get("type", "function") != "function":
             raise bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where,
-                       code="invalid_type")
+                      code="invalid_type")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad(f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
         params = fn.get("parameters")
         if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
             raise bad(f"{where}.function.parameters of '{fn['name']}' must be a JSON schema object "
-                       f"({{\"type\": \"object\", \"properties\": {{...}}}}), got {json.dumps(params)[:80]}",
-                       param=f"{where}.function.parameters", code="invalid_schema")
+                      f"({{\"type\": \"object\", \"properties\": {{...}}}}), got {json.dumps(params)[:80]}",
+                      param=f"{where}.function.parameters", code="invalid_schema")
     return raw or None
 
 
@@ -209,10 +209,10 @@ def parse_tool_choice(raw: Any, tools: list[dict] | None) -> tuple[bool, str]:
         name = raw["function"].get("name")
         if name not in names:
             raise bad(f"tool_choice names function {json.dumps(name)}, which is not in 'tools' ({names})",
-                       param="tool_choice")
+                      param="tool_choice")
         return True, f"<tool_call>\n<function={name}>\n"
     raise bad("tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": "
-               "{\"name\": ...}}", param="tool_choice", code="invalid_type")
+              "{\"name\": ...}}", param="tool_choice", code="invalid_type")
 
 
 def too_large() -> APIError:

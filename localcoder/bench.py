@@ -131,13 +131,11 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
     With expert streaming (an expert cache smaller than the experts) it also reports the cache counters,
     bytes read from disk per token, the disk bandwidth and the limit they imply."""
     import localcoder
-    from .backends import get_backend
     from .generate import prefill
 
     started = process_start_time()
-    be = get_backend(backend, threads=threads) if isinstance(backend, str) else backend
-    model = localcoder.load(model_path, backend=be, expert_cache=expert_cache, expert_policy=expert_policy,
-                            expert_trace=True, expert_prefetch=expert_prefetch)
+    model = localcoder.load(model_path, backend=backend, threads=threads, expert_cache=expert_cache,
+                            expert_policy=expert_policy, expert_trace=True, expert_prefetch=expert_prefetch)
     store = model.expert_store
     n_threads = getattr(model.backend, "threads", threads or 1)
     rng = np.random.default_rng(seed)

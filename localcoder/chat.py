@@ -140,6 +140,8 @@ class ChatSession:
         self.history: list[dict] = []  # OpenAI-format messages (user turns keep their Turn under "turn")
         self.pending: list[ContextFile] = []  # files added since the last user turn
         self.prefix = PrefixCache(model.new_cache(), max_checkpoints)
+        self.last = GenerationStats()
+        self.total = GenerationStats()
 
     @property
     def max_tokens(self) -> int:
@@ -149,8 +151,6 @@ class ChatSession:
     def max_tokens(self, n: int) -> None:
         check_max_tokens(n)
         self._max_tokens = n
-        self.last = GenerationStats()
-        self.total = GenerationStats()
 
     # -- the conversation as the model sees it -------------------------------------------------------
     def messages(self, extra_user: Turn | None = None) -> list[dict]:

@@ -419,10 +419,9 @@ def quantize(
     from .quant.convert import requantize
 
     check_threads(threads)
-    if threads:
-        from .backends.numba_cpu import set_threads
+    from .backends.numba_cpu import set_threads
 
-        set_threads(threads)
+    set_threads(threads)  # None: every core
     with _bytes_progress() as report:
         path = requantize(in_gguf, out_gguf, out_type, progress=report)
     _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")

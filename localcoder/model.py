@@ -42,11 +42,16 @@ class Model:
         self.tokenizer = Tokenizer.from_metadata(file.metadata)
         self.chat_template = (template_from_metadata(file.metadata) if chat_template_file is None
                               else template_from_file(chat_template_file, file.metadata))
-        self.backend = get_backend(backend, threads=threads) if isinstance(backend, str) else backend
+        budget = None if expert_cache is None else parse_size(expert_cache)
+        if isinstance(backend, str):  # MLX converts experts into its own cache: the budget is that cache's
+            self.backend = get_backend(backend, threads=threads, expert_budget=budget)
+        else:
+            self.backend = backend
+            if backend.name == "mlx" and budget is not None:
+                raise LocalcoderError("expert_cache with a ready-made MLX backend: give the budget to "
+                                      "MLXBackend(expert_budget=...) instead")
         if self.backend.name == "mlx":
             _check_mlx_expert_options(expert_policy, expert_prefetch)
-            if expert_cache is not None:  # MLX converts experts into its own cache: this is its budget
-                self.backend.experts.budget = parse_size(expert_cache)
         n_ctx = n_ctx or min(DEFAULT_CTX, self.config.n_ctx_train)
         if not 0 < n_ctx <= self.config.n_ctx_train:
             raise LocalcoderError(f"context {n_ctx} is outside 1..{self.config.n_ctx_train}, the model's "
@@ -63,9 +68,9 @@ class Model:
         # (measured: 151936x2048 Q6_K matvec 17-19 GB/s mapped, 31-32 GB/s copied). The MLX backend
         # converts weights itself, so it keeps the map.
         self.mmap = self.backend.name == "mlx" if mmap is None else bool(mmap)
-        self.expert_store = self._expert_store(expert_cache, expert_policy, expert_trace, expert_prefetch, preload)
+        self.expert_store = self._expert_store(budget, expert_policy, expert_trace, expert_prefetch, preload)
 
-    def _expert_store(self, expert_cache, policy: str, trace: bool, prefetch: bool,
+    def _expert_store(self, budget: int | None, policy: str, trace: bool, prefetch: bool,
                       preload: bool) -> ExpertStore | None:
         """Stream experts when the budget cannot hold them all (default budget: 0.8 x (available RAM less the
         dense weights) less 1 GB). When it can: slots for every expert, preloaded in the background and
@@ -75,10 +80,8 @@ class Model:
         sets = [layer.experts for layer in self.weights.layers]
         expert_bytes = sum(t.nbytes for es in sets for t in es.tensors)
         dense = sum(t.nbytes for t in self.file.tensors.values()) - expert_bytes
-        if expert_cache is None:  # leave a fifth of the rest and 1 GB to the OS, the KV cache and activations
+        if budget is None:  # leave a fifth of the rest and 1 GB to the OS, the KV cache and activations
             budget = int(0.8 * (available_memory() - dense)) - int(1e9)
-        else:
-            budget = parse_size(expert_cache)
         if policy not in ("lru", "lfu"):
             raise LocalcoderError(f"unknown expert cache policy {policy!r}; choose lru or lfu")
         if budget >= expert_bytes and self.mmap and not trace:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from .errors import LocalcoderError
 
@@ -67,13 +69,21 @@ def check_output_dir(path: Path, flag: str) -> Path:
     return path
 
 
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write PATH.tmp and rename it to path, so a reader never sees half a file; on any error PATH.tmp is removed."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yields PATH.tmp to write: renamed to path when the block ends, removed when it raises (Ctrl-C and
+    SIGTERM included), so that a reader never sees half a file and nothing half-written is left behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """path's new text, written whole or not at all (replacing)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -249,8 +249,8 @@ class _Server:
         room = self.model.n_ctx - len(ids)
         if room < 1:
             raise bad(f"the prompt is {len(ids)} tokens but the context holds {self.model.n_ctx}; shorten the "
-                       f"conversation or restart the server with a larger --ctx (the model allows "
-                       f"{self.model.config.n_ctx_train})", param=param, code="context_length_exceeded")
+                      f"conversation or restart the server with a larger --ctx (the model allows "
+                      f"{self.model.config.n_ctx_train})", param=param, code="context_length_exceeded")
         return room
 
     def chat_work(self, body: dict) -> _Work:
@@ -300,7 +300,7 @@ class _Server:
                 raise bad(f"token id {outside[0]} is outside 0..{self.model.config.n_vocab - 1}", param="prompt")
         else:
             raise bad("'prompt' must be a string, a list with one string, or a list of token ids",
-                       param="prompt", code="invalid_type")
+                      param="prompt", code="invalid_type")
         if not ids:
             raise bad("'prompt' is empty", param="prompt")
         room = self.check_context(ids, "prompt")
@@ -311,12 +311,12 @@ class _Server:
         with the user's text tokenized without matching control tokens (code may well contain them)."""
         if not isinstance(prefix, str):
             raise bad("with 'suffix' (fill-in-the-middle), 'prompt' must be the text before the gap, not token "
-                       "ids", param="prompt", code="invalid_type")
+                      "ids", param="prompt", code="invalid_type")
         tok = self.model.tokenizer
         if tok.fim_ids is None:
             raise bad("'suffix' asks for fill-in-the-middle, but this model's vocabulary has no <|fim_prefix|>, "
-                       "<|fim_suffix|> and <|fim_middle|> tokens; send the prompt without 'suffix'",
-                       param="suffix", code="fim_unsupported")
+                      "<|fim_suffix|> and <|fim_middle|> tokens; send the prompt without 'suffix'",
+                      param="suffix", code="fim_unsupported")
         pre, suf, mid = tok.fim_ids
         return [pre, *tok.encode(prefix), suf, *tok.encode(suffix), mid]
 

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from .errors import LocalcoderError
+from .paths import replacing
 
 Q = gguf.GGMLQuantizationType
 
@@ -157,15 +158,8 @@ def random_blocks(qtype: Q, shape: tuple[int, ...], rng: np.random.Generator) ->
     return raw.reshape(*shape[:-1], shape[-1] // block * size)
 
 
-def write_synthetic(path: str | os.PathLike, dims: Dims, mix: str = "q4_k_m", seed: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a random-weight qwen3next GGUF (to PATH.tmp, renamed when complete)."""
-    if mix not in MIXES:
-        raise LocalcoderError(f"unknown quant mix {mix!r}; choose one of {', '.join(MIXES)}")
-    choose = MIXES[mix]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def _header(tmp: Path, dims: Dims, mix: str, choose, specs) -> gguf.GGUFWriter:
+    """A GGUFWriter on tmp with the synthetic model's metadata and tensor infos (nothing written yet)."""
     arch = "qwen3next"
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(f"synthetic {mix} ({dims.n_layer} layers, random weights)")
@@ -203,9 +197,6 @@ def write_synthetic(path: str | os.PathLike, dims: Dims, mix: str = "q4_k_m", se
     w.add_pad_token_id(tok["tokenizer.ggml.padding_token_id"])
     w.add_add_bos_token(False)
     w.add_chat_template(tok["tokenizer.chat_template"])
-
-    rng = np.random.default_rng(seed)
-    specs = tensor_shapes(dims)
     for name, layer, shape in specs:
         qtype = choose(name, layer, dims.n_layer)
         block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -213,24 +204,35 @@ def write_synthetic(path: str | os.PathLike, dims: Dims, mix: str = "q4_k_m", se
         full = name if layer is None else f"blk.{layer}.{name}"
         w.add_tensor_info(full, (*shape[:-1], shape[-1] // block * size) if qtype != Q.F32 else shape,
                           np.dtype(np.uint8) if qtype != Q.F32 else np.dtype(np.float32), nbytes, raw_dtype=qtype)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        done, total = 0, len(specs)
-        for name, layer, shape in specs:
-            qtype = choose(name, layer, dims.n_layer)
-            data = _float_values(name, shape, rng) if qtype == Q.F32 else random_blocks(qtype, shape, rng)
-            w.write_tensor_data(data)
-            done += 1
-            if progress:
-                progress(done, total)
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    return w
+
+
+def write_synthetic(path: str | os.PathLike, dims: Dims, mix: str = "q4_k_m", seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a random-weight qwen3next GGUF (to PATH.tmp, renamed when complete)."""
+    if mix not in MIXES:
+        raise LocalcoderError(f"unknown quant mix {mix!r}; choose one of {', '.join(MIXES)}")
+    choose = MIXES[mix]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    specs = tensor_shapes(dims)
+    rng = np.random.default_rng(seed)
+    with replacing(path) as tmp:
+        w = _header(tmp, dims, mix, choose, specs)
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            done, total = 0, len(specs)
+            for name, layer, shape in specs:
+                qtype = choose(name, layer, dims.n_layer)
+                data = _float_values(name, shape, rng) if qtype == Q.F32 else random_blocks(qtype, shape, rng)
+                w.write_tensor_data(data)
+                done += 1
+                if progress:
+                    progress(done, total)
+        finally:
+            w.close()
     return path
 
 

@@ -127,13 +127,16 @@ def test_max_tokens_must_leave_room_for_a_reply(model):
     from localcoder.repl import Repl
     with pytest.raises(LocalcoderError, match="max tokens 0"):
         ChatSession(model, max_tokens=0)
-    s = ChatSession(model, max_tokens=8)
+    s = ChatSession(model, max_tokens=8, sampler=greedy())
+    "".join(s.send("hi"))
+    total = s.total.generated_tokens
     repl = Repl(s, Console(file=io.StringIO()), None)
     with pytest.raises(LocalcoderError, match="max tokens -3"):
         repl.command("/set max_tokens -3")
     assert s.max_tokens == 8
     repl.command("/set max_tokens 5")
     assert s.max_tokens == 5
+    assert total > 0 and s.total.generated_tokens == total  # /stats keeps counting across /set
 
 
 def test_named_binary_non_utf8_or_large_file_is_refused_with_the_reason(tmp_path):

@@ -394,5 +394,7 @@ def test_expert_cache_sizes_the_mlx_expert_cache():
     assert model.backend.experts.budget == 3 << 20
     assert model.expert_store is None
     assert localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_trace=True).expert_store is None
+    with pytest.raises(LocalcoderError, match=r"MLXBackend\(expert_budget=\.\.\.\)"):  # a ready-made one has its own
+        localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend=mb.MLXBackend(), expert_cache="3M")
     with pytest.raises(LocalcoderError, match="--expert-prefetch: the MLX backend"):
         localcoder.load(ALT / "qwen3next-alt-F32.gguf", backend="mlx", expert_prefetch=True)

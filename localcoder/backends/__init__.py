@@ -46,9 +46,11 @@ def check_threads(threads: int | None) -> None:
         raise LocalcoderError(f"--threads {threads}: give at least 1 (or leave it out to use every core)")
 
 
-def get_backend(name: str = "auto", threads: int | None = None):
+def get_backend(name: str = "auto", threads: int | None = None, expert_budget: int | None = None):
     """The backend called `name`; "auto" picks the fastest one installed for this machine (Numba on x86).
-    threads: the numba backend's CPU threads (default: every core; more than the machine has are capped)."""
+    threads: the numba backend's CPU threads (default: every core; more than the machine has are capped).
+    expert_budget: bytes of the MLX backend's own cache of converted experts (default: from free memory); the
+    other backends read experts through the model's expert store."""
     if name not in BACKENDS:
         raise LocalcoderError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     check_threads(threads)
@@ -65,7 +67,7 @@ def get_backend(name: str = "auto", threads: int | None = None):
             if name == "mlx":
                 raise LocalcoderError(f"backend 'mlx' needs MLX ({e}); pip install 'localcoder[mlx]'") from None
         else:
-            return MLXBackend()
+            return MLXBackend(expert_budget=expert_budget)
     if name == "auto" and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
         try:
             return _numba_backend(threads)

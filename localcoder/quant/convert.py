@@ -40,7 +40,8 @@ from gguf import LlamaFileType as FT
 
 from ..config import ARCH, MAX_LAYERS, ModelConfig, hyperparameter
 from ..errors import LocalcoderError
-from ..paths import check_output_file
+from ..gguf_file import GGUF_MAGIC
+from ..paths import check_output_file, replacing
 from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
 from . import quantizers
 from .formats import dequantize
@@ -523,11 +524,8 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
                                           f" correct num_experts in config.json")
                 group = experts.setdefault(gguf_name, {})
                 group[xid] = renamed[name]
-                if len(group) < cfg.n_expert:
+                if len(group) < cfg.n_expert:  # ids below n_expert (checked above): complete when all are in
                     continue
-                if sorted(group) != list(range(cfg.n_expert)):
-                    raise LocalcoderError(f"{gguf_name}: expert ids {sorted(group)[:4]}... do not match "
-                                          f"num_experts {cfg.n_expert} in config.json")
                 srcs = [group[e] for e in range(cfg.n_expert)]
                 del experts[gguf_name]
             else:
@@ -857,7 +855,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
 
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return f.read(4) == GGUF_MAGIC
 
 
 def _out_ftype(out_type: str, out_path: Path) -> FT:
@@ -882,22 +880,19 @@ def _check_space(out_path: Path, planned: list[Planned], extra: int) -> None:
 def _write_file(out_path: Path, planned: list[Planned], metadata: Callable[[gguf.GGUFWriter], None],
                 progress) -> Path:
     """Write OUT.tmp (metadata(writer) adds the key/values) and rename it to out_path; remove it on error."""
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        for p in planned:
-            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-        metadata(writer)
-        _write(writer, planned, progress)
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException as e:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise LocalcoderError(f"cannot write {out_path}: {e.strerror or e}; check free disk space and "
-                                  "permissions") from None
-        raise
+        with replacing(out_path) as tmp:
+            writer = gguf.GGUFWriter(tmp, ARCH)
+            try:
+                for p in planned:
+                    writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+                metadata(writer)
+                _write(writer, planned, progress)
+            finally:
+                writer.close()
+    except OSError as e:
+        raise LocalcoderError(f"cannot write {out_path}: {e.strerror or e}; check free disk space and "
+                              "permissions") from None
     return out_path
 
 
