@@ -5,6 +5,7 @@ completions endpoints give them."""
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import deque
 from dataclasses import dataclass
@@ -15,8 +16,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .errors import LocalcoderError
-from .sampling import DEFAULTS, Sampler, make_sampler
+from .sampling import DEFAULTS, Sampler, SamplingError, make_sampler
 
 MAX_BODY_BYTES = 16 << 20  # generous: a full 262144-token context is a few MB of JSON
 MAX_LOGPROBS = 20  # alternatives per token (top_logprobs, legacy logprobs), OpenAI's limit
@@ -87,18 +87,38 @@ def parse_stop(body: dict) -> list[str]:
     return [s for s in stop if s]
 
 
-def parse_sampler(body: dict) -> Sampler:
+def parse_logit_bias(body: dict, n_vocab: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    raw = typed_field(body, "logit_bias", (dict,), "an object of token id -> bias")
+    if not raw:
+        return None
+    out = {}
+    for key, bias in raw.items():
+        if not (key.isdigit() and int(key) < n_vocab):
+            raise bad(f"logit_bias key {json.dumps(key)[:40]} is not a token id in 0..{n_vocab - 1}",
+                      param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad(f"logit_bias of token {key} must be a number in [-100, 100], got {json.dumps(bias)[:40]}",
+                      param="logit_bias")
+        out[int(key)] = float(bias)
+    return out
+
+
+def parse_sampler(body: dict, n_vocab: int) -> Sampler:
     top_k = integer(body, "top_k", DEFAULTS["top_k"])
-    penalty = number(body, "repetition_penalty", number(body, "repeat_penalty", DEFAULTS["repeat_penalty"]))
+    penalty_key = "repetition_penalty" if body.get("repetition_penalty") is not None else "repeat_penalty"
     try:
         return make_sampler(temperature=number(body, "temperature", DEFAULTS["temperature"]),
                             top_k=max(top_k, 0), top_p=number(body, "top_p", DEFAULTS["top_p"]),
-                            min_p=number(body, "min_p", DEFAULTS["min_p"]), repeat_penalty=penalty,
+                            min_p=number(body, "min_p", DEFAULTS["min_p"]),
+                            repeat_penalty=number(body, penalty_key, DEFAULTS["repeat_penalty"]),
                             seed=integer(body, "seed"),
                             frequency_penalty=number(body, "frequency_penalty", DEFAULTS["frequency_penalty"]),
-                            presence_penalty=number(body, "presence_penalty", DEFAULTS["presence_penalty"]))
-    except LocalcoderError as e:
-        raise bad(str(e), code="invalid_value") from None
+                            presence_penalty=number(body, "presence_penalty", DEFAULTS["presence_penalty"]),
+                            logit_bias=parse_logit_bias(body, n_vocab))
+    except SamplingError as e:
+        raise bad(str(e), param=penalty_key if e.option == "repeat_penalty" else e.option,
+                  code="invalid_value") from None
 
 
 def top_count(body: dict, key: str) -> int | None:
@@ -140,6 +160,20 @@ def content_text(content: Any, where: str) -> str | None:
               code="invalid_type")
 
 
+def check_arguments(args: Any, where: str) -> None:
+    """A past call's arguments: a JSON object, as a string (OpenAI's wire form) or as an object; the chat
+    template renders each argument as a parameter, so anything else cannot be shown to the model."""
+    if not isinstance(args, str) or not args.strip():
+        return
+    try:
+        parsed = json.loads(args)
+    except (ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise bad(f"{where} must be a JSON object of the call's arguments, got {json.dumps(args)[:80]}; send the "
+                  "arguments as the model gave them, or {} for none", param=where)
+
+
 def parse_messages(raw: Any) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list of messages", param="messages", code="invalid_type")
@@ -165,12 +199,37 @@ def parse_messages(raw: Any) -> list[dict]:
                     raise bad(f"{where}.tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
                               f"{{\"name\": str, \"arguments\": str}}}}", param=f"{where}.tool_calls",
                               code="invalid_type")
+                check_arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
             msg["content"] = content  # may be None: the template renders the calls
         else:
             msg.pop("tool_calls", None)
             msg["content"] = content or ""
         out.append(msg)
     return out
+
+
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """Fields this server cannot honour get a 400 naming them, rather than a reply that quietly ignores
+    them (a client can then fall back)."""
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind in ("json_object", "json_schema"):
+            raise bad(f"response_format {kind} is not supported: this server does not constrain output to JSON; "
+                      "drop response_format and ask for JSON in the prompt", param="response_format",
+                      code="unsupported_parameter")
+        if kind != "text":
+            raise bad("response_format must be {\"type\": \"text\"} (json_object and json_schema are not "
+                      "supported)", param="response_format", code="invalid_value")
+    for key in ("functions", "function_call") if chat else ():
+        if body.get(key) is not None:
+            raise bad(f"the legacy '{key}' field is not supported; send the functions as 'tools' (and "
+                      "'function_call' as 'tool_choice')", param=key, code="unsupported_parameter")
+    if not chat and body.get("echo") not in (None, False):
+        raise bad("'echo' is not supported; prepend the prompt to the text yourself", param="echo",
+                  code="unsupported_parameter")
+    if not chat and body.get("best_of") not in (None, 1):
+        raise bad("only best_of=1 is supported", param="best_of", code="unsupported_parameter")
 
 
 def parse_tools(raw: Any) -> list[dict] | None:
@@ -268,6 +327,53 @@ class LogprobSampler:
         top = np.argsort(-logp, kind="stable") if self.top >= len(logp) else np.argpartition(-logp, self.top)
         top = top[:self.top][np.argsort(-logp[top[:self.top]], kind="stable")]
         self.picked.append((token, float(logp[token]), [(int(i), float(logp[i])) for i in top]))
+        return token
+
+
+class TokenIndex:
+    """Every token's bytes, sorted, to find the tokens that continue a given text (built once, ~0.2 s)."""
+
+    def __init__(self, tok):
+        skip = [tok.is_special(i) for i in range(len(tok))]
+        pairs = sorted((tok.token_bytes(i), i) for i in range(len(tok)) if not skip[i] and tok.token_bytes(i))
+        self.keys = [b for b, _ in pairs]
+        self.ids = np.array([i for _, i in pairs], dtype=np.int64)
+        self.bytes_of = tok.token_bytes
+
+    def continuing(self, rest: bytes) -> np.ndarray:
+        """Tokens whose bytes are a prefix of `rest` or begin with all of it."""
+        spans = [(lo, bisect.bisect_right(self.keys, rest[:n], lo)) for n in range(1, len(rest) + 1)
+                 for lo in [bisect.bisect_left(self.keys, rest[:n])]]
+        lo = bisect.bisect_left(self.keys, rest)
+        hi = bisect.bisect_left(self.keys, rest + b"\xff" * 64)  # every key that begins with `rest`
+        found = [self.ids[a:b] for a, b in spans + [(lo, hi)] if b > a]
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+class NameConstraint:
+    """tool_choice "required" with several tools: the reply starts right after `<function=`; until a name
+    offered in `tools` and its `>` are written, only tokens that keep the reply a prefix of one can be
+    picked (llama-server enforces the same with a grammar), so the call names a tool the client has."""
+
+    def __init__(self, sampler, index: TokenIndex, names: Sequence[str]):
+        self.sampler, self.index = sampler, index
+        self.targets = [n.encode() + b">" for n in names]
+        self.text = b""
+        self.done = False
+
+    def __call__(self, logits, history: Sequence[int] = ()) -> int:
+        if not self.done:
+            ids = np.unique(np.concatenate([self.index.continuing(t[len(self.text):]) for t in self.targets
+                                            if t.startswith(self.text)] or [np.zeros(0, np.int64)]))
+            if ids.size:
+                masked = np.full(len(logits), -np.inf, dtype=np.float64)
+                masked[ids] = np.asarray(logits, dtype=np.float64)[ids]
+                logits = masked
+        token = self.sampler(logits, history)
+        if not self.done:
+            self.text += self.index.bytes_of(token)
+            self.done = any(self.text.startswith(t) for t in self.targets) or \
+                not any(t.startswith(self.text) for t in self.targets)
         return token
 
 

@@ -84,11 +84,11 @@ class ModelCache:
     broken: bool = False  # a forward pass was interrupted half-way: only checkpoints are trustworthy
 
     def snapshot(self) -> "ModelCache":
-        return ModelCache([layer.copy() for layer in self.layers], self.pos, list(self.tokens))
+        return ModelCache([layer.copy() for layer in self.layers], self.pos, list(self.tokens), self.broken)
 
     def restore(self, snap: "ModelCache") -> None:
         fresh = snap.snapshot()
-        self.layers, self.pos, self.tokens = fresh.layers, fresh.pos, fresh.tokens
+        self.layers, self.pos, self.tokens, self.broken = fresh.layers, fresh.pos, fresh.tokens, fresh.broken
 
     def checkpoint(self) -> Checkpoint:
         states = tuple(layer.copy() if isinstance(layer, DeltaNetState) else layer.n for layer in self.layers)

@@ -19,8 +19,10 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,9 +124,15 @@ class LFUDecay(LRU):
         self.score: dict[int, float] = {}
         self.clock = 0
 
+    RESCALE = 4096  # touches between rescalings (decay**-clock would overflow a float after ~64k)
+
     def touch(self, e: int) -> None:
         super().touch(e)
         self.clock += 1
+        if self.clock >= self.RESCALE:  # back to units of decay**0: every score times the same factor
+            f = self.decay ** self.clock
+            self.score = {k: v * f for k, v in self.score.items()}
+            self.clock = 0
         # scores are kept in units of decay**-clock so that old scores need no update
         self.score[e] = self.score.get(e, 0.0) + self.decay ** -self.clock
 
@@ -166,12 +174,13 @@ class _DaemonPool:
             if item is None:
                 return
             fut, fn, args = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                fut.set_exception(exc)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    fut.set_exception(exc)
+            # an idle thread must not keep its last call's arguments (a store and its slots) alive
+            del item, fut, fn, args
 
     def submit(self, fn, *args, priority: int = 0) -> Future:
         fut: Future = Future()
@@ -251,6 +260,9 @@ class ExpertStore:
         self._deferred: tuple | None = None  # a speculative prefetch waiting for the next demand reads to queue
         self._background = _DaemonPool(2, "expert-preload")  # behind demand reads; never delays exit
         self._mutex = threading.Lock()
+        # a store nobody uses any more (a dropped Model) ends its threads and closes its files; while a read
+        # runs or waits in a queue, its call holds the store, so this never runs under a read
+        self._finalizer = weakref.finalize(self, _release, self._pool, self._background, self._readers)
 
     def _reader(self, path: str) -> RawReader:
         with self._mutex:
@@ -288,7 +300,7 @@ class ExpertStore:
 
     @staticmethod
     def _unslot(ls: _LayerSlots, e: int) -> None:
-        """Give back the slot of a speculative read that failed or was cancelled: e is no longer resident."""
+        """Give back the slot of a read that failed or was cancelled: e is no longer resident."""
         ls.free.append(ls.slot_of.pop(e))
         ls.policy.remove(e)
         ls.prefetched.discard(e)
@@ -352,6 +364,7 @@ class ExpertStore:
             chunk = ids[start:start + ls.n_slots]
             pinned = set(int(e) for e in chunk)
             jobs = []
+            demand = []  # experts read into their slots by this batch's jobs
             with ls.lock:
                 self._reap(ls)
                 for e in pinned:
@@ -364,6 +377,7 @@ class ExpertStore:
                             self.counters.misses += 1
                             ls.policy.touch(e)
                             jobs.extend(self._read_now(ls, e, ls.slot_of[e]))
+                            demand.append(e)
                             continue
                         jobs.append(fut)
                     if e in ls.slot_of:
@@ -375,16 +389,34 @@ class ExpertStore:
                         self.counters.misses += 1
                         slot = self._claim(ls, e, pinned)
                         jobs.extend(self._read_now(ls, e, slot))
+                        demand.append(e)
                     ls.policy.touch(e)
             if self._deferred is not None:  # the guesses for a later layer queue behind these demand reads
                 self._prefetch(*self._deferred)
                 self._deferred = None
             t0 = time.perf_counter()
-            for job in jobs:
-                job.result()
+            try:
+                for job in jobs:
+                    job.result()
+            except BaseException:  # a failed read, or Ctrl-C while waiting: no half-read expert stays resident
+                self._drop_reads(ls, jobs, demand)
+                raise
             self.counters.io_wait_s += time.perf_counter() - t0
             slots = np.array([ls.slot_of[int(e)] for e in chunk], dtype=np.int64)
             yield ls.views, chunk, slots
+
+    def _drop_reads(self, ls: _LayerSlots, jobs: list[Future], demand: list[int]) -> None:
+        """After a batch's wait failed: cancel its reads that have not started, let the running ones finish
+        (so nothing writes into a slot after it is given back), and give back the slots of its demand reads;
+        a failed speculative read is given back by _reap as usual."""
+        for job in jobs:
+            job.cancel()
+        futures_wait([job for job in jobs if not job.cancelled()])
+        with ls.lock:
+            for e in demand:
+                if e in ls.slot_of:
+                    self._unslot(ls, e)
+            self._reap(ls)
 
     def prefetch(self, es: ExpertSet, ids: np.ndarray) -> None:
         """Read experts a later layer will probably need (a wrong guess costs bandwidth only), at low priority
@@ -439,8 +471,15 @@ class ExpertStore:
         return sum(sum(a.nbytes for a in ls.arrays) for ls in self.layers.values())
 
     def close(self) -> None:
+        """Cancel queued reads, wait for running ones, end the I/O threads, close the files."""
         self._background.shutdown()
         self._pool.shutdown(wait=True)
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        self._finalizer()
+
+
+def _release(pool: _DaemonPool, background: _DaemonPool, readers: dict) -> None:
+    pool.shutdown()
+    background.shutdown()
+    for r in readers.values():
+        r.close()
+    readers.clear()

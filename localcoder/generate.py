@@ -34,10 +34,11 @@ class GenerationStats:
 
 class TextStream:
     """Turns token ids into text pieces: never a broken UTF-8 sequence, never text that may begin a stop
-    string (it is held back until it cannot), and nothing from a stop string on."""
+    string (it is held back until it cannot), nothing from a stop string on, and no control or unused token
+    (<|fim_middle|>, [PAD...]: as llama.cpp prints them, as nothing)."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = tokenizer.stream_decoder(skip_special=True)
         self.stop = [s for s in stop if s]
         self.pending = ""
         self.stopped = False
@@ -54,12 +55,11 @@ class TextStream:
         return out
 
     def _release(self) -> str:
-        for s in self.stop:
-            at = self.pending.find(s)
-            if at >= 0:
-                self.stopped = True
-                out, self.pending = self.pending[:at], ""
-                return out
+        found = [at for at in (self.pending.find(s) for s in self.stop) if at >= 0]
+        if found:  # the earliest stop string wins, whatever the order they were given in
+            self.stopped = True
+            out, self.pending = self.pending[:min(found)], ""
+            return out
         hold = 0
         for s in self.stop:  # the longest tail of pending that is a proper prefix of a stop string
             for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
@@ -84,8 +84,9 @@ def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, samp
                    on_prefill: Callable[[], None] | None = None) -> Iterator[tuple[int, str]]:
     """Yields (token id, text piece) per generated token, at most max_tokens of them (a negative max_tokens:
     until a stop token or string, or the full context). `cache` may already hold a prefix of the
-    conversation; `prompt_ids` are the tokens that follow it. `on_prefill` runs once the prompt is in the
-    cache (a chat checkpoints there)."""
+    conversation; `prompt_ids` are the tokens that follow it. `on_prefill` runs once all of the prompt but
+    its last token is in the cache (a chat checkpoints there: the same prompt again, a retry, then reuses
+    all of it, since a resumed prompt needs one token left to give logits)."""
     sampler = sampler or greedy()
     stats = stats if stats is not None else GenerationStats()
     cache = cache if cache is not None else model.new_cache()
@@ -97,11 +98,15 @@ def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, samp
     if not len(prompt_ids):
         raise ContextOverflow("the prompt is empty; give at least one token")
     t0 = time.perf_counter()
-    logits = prefill(model, list(prompt_ids), cache)
+    prompt_ids = list(prompt_ids)
+    if on_prefill is not None:
+        if len(prompt_ids) > 1:
+            prefill(model, prompt_ids[:-1], cache)
+        on_prefill()
+        prompt_ids, stats.prompt_tokens = prompt_ids[-1:], stats.prompt_tokens + len(prompt_ids) - 1
+    logits = prefill(model, prompt_ids, cache)
     stats.prompt_tokens += len(prompt_ids)
     stats.prompt_seconds += time.perf_counter() - t0
-    if on_prefill is not None:
-        on_prefill()
     text = TextStream(model.tokenizer, stop)
     history = list(cache.tokens)
     stop_ids = model.tokenizer.stop_token_ids

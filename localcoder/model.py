@@ -52,7 +52,7 @@ class Model:
                                       "MLXBackend(expert_budget=...) instead")
         if self.backend.name == "mlx":
             _check_mlx_expert_options(expert_policy, expert_prefetch)
-        n_ctx = n_ctx or min(DEFAULT_CTX, self.config.n_ctx_train)
+        n_ctx = min(DEFAULT_CTX, self.config.n_ctx_train) if n_ctx is None else n_ctx
         if not 0 < n_ctx <= self.config.n_ctx_train:
             raise LocalcoderError(f"context {n_ctx} is outside 1..{self.config.n_ctx_train}, the model's "
                                   "trained context; choose a --ctx in that range")
@@ -61,6 +61,8 @@ class Model:
             raise LocalcoderError(f"unknown KV cache type {kv_type!r}; choose f32 or f16")
         self.kv_dtype = KV_TYPES[kv_type]
         self.forward_tokens = 0  # tokens run through the forward pass, for tests and stats
+        self._forward_lock = threading.Lock()  # one forward pass at a time (the expert store's slots are shared)
+        self._closed = False
         self._dense_copy: threading.Thread | None = None
         self._dense_copy_error: BaseException | None = None
         # Weights in process memory (dense ones copied once, experts read into slots on first use) unless
@@ -129,18 +131,38 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.n_vocab):
             raise LocalcoderError(f"token id out of range 0..{self.config.n_vocab - 1}")
-        if self._dense_copy is not None:
-            self._dense_copy.join()
-            self._dense_copy = None
-            if self._dense_copy_error is not None:
-                raise self._dense_copy_error
-        self.forward_tokens += len(ids)
-        try:
-            out = qwen3next.forward(self.backend, self.config, self.weights, ids, cache, all_logits)
-        except BaseException:
-            cache.broken = True  # some layers advanced, others not (Ctrl-C mid-step)
-            raise
+        if self._closed:
+            raise LocalcoderError("this model was closed; load it again to run it")
+        if cache.broken:
+            raise LocalcoderError("this cache was left half-updated by an interrupted forward pass; restore a "
+                                  "snapshot or checkpoint taken before it, or start from model.new_cache()")
+        with self._forward_lock:
+            if self._dense_copy is not None:
+                self._dense_copy.join()
+                self._dense_copy = None
+                if self._dense_copy_error is not None:
+                    raise self._dense_copy_error
+            self.forward_tokens += len(ids)
+            try:
+                out = qwen3next.forward(self.backend, self.config, self.weights, ids, cache, all_logits)
+            except BaseException:
+                cache.broken = True  # some layers advanced, others not (Ctrl-C mid-step)
+                raise
         return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        """Stop the expert store's I/O threads and free its slots (also done when the model is garbage
+        collected); the model cannot run afterwards."""
+        with self._forward_lock:
+            self._closed = True
+            if self.expert_store is not None:
+                self.expert_store.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """A fresh prefill from an empty cache: logits for every position, (T, V) float32."""
@@ -209,7 +231,7 @@ def parse_size(size) -> int:
     """Bytes from an int or a string like 12G, 512M, 1.5GB."""
     if isinstance(size, (int, float)):
         return int(size)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", str(size))
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", str(size))
     if not m:
         raise LocalcoderError(f"cannot read size {size!r}; write it like 12G or 512M")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))

@@ -24,6 +24,14 @@ DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95, min_p=0.0, repeat_penalty
                 presence_penalty=0.0)
 
 
+class SamplingError(LocalcoderError):
+    """A bad sampling option; `option` names the first one."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
 @dataclass
 class Sampler:
     temperature: float = DEFAULTS["temperature"]
@@ -35,26 +43,40 @@ class Sampler:
     seed: int | None = None
     frequency_penalty: float = DEFAULTS["frequency_penalty"]
     presence_penalty: float = DEFAULTS["presence_penalty"]
+    logit_bias: dict[int, float] | None = None  # added to a token's logit before anything else (OpenAI's)
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        problems = []
+        problems = []  # (option, what is wrong)
         if not 0 <= self.temperature < float("inf"):  # also NaN
-            problems.append(f"temperature {self.temperature} is not a finite number >= 0")
-        if self.top_k < 0:
-            problems.append(f"top_k {self.top_k} < 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p {self.top_p} not in (0, 1]")
+            problems.append(("temperature", f"temperature {self.temperature} is not a finite number >= 0"))
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            problems.append(("top_k", f"top_k {self.top_k!r} is not a whole number >= 0 (0 disables it)"))
+        if not isinstance(self.repeat_last_n, (int, np.integer)) or self.repeat_last_n < -1:
+            problems.append(("repeat_last_n", f"repeat_last_n {self.repeat_last_n!r} is not a whole number >= -1 "
+                             "(0 disables the penalties, -1 covers the whole context)"))
+        if not 0 <= self.top_p <= 1:
+            problems.append(("top_p", f"top_p {self.top_p} not in [0, 1] (0 keeps only the most likely token)"))
         if not 0 <= self.min_p < 1:
-            problems.append(f"min_p {self.min_p} not in [0, 1)")
+            problems.append(("min_p", f"min_p {self.min_p} not in [0, 1)"))
         if not 0 < self.repeat_penalty < float("inf"):
-            problems.append(f"repeat_penalty {self.repeat_penalty} is not a finite number > 0 (1 disables it)")
+            problems.append(("repeat_penalty", f"repeat_penalty {self.repeat_penalty} is not a finite number > 0 "
+                             "(1 disables it)"))
         for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's range
             if not -2 <= getattr(self, name) <= 2:
-                problems.append(f"{name} {getattr(self, name)} not in [-2, 2] (0 disables it)")
+                problems.append((name, f"{name} {getattr(self, name)} not in [-2, 2] (0 disables it)"))
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, (int, np.integer)) or token < 0 or not -100 <= bias <= 100:
+                problems.append(("logit_bias", f"logit_bias {{{token!r}: {bias!r}}}: a token id >= 0 and a bias "
+                                 "in [-100, 100] (-100 bans the token)"))
+                break
         if problems:
-            raise LocalcoderError("bad sampling options: " + "; ".join(problems))
+            raise SamplingError("bad sampling options: " + "; ".join(p for _, p in problems), problems[0][0])
         # a negative seed (llama.cpp's -1) draws a fresh one, as no seed does
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the seed's first draw (a new conversation samples as a new session would)."""
         self.rng = np.random.default_rng(None if self.seed is None or self.seed < 0 else self.seed)
 
     @property
@@ -64,8 +86,15 @@ class Sampler:
     def penalize(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
         """The logits (float64, a copy) after the penalties for the last repeat_last_n tokens of history."""
         logits = np.asarray(logits, dtype=np.float64).copy()
-        if len(history) and (self.repeat_penalty != 1.0 or self.frequency_penalty or self.presence_penalty):
-            recent, counts = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64), return_counts=True)
+        if self.logit_bias:
+            ids = np.fromiter(self.logit_bias, dtype=np.int64, count=len(self.logit_bias))
+            bias = np.fromiter(self.logit_bias.values(), dtype=np.float64)
+            ids, bias = ids[ids < len(logits)], bias[ids < len(logits)]
+            logits[ids] += bias
+            logits[ids[bias <= -100]] = -np.inf  # OpenAI: -100 bans the token
+        window = history if self.repeat_last_n < 0 else history[len(history) - self.repeat_last_n:]
+        if len(window) and (self.repeat_penalty != 1.0 or self.frequency_penalty or self.presence_penalty):
+            recent, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
             vals = logits[recent]
             vals = np.where(vals > 0, vals / self.repeat_penalty, vals * self.repeat_penalty)
             logits[recent] = vals - (counts * self.frequency_penalty + self.presence_penalty)
@@ -103,9 +132,10 @@ def make_sampler(temperature: float = DEFAULTS["temperature"], top_k: int = DEFA
                  top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
                  repeat_penalty: float = DEFAULTS["repeat_penalty"], repeat_last_n: int = 64,
                  seed: int | None = None, frequency_penalty: float = DEFAULTS["frequency_penalty"],
-                 presence_penalty: float = DEFAULTS["presence_penalty"]) -> Sampler:
+                 presence_penalty: float = DEFAULTS["presence_penalty"],
+                 logit_bias: dict[int, float] | None = None) -> Sampler:
     return Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, frequency_penalty,
-                   presence_penalty)
+                   presence_penalty, logit_bias)
 
 
 def greedy() -> Sampler:

@@ -46,14 +46,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .api_schema import (APIError, Logprob, LogprobSampler, bad, chat_logprob, chat_logprobs, integer, json_body,
-                         legacy_logprobs, parse_max_tokens, parse_messages, parse_sampler, parse_stop,
-                         parse_tool_choice, parse_tools, top_count, typed_field)
+from .api_schema import (APIError, Logprob, LogprobSampler, NameConstraint, TokenIndex, bad, chat_logprob,
+                         chat_logprobs, integer, json_body, legacy_logprobs, parse_max_tokens, parse_messages,
+                         parse_sampler, parse_stop, parse_tool_choice, parse_tools, refuse_unsupported, top_count,
+                         typed_field)
 from .cache import KVCache, ModelCache
 from .errors import LocalcoderError
 from .generate import PREFILL_CHUNK, GenerationStats, generate_steps
 from .sampling import Sampler
-from .toolcalls import ToolCallDelta, ToolCallParser, parse_tool_calls
+from .toolcalls import FUNCTION_OPEN, TOOL_CALL_CLOSE, ToolCallDelta, ToolCallParser, parse_tool_calls
 
 __all__ = ["serve", "create_app", "PromptCache", "model_generate", "GenerateFn"]
 
@@ -152,6 +153,7 @@ class _Work:
     prefill: str = ""  # text the reply starts with (tool_choice), part of the prompt
     keep_at: tuple[int, ...] = ()  # prompt lengths whose states are worth keeping too (the system prompt)
     logprobs: int | None = None  # alternatives per token to report (None: no logprobs)
+    names: tuple[str, ...] = ()  # the reply starts inside <function=: it must name one of these
 
 
 @dataclass(eq=False)
@@ -232,6 +234,7 @@ class _Server:
         self.generate_fn = generate_fn or model_generate(model)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localcoder-model")
         self.jobs: set[_Job] = set()
+        self.token_index: TokenIndex | None = None  # for tool_choice "required" (built on first use)
 
     # -- checks ---------------------------------------------------------------------------------------
     def check_model(self, body: dict) -> None:
@@ -256,10 +259,13 @@ class _Server:
     def chat_work(self, body: dict) -> _Work:
         """Validate a chat request and render it to token ids (runs in a worker thread: rendering and
         tokenizing a long conversation takes a while)."""
+        refuse_unsupported(body, chat=True)
         messages = parse_messages(body.get("messages"))
         tools = parse_tools(body.get("tools"))
         use_tools, prefill = parse_tool_choice(body.get("tool_choice"), tools)
         sampler, stop, max_tokens, stream, usage = self._common(body)
+        if use_tools and typed_field(body, "parallel_tool_calls", (bool,), "true or false", True) is False:
+            stop = stop + [TOOL_CALL_CLOSE]  # the reply ends with its first call
         logprobs = chat_logprobs(body)
         try:
             text, contents = self.model.chat_template.render_spans(messages, tools if use_tools else None,
@@ -268,8 +274,9 @@ class _Server:
             raise bad(str(e), param="messages", code="template_error") from None
         ids = self.model.tokenizer.encode(text + prefill, parse_special=True, plain=contents)
         room = self.check_context(ids, "messages")
+        names = tuple(t["function"]["name"] for t in tools) if prefill.endswith(FUNCTION_OPEN) else ()
         return _Work(ids, min(max_tokens or room, room), sampler, stop, stream, usage,
-                     tools if use_tools else None, prefill, self._system_end(messages, ids), logprobs)
+                     tools if use_tools else None, prefill, self._system_end(messages, ids), logprobs, names)
 
     def _system_end(self, messages: list[dict], ids: list[int]) -> tuple[int, ...]:
         """Where the system message (and the tools, rendered into it) ends: a new conversation of an agent
@@ -282,6 +289,7 @@ class _Server:
     def completion_work(self, body: dict) -> _Work:
         """Validate a completion request and tokenize its prompt, a fill-in-the-middle one with a `suffix`
         (runs in a worker thread, as chat_work)."""
+        refuse_unsupported(body, chat=False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
@@ -327,7 +335,8 @@ class _Server:
         stream = typed_field(body, "stream", (bool,), "true or false", False)
         options = typed_field(body, "stream_options", (dict,), "an object", {})
         usage = typed_field(options, "include_usage", (bool,), "true or false", False)
-        return parse_sampler(body), parse_stop(body), parse_max_tokens(body), stream, usage
+        return (parse_sampler(body, self.model.config.n_vocab), parse_stop(body), parse_max_tokens(body), stream,
+                usage)
 
     # -- running ------------------------------------------------------------------------------------
     def _run(self, job: _Job) -> None:
@@ -342,10 +351,16 @@ class _Server:
             if not job.cancel.is_set():
                 # stored before the last token, so that the same prompt again (a retry) reuses all of it
                 self.prompts.store(cache, copy=True)
-                sampler = work.sampler if work.logprobs is None else LogprobSampler(work.sampler, work.logprobs)
+                sampler = work.sampler
+                if work.names:
+                    if self.token_index is None:
+                        self.token_index = TokenIndex(self.model.tokenizer)
+                    sampler = NameConstraint(sampler, self.token_index, work.names)
+                if work.logprobs is not None:
+                    sampler = LogprobSampler(sampler, work.logprobs)
                 steps = self.generate_fn(work.ids[-1:], work.max_tokens, sampler, work.stop, cache,
                                          job.stats, job.cancel)
-                logprobs, decoder, offset = [], self.model.tokenizer.stream_decoder(), 0
+                logprobs, decoder, offset = [], self.model.tokenizer.stream_decoder(skip_special=True), 0
                 try:
                     for token, piece in steps:
                         if token >= 0:
@@ -358,6 +373,8 @@ class _Server:
                             logprobs = []
                         if job.cancel.is_set():
                             break
+                    if logprobs:  # tokens at the end that showed no text (a control token) have theirs too
+                        job.emit(("text", "", logprobs))
                 finally:
                     steps.close()
             self.prompts.store(cache, copy=False)
@@ -650,9 +667,12 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
             job.cancel.set()
         srv.executor.shutdown(wait=False, cancel_futures=True)
 
-    routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{name:path}", one_model),
-              Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
+    # each endpoint also without /v1, as llama-server serves them (a base URL copied from its docs works)
+    routes = [Route("/health", health)] + [
+        route for base in ("/v1", "") for route in (
+            Route(f"{base}/models", models), Route(f"{base}/models/{{name:path}}", one_model),
+            Route(f"{base}/chat/completions", chat, methods=["POST"]),
+            Route(f"{base}/completions", completions, methods=["POST"]))]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         APIError: on_api_error, HTTPException: on_http_error, _ClientGone: on_client_gone, Exception: on_error})
     app.add_middleware(_BearerAuth, api_key=api_key)
@@ -710,7 +730,6 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
           expert_prefetch: bool = False, kv_type: str = "f32", chat_template_file=None) -> None:
     """Load the model (threads, expert_cache, expert_policy, expert_prefetch, kv_type and chat_template_file
     as for localcoder.load) and serve it until interrupted."""
-    import uvicorn
 
     from .backends import announce_compiles
     from .model import load
@@ -724,4 +743,22 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
     if host not in _LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    run_uvicorn(app, host, port, log_level)
+
+
+def run_uvicorn(app, host: str, port: int, log_level: str) -> None:
+    uvicorn_server(app, host=host, port=port, log_level=log_level).run()
+
+
+def uvicorn_server(app, **config):
+    """uvicorn, where Ctrl-C or SIGTERM first stops the running generations: their clients get a proper end
+    (the finish reason and [DONE]) at once, instead of the connection cut after the graceful timeout."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            for job in list(app.state.server.jobs):
+                job.cancel.set()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))

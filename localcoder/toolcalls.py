@@ -18,7 +18,9 @@ schema declares (as vLLM's ``qwen3_coder`` parser does): strings are kept verbat
 the opening tag and the one before the closing tag; integer / number / boolean / object / array / null values
 are parsed, and a value that does not parse is kept as its text.
 
-Tolerated, since models in the wild do all of these: a missing ``<tool_call>`` (a bare ``<function=...>``),
+With ``tools`` given, a bare ``<function=NAME>`` whose name is not among them is prose about the syntax, not a
+call: its text is given back as content (inside ``<tool_call>`` the model meant a call, and the client hears of
+the unknown tool). Tolerated, since models in the wild do all of these: a missing ``<tool_call>`` (a bare ``<function=...>``),
 several calls in one reply, text before (and between) calls, a missing ``</parameter>`` or ``</function>`` or
 ``</tool_call>``, a call cut off by the end of the reply (what is there is parsed), and a JSON call
 (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the Hermes format older Qwen models use).
@@ -293,6 +295,7 @@ class ToolCallParser:
         self._state = _TEXT
         self._after_call = False  # text right after a call: whitespace there is dropped
         self._open: ToolCall | None = None  # the call whose name was sent and arguments were not
+        self._opened = ""  # the tags that opened the call being read, given back as text if its name is unknown
         self._params: dict[str, str] = {}
         self._param = ""
         self._scan = 0  # in a value: where the search for its end resumes
@@ -337,6 +340,7 @@ class ToolCallParser:
             i, tag = min(at)
             content = buf[:i].rstrip()  # the blank lines before a call belong to no one
             out.append(content.lstrip() if self._after_call else content)
+            self._opened = buf[len(content):i] + tag  # (whitespace included, should the call turn out text)
             self._eat(i + len(tag))
             if tag == TOOL_CALL_OPEN:
                 self._state = _CALL_OPEN
@@ -366,6 +370,7 @@ class ToolCallParser:
         buf = self._buf.lstrip()
         ws = len(self._buf) - len(buf)  # kept for _raw, which may give the text back as content
         if buf.startswith(FUNCTION_OPEN):
+            self._opened += self._buf[:ws + len(FUNCTION_OPEN)]
             self._eat(ws + len(FUNCTION_OPEN))
             self._begin_function()
             return True
@@ -426,6 +431,12 @@ class ToolCallParser:
             return False
         i = min(ends) if ends else len(buf)
         name = buf[:i].strip()
+        if self.schemas and name not in self.schemas and self._opened.endswith(FUNCTION_OPEN) \
+                and TOOL_CALL_OPEN not in self._opened:  # prose about the syntax, not a call: text stays text
+            out.append(self._opened + buf[:i])
+            self._eat(i)
+            self._state, self._after_call = _TEXT, False
+            return True
         self._eat(i + 1 if ends else i)
         self._open = ToolCall(new_call_id(), name, "")
         out.append(ToolCallDelta(len(self.calls), id=self._open.id, name=name))

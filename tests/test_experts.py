@@ -117,11 +117,93 @@ def test_policies():
     assert lfu.victim(set()) == 2 and lfu.victim({2}) == 3
 
 
+def test_lfu_scores_stay_finite_and_choose_as_exact_ones_do():
+    """Scores are kept in units of decay**-clock and rescaled every few thousand touches (decay**-clock
+    overflows a float after ~64k): victims are those of scores decayed exactly at every touch."""
+    rng = np.random.default_rng(0)
+    lfu, exact = LFUDecay(), np.zeros(64)
+    for n, e in enumerate(rng.zipf(1.3, 70_000) % 64):
+        lfu.touch(int(e))
+        exact *= lfu.decay
+        exact[e] += 1.0
+        if n % 997 == 0:
+            pinned = set(int(x) for x in rng.choice(64, 8, replace=False))
+            cands = [x for x in lfu.order if x not in pinned]
+            assert lfu.victim(pinned) == min(cands, key=lambda x: exact[x])
+
+
 def test_parse_size():
     assert parse_size("12G") == 12 * 1024 ** 3 and parse_size("512M") == 512 * 1024 ** 2
     assert parse_size("1.5GB") == int(1.5 * 1024 ** 3) and parse_size(1000) == 1000
-    with pytest.raises(localcoder.errors.LocalcoderError):
-        parse_size("lots")
+    assert parse_size(".5G") == 512 * 1024 ** 2
+    for bad in ("lots", "1.2.3G", ".", "-1G", "12Q"):
+        with pytest.raises(localcoder.errors.LocalcoderError):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_a_failed_read_leaves_no_half_read_expert(path, resident):
+    """A demand read that fails (a disk error) after writing part of its slot: the forward pass raises it,
+    and the next one reads that expert again instead of computing on the half-written slot."""
+    from localcoder.gguf_file import GGUFFile
+    from localcoder.model import Model
+
+    expect = run(localcoder.load(path, backend="numpy", expert_cache="64G", mmap=True))
+    layers = localcoder.load(path, backend="numpy").weights.layers
+    per_layer = max(layer.experts.expert_nbytes() for layer in layers) * len(layers)
+    m = Model(GGUFFile(path), backend="numpy", expert_cache="64G" if resident else 3 * per_layer,
+              preload=False)
+    store, orig, failed = m.expert_store, m.expert_store._read, []
+
+    def flaky(ls, e, slot, parts=None):
+        if parts is not None and not failed:
+            failed.append(e)
+            for i in parts:
+                ls.arrays[i][slot][:] = 0x55
+            raise OSError(5, "Input/output error (injected)")
+        return orig(ls, e, slot, parts)
+
+    store._read = flaky
+    with pytest.raises(OSError, match="injected"):
+        run(m)
+    assert failed and store.resident == resident
+    assert np.array_equal(run(m), expect)
+    assert np.array_equal(run(m), expect)
+
+
+def test_a_dropped_or_closed_model_ends_its_io_threads(path):
+    import gc
+    import threading
+    import weakref
+
+    def io_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("expert-")}
+
+    before = io_threads()
+    m = localcoder.load(path, backend="numpy", expert_cache=1)
+    run(m, n_new=1)
+    store = weakref.ref(m.expert_store)
+    del m
+    gc.collect()
+    assert store() is None  # an idle I/O thread does not keep its last read's store alive
+    with localcoder.load(path, backend="numpy", expert_cache=1) as m:
+        run(m, n_new=1)
+    with pytest.raises(localcoder.errors.LocalcoderError, match="closed"):
+        run(m, n_new=1)
+    for t in io_threads() - before:
+        t.join(timeout=30)
+    assert not [t for t in io_threads() - before if t.is_alive()]
+
+
+def test_one_model_used_from_two_threads(path):
+    """Forward passes from several threads take turns (their experts share the store's slots)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expect = run(localcoder.load(path, backend="numpy", expert_cache="64G", mmap=True), n_new=2)
+    m = localcoder.load(path, backend="numpy", expert_cache=1)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: run(m, n_new=2), range(6)))
+    assert all(np.array_equal(r, expect) for r in results)
 
 
 def test_trace_without_streaming_uses_the_map(path):

@@ -53,7 +53,7 @@ def test_frequency_and_presence_penalties_follow_llamacpp():
     assert {s(np.array([0.0, -3.0]), [0, 0, 0]) for _ in range(20)} == {1}
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.0), dict(top_k=-2),
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=1.0), dict(top_k=-2),
                                 dict(frequency_penalty=2.5), dict(presence_penalty=-3.0),
                                 dict(frequency_penalty=float("nan")), dict(presence_penalty=float("inf"))])
 def test_bad_options_are_one_line_errors(kw):
@@ -68,7 +68,7 @@ class FakeTok:
     def __init__(self, pieces):
         self.pieces = pieces
 
-    def stream_decoder(self):
+    def stream_decoder(self, skip_special=False):
         tok = self
 
         class D:
@@ -93,6 +93,31 @@ def test_text_stream_releases_when_not_a_stop():
     tok = FakeTok(["a<", "b"])
     ts = TextStream(tok, stop=["<|x"])
     assert ts.add(0) == "a" and ts.add(1) == "<b"
+
+
+def test_the_earliest_stop_string_wins_whatever_their_order():
+    for stop in (["c", "b"], ["b", "c"]):
+        ts = TextStream(FakeTok(["xy", " abc", "d"]), stop=stop)
+        assert ts.add(0) + ts.add(1) == "xy a" and ts.stopped
+
+
+def test_repeat_last_n_zero_disables_and_minus_one_covers_everything():
+    logits, history = np.array([2.0, 1.0, 0.5, 0.0]), [0, 1]
+    penalized = lambda n: make_sampler(temperature=0, repeat_penalty=10.0, repeat_last_n=n).penalize(logits, history)  # noqa: E731
+    np.testing.assert_allclose(penalized(0), logits)
+    np.testing.assert_allclose(penalized(1), [2.0, 0.1, 0.5, 0.0])
+    np.testing.assert_allclose(penalized(-1), [0.2, 0.1, 0.5, 0.0])
+    for bad in (dict(repeat_last_n=-2), dict(repeat_last_n=1.5), dict(top_k=2.5)):
+        with pytest.raises(LocalcoderError, match=list(bad)[0]):
+            make_sampler(**bad)
+
+
+def test_reset_draws_again_from_the_seed():
+    logits = np.random.default_rng(0).normal(size=1000)
+    s = make_sampler(seed=11)
+    first = [s(logits) for _ in range(20)]
+    s.reset()
+    assert [s(logits) for _ in range(20)] == first
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +170,21 @@ def test_negative_max_tokens_runs_to_the_context_end(fixtures_dir):
     stats = GenerationStats()
     tokens = list(m.generate([750, 282, 579, 263], -1, greedy(), stats=stats))
     assert stats.finish_reason == "length" and len(tokens) == 16  # 4 prompt tokens + 16 fill the 20
+
+
+def test_a_cache_broken_by_an_interrupted_forward_is_refused_until_restored(tiny):
+    cache = tiny.new_cache()
+    tiny.forward([750, 282, 579], cache)
+    snap = cache.snapshot()
+    cache.broken = True  # as Model.forward leaves it when a step is interrupted half-way
+    with pytest.raises(LocalcoderError, match="interrupted forward pass"):
+        tiny.forward([263], cache)
+    cache.restore(snap)
+    assert not cache.broken
+    np.testing.assert_allclose(tiny.forward([263], cache), tiny.logits([750, 282, 579, 263])[-1:], atol=1e-5)
+
+
+def test_context_zero_is_refused(fixtures_dir):
+    with pytest.raises(LocalcoderError, match="context 0"):
+        localcoder.load(fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf", backend="numpy",
+                        n_ctx=0)

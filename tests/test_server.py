@@ -304,6 +304,33 @@ BAD = [  # (path, body, status, code, param)
     ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "invalid_type", "logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": 5}, 400, "invalid_type", "suffix"),
     ("/v1/completions", {"prompt": [1, 2], "suffix": "y"}, 400, "invalid_type", "prompt"),
+    # what cannot be honoured is refused by name, not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, 400,
+     "unsupported_parameter", "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "unsupported_parameter",
+     "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "bogus"}},
+     400, "invalid_value", "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400,
+     "unsupported_parameter", "functions"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, None, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, None, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, None, "logit_bias"),
+    # a sampling option's error names it
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "invalid_value", "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "invalid_value", "top_p"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "invalid_value", "repetition_penalty"),
+    # a past call whose arguments are not a JSON object cannot be rendered: the error names the field
+    ("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{bad"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}, 400, None,
+     "messages[1].tool_calls[0].function.arguments"),
 ]
 
 
@@ -424,17 +451,50 @@ def test_penalties_are_applied(real):
         want = list(generate(m, ids, 12, make_sampler(temperature=0, frequency_penalty=f, presence_penalty=p)))
         r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0,
                                       frequency_penalty=f, presence_penalty=p)
-        assert r.choices[0].message.content == m.tokenizer.decode(want)
+        assert r.choices[0].message.content == m.tokenizer.decode(want, skip_special=True)
         replies[f, p] = tuple(want)
         r = c.completions.create(model=NAME, prompt=m.tokenizer.decode(ids), max_tokens=12, temperature=0,
                                  frequency_penalty=f, presence_penalty=p)
-        assert r.choices[0].text == m.tokenizer.decode(want)
+        assert r.choices[0].text == m.tokenizer.decode(want, skip_special=True)
     assert len(set(replies.values())) == 3, replies
 
 
 def _log_softmax(x):
     x = np.asarray(x, dtype=np.float64)
     return x - (x.max(-1, keepdims=True) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+
+
+def test_logit_bias_and_top_p_zero(real):
+    url, _ = real
+    c = client(url)
+    tok = model_of(real).tokenizer
+    forced = tok.encode(" hello")[0]
+    r = c.completions.create(model=NAME, prompt="def f(x):", max_tokens=4, temperature=0,
+                             logit_bias={str(forced): 100})
+    assert r.choices[0].text == tok.decode([forced] * 4)
+    greedy = c.completions.create(model=NAME, prompt="def f(x):", max_tokens=1, temperature=0)
+    first = tok.encode(greedy.choices[0].text)[0]
+    banned = c.completions.create(model=NAME, prompt="def f(x):", max_tokens=1, temperature=0,
+                                  logit_bias={str(first): -100})
+    assert banned.choices[0].text != greedy.choices[0].text
+    # top_p 0 keeps the most likely token only (llama-server, OpenAI's range): sampling is then greedy
+    r = c.completions.create(model=NAME, prompt="def f(x):", max_tokens=4, temperature=1.0, top_p=0, seed=3)
+    assert r.choices[0].text == c.completions.create(model=NAME, prompt="def f(x):", max_tokens=4,
+                                                     temperature=0).choices[0].text
+
+
+def test_required_tool_with_several_tools_names_one_of_them(real):
+    """The random model writes noise; with tool_choice "required" the function name is still one offered."""
+    url, _ = real
+    c = client(url)
+    tools = [WEATHER, SHELL, {"type": "function", "function": {"name": "read_file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}}}}}]
+    names = {t["function"]["name"] for t in tools}
+    for seed in range(4):
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "go"}], tools=tools,
+                                      tool_choice="required", max_tokens=12, temperature=1.0, seed=seed)
+        (call, *_) = r.choices[0].message.tool_calls
+        assert call.function.name in names, call.function.name
 
 
 def test_chat_logprobs(real):
@@ -489,12 +549,12 @@ def test_completion_logprobs(real):
         for i in top:
             want.setdefault(tok.id_to_piece(i), row[i])
         assert alternatives == pytest.approx(want, abs=1e-4)
-    text = tok.decode(tokens)
+    text = tok.decode(tokens, skip_special=True)
     assert r.choices[0].text == text
-    assert lp.text_offset == [len(tok.decode(tokens[:i])) for i in range(len(tokens))]
+    assert lp.text_offset == [len(tok.decode(tokens[:i], skip_special=True)) for i in range(len(tokens))]
     chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
                                        stream=True))
-    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].text]
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
     assert sum((s.tokens for s in streamed), []) == lp.tokens
     assert sum((s.text_offset for s in streamed), []) == lp.text_offset
     assert c.completions.create(model=NAME, prompt=prompt, max_tokens=2).choices[0].logprobs is None
@@ -595,6 +655,12 @@ def test_tool_choice(scripted):
                                   stream=True)
     parts = [tc for ch in r if ch.choices for tc in ch.choices[0].delta.tool_calls or ()]
     assert parts[0].function.name == "run_shell" and json.loads(parts[1].function.arguments) == {"command": "pwd"}
+    # parallel_tool_calls false: the reply ends with its first call
+    script.replies[:] = [CALL_TEXT + "\n" + CALL_TEXT]
+    r = c.chat.completions.create(model=NAME, messages=msgs, tools=[WEATHER], parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    assert r.choices[0].finish_reason == "tool_calls"
 
 
 def test_fill_in_the_middle(scripted, model):
@@ -836,7 +902,7 @@ def test_serve_takes_the_load_options(fixtures_dir, monkeypatch):
     smallest budget and keeps an f16 KV cache (the options reach localcoder.load)."""
     from localcoder import server
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setattr(server, "run_uvicorn", lambda app, *a: served.update(app=app))
     path = fixtures_dir / "qwen3next-tiny" / "gguf" / f"{NAME}.gguf"
     seen = {}
 
@@ -865,3 +931,44 @@ def test_control_tokens_in_contents_stay_text(scripted, model):
     ids = script.ids[-1]
     assert ids.count(tok.token_to_id("<|im_start|>")) == 4  # user, assistant, the tool results' user, the reply's
     assert tok.decode(ids).endswith("delete all\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_paths_without_v1(real):
+    url, _ = real
+    r = httpx.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert httpx.post(url + "/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+    assert httpx.get(url + "/models").json()["data"][0]["id"] == NAME
+
+
+def test_ctrl_c_ends_running_streams_properly(model):
+    """Ctrl-C (uvicorn's handle_exit) while a reply streams: the generation stops at once and the client gets
+    the end of the stream ([DONE]), instead of a connection cut after the graceful timeout."""
+    import signal
+
+    from localcoder.server import uvicorn_server
+
+    script = Script(model, delay=0.05)
+    script.replies[:] = ["word " * 2000]
+    app = create_app(model, generate_fn=script)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn_server(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.01)
+        lines = []
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+        with httpx.stream("POST", url, timeout=60, json={"prompt": "x", "max_tokens": 4000, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line and not lines:
+                    server.handle_exit(signal.SIGINT, None)
+                lines.append(line)
+        assert "data: [DONE]" in lines and script.produced < 1000
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()

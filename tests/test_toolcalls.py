@@ -116,6 +116,10 @@ CORPUS = [
     ("garbage_tool_call_is_text", "<tool_call>\nnot a call\n</tool_call>", "<tool_call>\nnot a call\n</tool_call>",
      []),
     ("lt_in_text_before", "if a<b then <tool stuff> ok", "if a<b then <tool stuff> ok", []),
+    ("bare_function_of_no_tool_is_prose", "In Qwen's format you write <function=NAME> then the parameters.\n"
+     "<function=zz>\n<parameter=p>\n1\n</parameter>\n</function>\nDone.",
+     "In Qwen's format you write <function=NAME> then the parameters.\n<function=zz>\n<parameter=p>\n1\n"
+     "</parameter>\n</function>\nDone.", []),
     ("partial_tag_at_end_no_call", "ends with <tool_", "ends with <tool_", []),
     ("text_after_call", call("get_weather", city="Paris") + "\n\nDone.", "Done.",
      [("get_weather", {"city": "Paris"})]),
