@@ -207,7 +207,7 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
         expert_slots_per_layer=store.n_slots,
         expert_policy=store.policy_name,
         expert_hits=c["hits"], expert_misses=c["misses"], expert_prefetch_hits=c["prefetch_hits"],
-        expert_prefetches=c["prefetches"],
+        expert_prefetches=c["prefetches"], expert_preloaded=c["preloaded"],
         expert_hit_rate=c["hits"] / max(c["hits"] + c["misses"], 1),
         expert_bytes_read_per_token=c["bytes_read"] / gen_tokens,
         expert_miss_bytes_per_token=miss_bytes,

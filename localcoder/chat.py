@@ -11,15 +11,16 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .cache import PrefixCache
 from .errors import ContextOverflow, LocalcoderError
 from .generate import GenerationStats, generate_steps
-from .paths import check_output_file, write_text_atomically
+from .paths import check_output_path, write_text_atomically
 from .sampling import Sampler, make_sampler
 
 LANGS = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "tsx", ".jsx": "jsx", ".rs": "rust",
@@ -27,6 +28,13 @@ LANGS = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "tsx
          ".rb": "ruby", ".sh": "bash", ".md": "markdown", ".json": "json", ".yaml": "yaml", ".yml": "yaml",
          ".toml": "toml", ".sql": "sql", ".html": "html", ".css": "css", ".kt": "kotlin", ".swift": "swift"}
 MAX_FILE_BYTES = 2_000_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def as_text(s: str) -> str:
+    """s with each lone surrogate as U+FFFD: bytes that were not UTF-8 (argv, stdin and file names are decoded
+    with surrogateescape) or a bad JSON escape, which cannot be written as UTF-8."""
+    return _SURROGATE.sub("\ufffd", s)
 
 
 @dataclass
@@ -76,12 +84,16 @@ def _check_named_file(path: Path, spec: str) -> None:
 
 
 def _gitignored(paths: list[Path], root: Path) -> set[Path]:
-    """The paths git would ignore (when root is in a git work tree; else those matching ./.gitignore)."""
+    """The paths under root that git would ignore (when root is in a git work tree; else those matching
+    root/.gitignore). Paths outside root are not matched against its rules."""
+    paths = [p for p in paths if p.is_relative_to(root)]
+    if not paths:
+        return set()
     try:
         proc = subprocess.run(["git", "check-ignore", "--stdin", "-z"], cwd=root, capture_output=True,
-                              input="\0".join(str(p) for p in paths).encode() + b"\0", timeout=30)
+                              input=b"\0".join(os.fsencode(p) for p in paths) + b"\0", timeout=30)
         if proc.returncode in (0, 1):
-            return {(root / p).resolve() for p in proc.stdout.decode().split("\0") if p}
+            return {(root / os.fsdecode(p)).resolve() for p in proc.stdout.split(b"\0") if p}
     except (OSError, subprocess.SubprocessError):
         pass
     patterns = []
@@ -93,34 +105,66 @@ def _gitignored(paths: list[Path], root: Path) -> set[Path]:
                                     for part in p.relative_to(root).parts)}
 
 
-def expand_paths(specs: list[str], root: Path | None = None) -> list[Path]:
-    """Files named by paths, globs and directories; skips .git, what .gitignore ignores and binary files in
-    directories and globs; a file named on its own is taken even if ignored (as `git add` takes one when named)
-    and refused with the reason if it is binary, not UTF-8 or too large."""
+def _skip_reason(path: Path) -> str | None:
+    """Why a file found in a directory or glob is left out: None to take it, "" for a binary file (skipped
+    without a word, as documented), else a note for the user."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return f"{size / 1e6:.1f} MB, over the {MAX_FILE_BYTES / 1e6:.0f} MB limit"
+        return "" if _is_binary(path) else None
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+
+
+def expand_paths(specs: list[str], root: Path | None = None,
+                 note: Callable[[str], None] | None = None) -> list[Path]:
+    """Files named by paths, globs and directories; skips .git, what .gitignore ignores (a directory outside
+    root by its own .gitignore), binary and unreadable files in directories and globs, calling note(message)
+    for those it skips that are not binary; a file named on its own is taken even if ignored (as `git add`
+    takes one when named) and refused with the reason if it is binary, not UTF-8 or too large. A directory or
+    glob that yields no file is an error: answering as if the files had been read would mislead."""
     root = (root or Path.cwd()).resolve()
-    found: list[Path] = []
+    found: list[tuple[str, Path, Path]] = []  # (spec, the path as found, resolved)
     named: set[Path] = set()
+    bases: dict[Path, list[Path]] = {root: []}  # .gitignore roots and their files
     for spec in specs:
         p = Path(os.path.expanduser(spec))
         p = p if p.is_absolute() else root / p
+        base = root
         if p.is_dir():
             cands = [q for q in sorted(p.rglob("*")) if q.is_file() and ".git" not in q.relative_to(p).parts]
+            if not p.resolve().is_relative_to(root):
+                base = p.resolve()
         elif p.is_file():
             _check_named_file(p, spec)
             cands = [p]
             named.add(p.resolve())
+        elif p.exists():
+            raise LocalcoderError(f"{spec} is not a regular file (a pipe, device or socket); pipe its text on "
+                                  'stdin instead, e.g. git diff | localcoder ask "review this"')
         else:
             cands = sorted(q for q in Path(p.anchor).glob(str(p.relative_to(p.anchor))) if q.is_file())
             if not cands:
                 raise LocalcoderError(f"no file matches {spec}; check the path or glob")
-        found += [q.resolve() for q in cands]
-    ignored = _gitignored(found, root) if found else set()
+        found += [(spec, q, q.resolve()) for q in cands]
+        bases.setdefault(base, []).extend(q.resolve() for q in cands)
+    ignored = set().union(*(_gitignored(files, base) for base, files in bases.items() if files))
     out, seen = [], set()
-    for q in found:
-        if q in seen or (q in ignored and q not in named) or q.stat().st_size > MAX_FILE_BYTES or _is_binary(q):
+    for spec, q, r in found:
+        if r in seen or (r in ignored and r not in named):
             continue
-        seen.add(q)
-        out.append(q)
+        reason = None if r in named else _skip_reason(r)
+        if reason is not None:
+            if reason and note:
+                note(f"skipped {as_text(str(q))} ({reason})")
+            continue
+        seen.add(r)
+        out.append(r)
+    for spec in specs:
+        if not any(r in seen for s, _, r in found if s == spec):
+            raise LocalcoderError(f"{spec} has no file to attach (none, or only binary, ignored, unreadable or "
+                                  f"over {MAX_FILE_BYTES / 1e6:.0f} MB files); name a file to attach that one")
     return out
 
 
@@ -132,8 +176,10 @@ def check_max_tokens(n: int) -> None:
 
 class ChatSession:
     def __init__(self, model, system: str | None = None, max_tokens: int = 2048, sampler: Sampler | None = None,
-                 max_checkpoints: int = 8):
+                 max_checkpoints: int = 8, advice: str = "/clear, /drop files"):
+        """advice: what the user can do when the conversation does not fit, besides raising --ctx."""
         self.model = model
+        self.advice = advice
         self.system = system
         self.max_tokens = max_tokens  # checked by the property below, as /set max_tokens is
         self.sampler = sampler or make_sampler()
@@ -142,6 +188,14 @@ class ChatSession:
         self.prefix = PrefixCache(model.new_cache(), max_checkpoints)
         self.last = GenerationStats()
         self.total = GenerationStats()
+
+    @property
+    def system(self) -> str | None:
+        return self._system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        self._system = as_text(text) if text else text  # --system and /system text is saved in the transcript
 
     @property
     def max_tokens(self) -> int:
@@ -197,26 +251,37 @@ class ChatSession:
         attached = [f for m in self.history if "turn" in m for f in m["turn"].files]
         return attached + self.pending
 
-    def add_files(self, specs: list[str], root: Path | None = None) -> list[ContextFile]:
-        paths = expand_paths(specs, root)
-        known = {f.path for f in self.files()}
+    def add_files(self, specs: list[str], root: Path | None = None,
+                  note: Callable[[str], None] | None = None) -> list[ContextFile]:
+        """Attach files for the next question; a file attached before and changed since replaces its old copy
+        (note(message) says when one is attached already and unchanged, and what expand_paths skips)."""
+        paths = expand_paths(specs, root, note)
+        attached = {f.path: f for f in self.files()}
         root = (root or Path.cwd()).resolve()
         new = []
         for p in paths:
-            shown = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-            if shown in known:
-                continue
+            shown = as_text(str(p.relative_to(root)) if p.is_relative_to(root) else str(p))
             text = p.read_text(encoding="utf-8", errors="replace")
+            if shown in attached and attached[shown].text == text:
+                if note:
+                    note(f"{shown} is already attached, unchanged")
+                continue
             cf = ContextFile(shown, text, 0)
             cf.tokens = len(self.model.tokenizer.encode(cf.block())) + 2
             new.append(cf)
+        before = [(m["turn"], m["turn"].files) for m in self.history if "turn" in m], self.pending
+        for f in new:
+            self.drop_file(f.path)  # the old copy of a changed file
         used, need = self.context_used(), sum(f.tokens for f in new)
         budget = self.model.n_ctx - self.max_tokens
         if used + need > budget:
+            for turn, files in before[0]:
+                turn.files = files
+            self.pending = before[1]
             raise ContextOverflow(f"adding {len(new)} file(s) needs {need:,} tokens but only {max(budget - used, 0):,} "
                                   f"of {self.model.n_ctx:,} are free ({used:,} used, {self.max_tokens:,} kept for the "
-                                  "reply); drop files, lower -n, or raise --ctx")
-        self.pending += new
+                                  f"reply); {self.advice}, lower -n, or raise --ctx")
+        self.pending = self.pending + new
         return new
 
     def drop_file(self, path: str) -> bool:
@@ -243,7 +308,8 @@ class ChatSession:
                 yield piece
         finally:
             msg["content"] = "".join(reply)
-            if self.model.tokenizer.decode(tokens) == msg["content"]:
+            # (the text leaves out control tokens, the ids keep them: they are what the model saw)
+            if self.model.tokenizer.decode(tokens, skip_special=True) == msg["content"]:
                 msg["ids"] = tokens
             if self.last.finish_reason in (None, "interrupted"):
                 self.last.finish_reason = "interrupted"
@@ -253,22 +319,31 @@ class ChatSession:
             for k in ("prompt_tokens", "cached_tokens", "generated_tokens", "prompt_seconds", "generate_seconds"):
                 setattr(self.total, k, getattr(self.total, k) + getattr(self.last, k))
 
+    def _check_fits(self, ids: list[int]) -> None:
+        if len(ids) >= self.model.n_ctx:
+            raise ContextOverflow(f"the conversation needs {len(ids):,} tokens but the context holds "
+                                  f"{self.model.n_ctx:,}; {self.advice}, or raise --ctx")
+
     def send(self, text: str) -> Iterator[str]:
         turn = Turn(text, self.pending)
         ids = self.prompt_ids(turn)
-        if len(ids) >= self.model.n_ctx:
-            raise ContextOverflow(f"the conversation needs {len(ids):,} tokens but the context holds "
-                                  f"{self.model.n_ctx:,}; /clear, /drop files, or raise --ctx")
+        self._check_fits(ids)
         self.pending = []
         self.history.append({"role": "user", "turn": turn})
         return self._reply(ids)
 
     def retry(self) -> Iterator[str]:
-        """Drop the last reply and generate it again."""
+        """Drop the last reply and generate it again (the reply stays if the conversation no longer fits)."""
         if not self.history or self.history[-1]["role"] != "assistant":
             raise LocalcoderError("nothing to retry: there is no reply yet")
-        self.history.pop()
-        return self._reply(self.prompt_ids())
+        reply = self.history.pop()
+        try:
+            ids = self.prompt_ids()
+            self._check_fits(ids)
+        except BaseException:
+            self.history.append(reply)
+            raise
+        return self._reply(ids)
 
     def undo(self) -> bool:
         """Remove the last user turn and its reply."""
@@ -278,13 +353,26 @@ class ChatSession:
         return False
 
     def edit_last(self, text: str) -> Iterator[str]:
-        """Replace the last user message and answer it again."""
-        if not self.undo():
+        """Replace the last user message (keeping the files attached with it) and answer it again; if the
+        new message does not fit, the conversation stays as it was."""
+        history, pending = list(self.history), list(self.pending)
+        last = next((m for m in reversed(self.history) if m["role"] == "user"), None)
+        if last is None:
             raise LocalcoderError("nothing to edit: there is no message yet")
-        return self.send(text)
+        self.undo()
+        self.pending = (last["turn"].files if "turn" in last else []) + self.pending
+        try:
+            return self.send(text)
+        except BaseException:
+            self.history, self.pending = history, pending
+            raise
 
     def clear(self) -> None:
+        """Forget the conversation and attached files; with a seed, sample again as a new session would."""
         self.history, self.pending = [], []
+        reset = getattr(self.sampler, "reset", None)  # a sampler of the caller's may have none
+        if reset is not None:
+            reset()
 
     # -- transcripts ----------------------------------------------------------------------------------
     def to_json(self) -> list[dict]:
@@ -297,17 +385,18 @@ class ChatSession:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = check_output_file(path, "transcript")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return write_text_atomically(path, json.dumps(self.to_json(), ensure_ascii=False, indent=1))
+        path = check_output_path(path, "transcript", create_folder=True)
+        return write_text_atomically(path, as_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1)))
 
     def load(self, path: str | os.PathLike) -> int:
+        """Replace the conversation with a saved transcript; bytes that are not UTF-8 and bad JSON escapes
+        become U+FFFD, and token ids that do not spell a reply's text are left out (it is re-encoded)."""
         path = Path(path).expanduser()
         try:
-            msgs = json.loads(path.read_text(encoding="utf-8"))
+            msgs = json.loads(path.read_text(encoding="utf-8", errors="replace"))
         except FileNotFoundError:
             raise LocalcoderError(f"no transcript at {path}; check the path") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep for json
             raise LocalcoderError(f"{path} is not a JSON transcript ({e}); /save writes one") from None
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                                                  and isinstance(m.get("content"), str) for m in msgs):
@@ -315,14 +404,26 @@ class ChatSession:
         self.system = next((m["content"] for m in msgs if m["role"] == "system"), None)
         self.history = []
         for m in msgs:
+            content = as_text(m["content"])
             if m["role"] == "user":
-                self.history.append({"role": "user", "turn": Turn(m["content"])})
+                self.history.append({"role": "user", "turn": Turn(content)})
             elif m["role"] == "assistant":
-                msg = {k: v for k, v in m.items() if k in ("role", "content", "interrupted")}
-                ids = m.get("token_ids")
-                if isinstance(ids, list) and all(isinstance(i, int) for i in ids) \
-                        and self.model.tokenizer.decode(ids) == m["content"]:
-                    msg["ids"] = ids
+                msg = {"role": "assistant", "content": content}
+                if m.get("interrupted"):
+                    msg["interrupted"] = True
+                if self._spells(m.get("token_ids"), content):
+                    msg["ids"] = m["token_ids"]
                 self.history.append(msg)
         self.pending = []
         return len(self.history)
+
+    def _spells(self, ids, text: str) -> bool:
+        """ids are token ids of this model's vocabulary that decode to text (a transcript of another model,
+        or edited by hand, may hold any numbers)."""
+        tok = self.model.tokenizer
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < tok.vocab_size for i in ids):
+            return False
+        try:
+            return tok.decode(ids, skip_special=True) == text  # as _reply keeps them
+        except (ValueError, IndexError, KeyError):
+            return False

@@ -27,8 +27,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from localcoder.errors import LocalcoderError
 
-__all__ = ["ChatTemplate", "QWEN3_CODER_TEMPLATE", "template_from_metadata", "template_from_file",
-           "load_builtin_template"]
+__all__ = ["ChatTemplate", "BrokenTemplate", "QWEN3_CODER_TEMPLATE", "template_from_metadata",
+           "template_from_file", "load_builtin_template"]
 
 _HINT = "pass --chat-template-file FILE to use another template, or check the messages"
 
@@ -131,6 +131,8 @@ def _parse_arguments(fn: dict) -> dict:
 class ChatTemplate:
     """A compiled chat template."""
 
+    error: str | None = None  # see BrokenTemplate
+
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", hint: str = _HINT):
         """hint: the fix named by errors (a template from the user's own file names that file)."""
         if not isinstance(source, str):
@@ -186,6 +188,32 @@ class ChatTemplate:
 
     def __repr__(self) -> str:
         return f"ChatTemplate({len(self.source)} chars)"
+
+
+class BrokenTemplate:
+    """A GGUF's own template that does not compile or drops the messages. The model still loads: `info` and
+    plain completions never render it. Rendering raises the error, which names --chat-template-file."""
+
+    def __init__(self, source: str, error: str):
+        self.source = source
+        self.error = error
+
+    def render(self, *args, **kwargs):
+        raise LocalcoderError(self.error)
+
+    render_spans = render
+
+    def __repr__(self) -> str:
+        return f"BrokenTemplate({len(self.source)} chars)"
+
+
+def _drops_the_message(template: ChatTemplate) -> bool:
+    """A user message renders without its text (a template that does not loop over `messages`)."""
+    probe = "Hello from localcoder"
+    try:
+        return probe not in template.render([{"role": "user", "content": probe}], add_generation_prompt=True)
+    except LocalcoderError:
+        return False  # a template may insist on more than one message; real turns will show what it wants
 
 
 def _marked(msg, texts: list[str], open_: str, close: str, with_arguments: bool):
@@ -249,14 +277,23 @@ def _token_text(meta: Mapping[str, Any], key: str) -> str:
 
 def template_from_metadata(meta: Mapping[str, Any]) -> ChatTemplate:
     """The GGUF's ``tokenizer.chat_template`` (the built-in Qwen3-Coder one when absent or empty); bos/eos token
-    texts come from the GGUF's token ids, as llama.cpp does."""
+    texts come from the GGUF's token ids, as llama.cpp does. A template that does not compile, or renders a user
+    message without its text, comes back as a BrokenTemplate: only rendering a conversation fails."""
     source = meta.get("tokenizer.chat_template")
     if isinstance(source, (bytes, bytearray)):
         source = bytes(source).decode("utf-8", errors="replace")
     if not source:
         source = QWEN3_CODER_TEMPLATE
-    return ChatTemplate(source, bos_token=_token_text(meta, "tokenizer.ggml.bos_token_id"),
-                        eos_token=_token_text(meta, "tokenizer.ggml.eos_token_id"))
+    try:
+        template = ChatTemplate(source, bos_token=_token_text(meta, "tokenizer.ggml.bos_token_id"),
+                                eos_token=_token_text(meta, "tokenizer.ggml.eos_token_id"))
+    except LocalcoderError as e:
+        return BrokenTemplate(source, str(e))
+    if _drops_the_message(template):
+        return BrokenTemplate(source, "chat template error: the model's template renders a user message without "
+                                      "its text (it does not loop over `messages`); pass --chat-template-file FILE "
+                                      "to use another template")
+    return template
 
 
 def template_from_file(path: str | os.PathLike, meta: Mapping[str, Any]) -> ChatTemplate:

@@ -63,6 +63,7 @@ def info(model: Path = typer.Argument(..., help="GGUF model file")):
     dims = Table(show_header=False, box=None)
     rows = [
         ("layers", f"{c.n_layer} ({sum(c.recurrent_layers)} Gated DeltaNet, {c.n_attention_layers} gated attention)"),
+        *([("MTP layers", f"{c.n_nextn_layer} (multi-token prediction: stored, not run)")] if c.n_nextn_layer else []),
         ("hidden", c.n_embd), ("vocab", c.n_vocab), ("trained context", c.n_ctx_train),
         ("attention", f"{c.n_head} q / {c.n_head_kv} kv heads, head dim {c.head_dim}, RoPE on {c.n_rot} dims, "
                       f"theta {c.rope_theta:g}"),
@@ -87,7 +88,10 @@ def info(model: Path = typer.Argument(..., help="GGUF model file")):
                   f"eos {tok.eos_token_id}")
     src = f.get("tokenizer.chat_template")
     console.print("chat template: " + (f"from the file ({len(src)} chars{', with tools' if 'tools' in src else ''})"
-                                       if src else "none in the file; built-in Qwen3-Coder template"))
+                                       if src else "none in the file; built-in Qwen3-Coder template"), highlight=False)
+    if m.chat_template.error:
+        console.print(f"warning: {m.chat_template.error}", style="yellow", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _check_gen_tokens(n: int) -> None:
@@ -131,9 +135,9 @@ def run(
         raise LocalcoderError('--stop "": an empty stop string cannot mark where to stop; give the text to stop '
                               "at, or leave --stop out")
     if expert_stats is not None:
-        from .paths import check_output_file
+        from .paths import check_output_path
 
-        expert_stats = check_output_file(expert_stats, "routing trace")
+        expert_stats = check_output_path(expert_stats, "routing trace")
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
     m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, expert_stats, quiet=True,
                             kv_type=kv_type, threads=threads, expert_prefetch=expert_prefetch,
@@ -160,6 +164,8 @@ def run(
          f"generation: {stats.generated_tokens} tokens, {stats.generate_tokens_per_s:.1f} tokens/s | "
          f"finish: {stats.finish_reason}")
     _finish_experts(m, expert_stats)
+    if stats.finish_reason == "interrupted":
+        raise SystemExit(130)  # as any Ctrl-C: a script can tell the text was cut short
 
 
 @app.command()
@@ -211,7 +217,9 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
     if store is None:
         return
     c = store.counters
-    _err(f"experts: {c.hits} hits, {c.misses} misses, {c.prefetch_hits} prefetch hits ({c.prefetches} prefetched), "
+    ahead = (f"{c.prefetch_hits} prefetch hits ({c.prefetches} prefetched), " if store.speculate else "") + (
+        f"{c.preloaded} preloaded, " if c.preloaded else "")
+    _err(f"experts: {c.hits} hits, {c.misses} misses, {ahead}"
          f"{c.bytes_read / 1e9:.2f} GB read, {c.io_wait_s:.2f} s waiting for I/O, "
          f"cache {store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer, {store.policy_name})")
     if trace_path is not None and store.trace is not None:
@@ -227,8 +235,9 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
 def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int], expert_cache=None,
                         expert_policy: str = "lru", expert_stats: Optional[Path] = None, quiet: bool = False,
                         kv_type: str = "f32", threads: Optional[int] = None, expert_prefetch: bool = False,
-                        chat_template_file: Optional[Path] = None):
-    """Load with a progress bar on stderr; mmap makes this short: only the header is read."""
+                        chat_template_file: Optional[Path] = None, chat: bool = False):
+    """Load with a progress bar on stderr; mmap makes this short: only the header is read. chat: the command
+    renders conversations, so a chat template that cannot is an error now rather than at every turn."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .gguf_file import GGUFFile
@@ -238,8 +247,9 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
     path = resolve_model(model)
     announce_compiles(backend, _err)
     t0 = time.perf_counter()
+    console = _stderr_console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True, console=_stderr_console()) as progress:
+                  transient=True, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"opening {path.name}", total=2)
         file = GGUFFile(path)
         progress.update(task, advance=1, description="tokenizer, template, weights (memory-mapped)")
@@ -247,6 +257,8 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
                   expert_trace=expert_stats is not None, expert_prefetch=expert_prefetch, kv_type=kv_type,
                   threads=threads, chat_template_file=chat_template_file)
         progress.update(task, advance=1)
+    if chat and m.chat_template.error:
+        raise LocalcoderError(m.chat_template.error)
     if not quiet:
         _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
                                 f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
@@ -281,20 +293,20 @@ def _bytes_progress():
 def _stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # one line per message: logs are parsed line by line
 
 
 def _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
              expert_cache=None, expert_policy="lru", kv_type="f32", threads=None, expert_prefetch=False,
-             chat_template_file=None):
+             chat_template_file=None, advice="/clear, /drop files"):
     from .chat import ChatSession, check_max_tokens
     from .sampling import make_sampler
 
     check_max_tokens(max_tokens)
     sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed=seed)
     m = _load_with_progress(model, backend, ctx, expert_cache, expert_policy, kv_type=kv_type, threads=threads,
-                            expert_prefetch=expert_prefetch, chat_template_file=chat_template_file)
-    return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler)
+                            expert_prefetch=expert_prefetch, chat_template_file=chat_template_file, chat=True)
+    return ChatSession(m, system=system, max_tokens=max_tokens, sampler=sampler, advice=advice)
 
 
 @app.command()
@@ -329,13 +341,13 @@ def chat(
     from .repl import Repl, history_file
 
     hist = None if no_history else history_file(check_output_dir(history_dir or HOME / "history", "--history-dir"))
-    expand_paths(file)  # a missing, binary or non-UTF-8 -f file fails before the model loads
+    expand_paths(file, note=_note)  # a missing, binary or non-UTF-8 -f file fails before the model loads
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
                        expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file)
     console = _stderr_console()
     if file:
         for f in session.add_files(file):
-            console.print(f"added {f.path} ({f.tokens:,} tokens)", highlight=False)
+            console.print(f"added {f.path} ({f.tokens:,} tokens)", markup=False, highlight=False)
     from rich.console import Console
 
     Repl(session, Console(), hist).run()
@@ -368,15 +380,17 @@ def ask(
     from .chat import expand_paths
     from .repl import answer_json
 
-    expand_paths(file)  # a missing, binary or non-UTF-8 -f file fails before the model loads
+    expand_paths(file, note=_note)  # a missing, binary or non-UTF-8 -f file fails before the model loads
+    piped = "" if sys.stdin.isatty() else sys.stdin.read()
+    if not question.strip() and not piped.strip() and not file:
+        raise LocalcoderError('the question is empty; give one, e.g. localcoder ask "what does this do?" -f FILE')
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
-                       expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file)
+                       expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file,
+                       advice="attach less (fewer -f files, less piped text)")
     if file:
         session.add_files(file)
-    if not sys.stdin.isatty():
-        piped = sys.stdin.read()
-        if piped.strip():
-            question = f"{question}\n\n```\n{piped.rstrip()}\n```"
+    if piped.strip():
+        question = f"{question}\n\n```\n{piped.rstrip()}\n```"
     text = ""
     pieces = session.send(question)
     try:
@@ -391,6 +405,13 @@ def ask(
         print(answer_json(session, text))
     else:
         sys.stdout.write("\n")
+    if session.last.finish_reason == "interrupted":
+        _err("interrupted: the answer is cut short")
+        raise SystemExit(130)
+
+
+def _note(message: str) -> None:
+    _err(f"note: {message}")
 
 
 @app.command()
@@ -399,12 +420,13 @@ def convert(
     out: Path = typer.Option(..., "-o", "--out", help="output .gguf file"),
     out_type: str = typer.Option("bf16", "--type", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k"),
     keep_mtp: bool = typer.Option(False, "--keep-mtp", help="carry the multi-token-prediction tensors"),
+    name: Optional[str] = typer.Option(None, "--name", help="general.name to write (default: the folder's name)"),
 ):
     """Convert a safetensors checkpoint to a qwen3next GGUF (streaming, bounded memory)."""
     from .quant.convert import convert as run_convert
 
     with _bytes_progress() as report:
-        path = run_convert(hf_dir, out, out_type=out_type, keep_mtp=keep_mtp, progress=report)
+        path = run_convert(hf_dir, out, out_type=out_type, keep_mtp=keep_mtp, progress=report, name=name)
     _stderr_console().print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)")
 
 
@@ -514,7 +536,8 @@ def bench(
                              f"layer, {res['expert_policy']})"),
             ("expert hits / misses", f"{res['expert_hits']:,} / {res['expert_misses']:,} "
                                      f"({100 * res['expert_hit_rate']:.1f} % hits; {res['expert_prefetch_hits']:,} "
-                                     f"from {res['expert_prefetches']:,} prefetches)"),
+                                     f"from {res['expert_prefetches']:,} prefetches; "
+                                     f"{res['expert_preloaded']:,} preloaded)"),
             ("disk read per token", f"{(res['disk_bytes_per_token'] or 0) / 1e6:,.1f} MB (misses: "
                                     f"{res['expert_miss_bytes_per_token'] / 1e6:,.1f} MB)"),
             ("disk bandwidth", f"{res['disk_bandwidth_gbs']:.2f} GB/s"),
@@ -543,12 +566,32 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary output files are removed on the way
 
 
+def _parser_exceptions():
+    try:
+        from typer._click import exceptions  # newer typer carries its own copy of click
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
     import signal
 
+    parser = _parser_exceptions()
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="localcoder")  # parser errors come back here, as one line
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except parser.NoArgsIsHelpError:
+        app(["--help"], prog_name="localcoder")  # exits 0
+    except parser.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "localcoder"
+        _err(f"error: {' '.join(e.format_message().split()).rstrip('.')}; see {where} --help")
+        sys.exit(2)
+    except typer.Abort:
+        _err("aborted")
+        sys.exit(1)
     except LocalcoderError as e:
         _err(f"error: {e}")
         sys.exit(2)

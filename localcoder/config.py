@@ -60,7 +60,15 @@ class ModelConfig:
     n_expert_used: int
     n_ff_exp: int
     n_ff_shexp: int
-    recurrent_layers: tuple[bool, ...]
+    recurrent_layers: tuple[bool, ...]  # of the n_layer layers the forward pass runs
+    # multi-token-prediction (nextn) layers stored after the n_layer body layers (block_count = n_layer +
+    # n_nextn_layer). Like llama.cpp (hparams.n_layer()), the forward pass never runs them.
+    n_nextn_layer: int = 0
+
+    @property
+    def n_block(self) -> int:
+        """block_count of the file: the body layers and the MTP layers after them."""
+        return self.n_layer + self.n_nextn_layer
 
     def is_recurrent(self, layer: int) -> bool:
         return self.recurrent_layers[layer]
@@ -93,7 +101,13 @@ class ModelConfig:
                 raise GGUFError(f"{path}: metadata key {full} = {value!r} {e}; the file is damaged or was made by "
                                 "a broken converter: re-download or re-convert it") from None
 
-        n_layer = key("block_count", high=MAX_LAYERS)
+        n_block = key("block_count", high=MAX_LAYERS)
+        # llama.cpp: n_layer() = block_count - nextn_predict_layers; the MTP blocks are not decoder layers
+        n_nextn = key("nextn_predict_layers", low=0, default=0)
+        if n_nextn >= n_block:
+            raise GGUFError(f"{path}: metadata key {ARCH}.nextn_predict_layers = {n_nextn} leaves no decoder layer "
+                            f"of block_count {n_block}; the file is damaged: re-download or re-convert it")
+        n_layer = n_block - n_nextn
         n_embd = key("embedding_length")
         n_head = key("attention.head_count")
         n_head_kv = key("attention.head_count_kv")
@@ -109,11 +123,12 @@ class ModelConfig:
             recurrent = tuple(bool(x) for x in flags)
         else:
             interval = key("full_attention_interval")
-            recurrent = tuple((i + 1) % interval != 0 for i in range(n_layer))
+            recurrent = tuple((i + 1) % interval != 0 for i in range(n_block))
 
         problems = []
-        if len(recurrent) != n_layer:
-            problems.append(f"recurrent_layers has {len(recurrent)} entries for {n_layer} layers")
+        if len(recurrent) != n_block:
+            problems.append(f"recurrent_layers has {len(recurrent)} entries for {n_block} layers")
+        recurrent = recurrent[:n_layer]
         if n_head % n_head_kv:
             problems.append(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
         if n_v_heads % n_k_heads:
@@ -128,6 +143,12 @@ class ModelConfig:
             problems.append(f"expert_used_count {n_used} is not in 1..expert_count {n_expert}")
         if problems:
             raise GGUFError(f"{path} has inconsistent metadata: {'; '.join(problems)}")
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and n_vocab != len(tokens):
+            # llama.cpp: n_vocab is the token list's length and token_embd must be {n_embd, n_vocab}
+            raise GGUFError(f"{path}: token_embd.weight has {n_vocab} rows but the vocabulary (tokenizer.ggml.tokens) "
+                            f"has {len(tokens)} tokens; llama.cpp refuses such a file too: re-convert it from a "
+                            "checkpoint whose vocab_size equals its embedding rows")
 
         return cls(
             n_layer=n_layer,
@@ -150,4 +171,5 @@ class ModelConfig:
             n_ff_exp=key("expert_feed_forward_length"),
             n_ff_shexp=key("expert_shared_feed_forward_length", low=0, default=0),
             recurrent_layers=recurrent,
+            n_nextn_layer=n_nextn,
         )

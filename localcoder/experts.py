@@ -210,6 +210,7 @@ class ExpertCounters:
     misses: int = 0
     prefetch_hits: int = 0  # hits on experts that a speculative prefetch brought in
     prefetches: int = 0  # experts read speculatively
+    preloaded: int = 0  # experts read in the background because every one fits (not on demand)
     bytes_read: int = 0
     io_wait_s: float = 0.0
     io_cpu_s: float = 0.0  # CPU time the I/O threads spent in reads (it shares the cores with decode)
@@ -372,8 +373,11 @@ class ExpertStore:
                     if fut is not None:  # preloading: jump the queue if its read has not started, else wait
                         if fut.cancel():
                             del ls.pending[e]
-                            ls.prefetched.discard(e)
-                            self.counters.prefetches -= 1
+                            if e in ls.prefetched:
+                                ls.prefetched.discard(e)
+                                self.counters.prefetches -= 1
+                            else:
+                                self.counters.preloaded -= 1
                             self.counters.misses += 1
                             ls.policy.touch(e)
                             jobs.extend(self._read_now(ls, e, ls.slot_of[e]))
@@ -456,8 +460,7 @@ class ExpertStore:
                 for e in range(es.n_expert):
                     if e not in ls.slot_of and e not in ls.pending:
                         slot = self._claim(ls, e, set())
-                        self.counters.prefetches += 1
-                        ls.prefetched.add(e)
+                        self.counters.preloaded += 1
                         ls.policy.touch(e)
                         ls.pending[e] = self._background.submit(self._read, ls, e, slot)
 

@@ -7,6 +7,7 @@ Split models (`name-00001-of-00003.gguf`) open as one file set.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -193,61 +194,120 @@ _SCALARS = {  # GGUF value type -> struct format
 }
 
 
-class _HeaderReader(gguf.GGUFReader):
-    """GGUFReader that reads metadata straight into Python values and records tensor infos without
-    building numpy views.
+GGML_MAX_DIMS = 4
+INT64_MAX = 2 ** 63 - 1
+MAX_COUNT = 1 << 32  # more keys, tensors or array items than any GGUF holds (a vocabulary has ~10^5 tokens)
+_VERSIONS = (2, 3)  # GGUF v1 is gone from llama.cpp too
 
-    The stock reader builds numpy views per array item (about 6 s for the 151,936-token vocabulary)
-    and per tensor, failing with a bare numpy error on a truncated file; we parse the key/value section
-    with struct on a memoryview (a fraction of a second) and validate tensors ourselves, with messages a
-    user can act on. Little-endian files only, as llama.cpp writes them.
+
+class _Truncated(Exception):
+    """The header goes on past the end of the file: `need` bytes at least."""
+
+    def __init__(self, need: int):
+        super().__init__(need)
+        self.need = need
+
+
+class _Corrupt(Exception):
+    """A header field no writer produces; the message names it."""
+
+
+class _Header:
+    """A GGUF header parsed straight into Python values (struct on a memoryview, every read bounds-checked):
+    metadata, tensor infos, alignment and the start of the data section.
+
+    gguf-py's GGUFReader builds numpy views per array item (about 6 s for the 151,936-token vocabulary) and
+    fails with numpy's own message on a truncated or corrupt file; here a read past the end is _Truncated
+    (how far the header needs the file to go) and an impossible field is _Corrupt, naming the field.
+    Little-endian files only, as llama.cpp writes them.
     """
 
-    def _build_fields(self, offs: int, count: int) -> int:
-        mv = memoryview(self.data)
-        self.values: dict[str, object] = {}
+    def __init__(self, mv: memoryview):
+        self.mv, self.size = mv, len(mv)
+        (version,) = self.unpack("<I", 4)
+        if version & 0xFFFF == 0 and version:
+            raise _Corrupt("big-endian")
+        if version not in _VERSIONS:
+            raise _Corrupt(f"version {version}")
+        self.version = version
+        n_tensors, n_kv = self.unpack("<QQ", 8)
+        o = 24
+        # the smallest key/value (empty key, a uint8) takes 13 bytes, the smallest tensor info 24: counts that
+        # could not fit in any file are corruption, smaller ones that do not fit this file truncation
+        need = o + n_kv * 13 + n_tensors * 24
+        if need > self.size:
+            if max(n_kv, n_tensors) > MAX_COUNT:
+                raise _Corrupt(f"a header that claims {n_kv:,} metadata keys and {n_tensors:,} tensors, more than "
+                               f"its {self.size:,} bytes can hold")
+            raise _Truncated(need)
+        self.values: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, o = self.string(o)
+            (vtype,) = self.unpack("<I", o)
+            if key in self.values:
+                raise _Corrupt(f"metadata key {key} twice")
+            self.values[key], o = self.value(o + 4, vtype, key)
+            if key == "general.alignment":
+                self.alignment_type = vtype
+        self.alignment = 32
+        if "general.alignment" in self.values:
+            a = self.values["general.alignment"]
+            if self.alignment_type != gguf.GGUFValueType.UINT32 or a <= 0 or a & (a - 1):
+                raise _Corrupt(f"general.alignment = {a!r} (a uint32 power of two is needed)")
+            self.alignment = a
+        self.tensor_infos: list[tuple[str, list[int], int, int]] = []
+        for _ in range(n_tensors):
+            name, o = self.string(o)
+            (n_dims,) = self.unpack("<I", o)
+            if n_dims > GGML_MAX_DIMS:
+                raise _Corrupt(f"tensor {name} with {n_dims} dimensions (GGUF allows at most {GGML_MAX_DIMS})")
+            dims = list(self.unpack(f"<{n_dims}Q", o + 4))
+            raw_type, offset = self.unpack("<IQ", o + 4 + 8 * n_dims)
+            o += 16 + 8 * n_dims
+            self.tensor_infos.append((name, dims or [1], raw_type, offset))
+        self.data_offset = -(-o // self.alignment) * self.alignment if n_tensors else o
 
-        def string(o: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", mv, o)
-            return bytes(mv[o + 8:o + 8 + n]).decode("utf-8", errors="replace"), o + 8 + n
+    def unpack(self, fmt: str, o: int) -> tuple:
+        end = o + struct.calcsize(fmt)
+        if end > self.size:
+            raise _Truncated(end)
+        return struct.unpack_from(fmt, self.mv, o)
 
-        def value(o: int, vtype: int):
-            if vtype == gguf.GGUFValueType.STRING:
-                return string(o)
-            if vtype == gguf.GGUFValueType.ARRAY:
-                itype, n = struct.unpack_from("<IQ", mv, o)
-                o += 12
-                if itype in _SCALARS:
-                    fmt = _SCALARS[gguf.GGUFValueType(itype)]
-                    size = struct.calcsize(fmt)
-                    items = np.frombuffer(mv[o:o + n * size], dtype=np.dtype(fmt)).tolist()
-                    return items, o + n * size
-                items = []
-                for _ in range(n):
-                    item, o = value(o, itype)
-                    items.append(item)
-                return items, o
-            fmt = _SCALARS[gguf.GGUFValueType(vtype)]
-            return struct.unpack_from(fmt, mv, o)[0], o + struct.calcsize(fmt)
+    def string(self, o: int) -> tuple[str, int]:
+        (n,) = self.unpack("<Q", o)
+        if o + 8 + n > self.size:
+            raise _Truncated(o + 8 + n)
+        return bytes(self.mv[o + 8:o + 8 + n]).decode("utf-8", errors="replace"), o + 8 + n
 
-        for _ in range(count):
-            key, offs = string(offs)
-            (vtype,) = struct.unpack_from("<I", mv, offs)
-            self.values[key], offs = value(offs + 4, vtype)
-        alignment = self.values.get("general.alignment")
-        if alignment is not None:  # GGUFReader reads the alignment from its own fields
-            self.fields["general.alignment"] = gguf.ReaderField(
-                0, "general.alignment", [np.array([alignment], dtype=np.uint32)], [0], [gguf.GGUFValueType.UINT32])
-        return offs
-
-    def _build_tensors(self, start_offs: int, fields: list) -> None:
-        self.tensor_infos = []
-        for field in fields:
-            _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
-            name = bytes(name_data).decode("utf-8", errors="replace")
-            self.tensor_infos.append((name, [int(d) for d in dims], int(raw_dtype[0]),
-                                      int(start_offs + offset_tensor[0])))
-        self.tensors = []
+    def value(self, o: int, vtype: int, key: str):
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string(o)
+        if vtype == gguf.GGUFValueType.ARRAY:
+            itype, n = self.unpack("<IQ", o)
+            o += 12
+            if itype in _SCALARS:
+                fmt = _SCALARS[gguf.GGUFValueType(itype)]
+                end = o + n * struct.calcsize(fmt)
+                if end > self.size:
+                    if n > MAX_COUNT:
+                        raise _Corrupt(f"metadata key {key} with {n:,} items, more than the file can hold")
+                    raise _Truncated(end)
+                return np.frombuffer(self.mv[o:end], dtype=np.dtype(fmt)).tolist(), end
+            if itype not in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
+                raise _Corrupt(f"metadata key {key} with unknown array item type {itype}")
+            if o + n * 8 > self.size:  # every string or array item takes 8 bytes at least
+                if n > MAX_COUNT:
+                    raise _Corrupt(f"metadata key {key} with {n:,} items, more than the file can hold")
+                raise _Truncated(o + n * 8)
+            items = []
+            for _ in range(n):
+                item, o = self.value(o, itype, key)
+                items.append(item)
+            return items, o
+        if vtype not in _SCALARS:
+            raise _Corrupt(f"metadata key {key} with unknown value type {vtype}")
+        fmt = _SCALARS[gguf.GGUFValueType(vtype)]
+        return self.unpack(fmt, o)[0], o + struct.calcsize(fmt)
 
 
 def split_paths(path: Path) -> list[Path]:
@@ -274,13 +334,29 @@ def _open_one(path: Path) -> tuple[dict[str, Any], list[QTensor], np.memmap]:
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
                         "pass a .gguf model file (convert safetensors with `localcoder convert`)")
+    fix = "re-download or re-convert it"
     try:
-        reader = _HeaderReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error) as e:
-        raise GGUFError(f"{path} has a corrupt or truncated GGUF header ({e}); re-download the file") from None
-    metadata = dict(reader.values)
-    tensors = []
-    for name, dims, raw_type, offset in reader.tensor_infos:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise GGUFError(f"cannot map {path}: {e}; check the path and permissions") from None
+    try:
+        header = _Header(memoryview(data))
+    except _Truncated as e:
+        raise GGUFError(f"{path} is truncated at byte {size:,} of at least {e.need:,} (its GGUF header goes on past "
+                        f"the end of the file); {fix}") from None
+    except _Corrupt as e:
+        what = str(e)
+        if what == "big-endian":
+            raise GGUFError(f"{path} is a big-endian GGUF; localcoder reads little-endian GGUFs (as llama.cpp writes "
+                            "them): convert it with gguf-py's `gguf-convert-endian FILE little`") from None
+        if what.startswith("version "):
+            raise GGUFError(f"{path} is GGUF {what}; localcoder reads GGUF versions "
+                            f"{', '.join(map(str, _VERSIONS))}: re-convert it with a current converter") from None
+        raise GGUFError(f"{path} is corrupt: it has {what}; {fix}") from None
+    metadata = dict(header.values)
+    align = header.alignment
+    tensors, infos, expected = [], [], 0
+    for name, dims, raw_type, offset in header.tensor_infos:
         try:
             ggml_type = gguf.GGMLQuantizationType(raw_type)
         except ValueError:
@@ -291,14 +367,25 @@ def _open_one(path: Path) -> tuple[dict[str, Any], list[QTensor], np.memmap]:
         if any(d <= 0 for d in shape) or shape[-1] % fmt.block_size:
             raise GGUFError(f"tensor {name} in {path.name} has shape {list(dims)} that does not fit "
                             f"{fmt.name} blocks of {fmt.block_size}; the file is corrupt")
+        if math.prod(shape) > INT64_MAX:  # Python ints: no wrap-around (ggml refuses these as well)
+            raise GGUFError(f"tensor {name} in {path.name} has shape {list(dims)}, too large for any file "
+                            f"(its element count overflows 64 bits); the file is corrupt: {fix}")
         row_bytes = shape[-1] // fmt.block_size * fmt.type_size
-        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
-        if offset + nbytes > size:
-            raise GGUFError(f"{path} is truncated: tensor {name} ends at byte {offset + nbytes:,} but the file "
-                            f"has {size:,} bytes; the download is incomplete, re-download it")
-        data = reader.data[offset:offset + nbytes].reshape(*shape[:-1], row_bytes)
-        tensors.append(QTensor(name, ggml_type, shape, data, offset, str(path)))
-    return metadata, tensors, reader.data
+        nbytes = math.prod(shape[:-1]) * row_bytes
+        # as ggml's gguf.cpp: tensor data follows in the order of the infos, each padded to the alignment
+        if offset != expected:
+            raise GGUFError(f"tensor {name} in {path.name} has data offset {offset:,}, expected {expected:,} "
+                            f"(tensor data follows in order, each aligned to {align} bytes); the file is corrupt: "
+                            f"{fix}")
+        expected += -(-nbytes // align) * align
+        infos.append((name, ggml_type, shape, header.data_offset + offset, nbytes, row_bytes))
+    end = max((o + n for _, _, _, o, n, _ in infos), default=header.data_offset)
+    if end > size:
+        raise GGUFError(f"{path} is truncated at byte {size:,} of {end:,} (its tensor data is incomplete); {fix}")
+    for name, ggml_type, shape, offset, nbytes, row_bytes in infos:
+        view = data[offset:offset + nbytes].reshape(*shape[:-1], row_bytes)
+        tensors.append(QTensor(name, ggml_type, shape, view, offset, str(path)))
+    return metadata, tensors, data
 
 
 class GGUFFile:

@@ -111,7 +111,9 @@ class Model:
 
     def _read_dense(self) -> None:
         tensors = dict(self.file.tensors)
-        copies = {name: aligned_empty(t.data.shape, t.file_offset) for name, t in tensors.items() if "_exps" not in name}
+        run = {f"blk.{i}." for i in range(self.config.n_layer)}  # MTP layers after them are never run: not copied
+        copies = {name: aligned_empty(t.data.shape, t.file_offset) for name, t in tensors.items()
+                  if "_exps" not in name and (not name.startswith("blk.") or name[:name.index(".", 4) + 1] in run)}
         _pread_all([(tensors[name].path, tensors[name].file_offset, a) for name, a in copies.items()])
         tensors.update({name: replace(tensors[name], data=readonly(a)) for name, a in copies.items()})
         dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))

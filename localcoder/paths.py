@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -39,13 +41,53 @@ def missing_model_message() -> str:
             "To try localcoder without a download, run `localcoder demo`.")
 
 
+def gguf_architecture(path: Path) -> str | None:
+    """general.architecture from a GGUF's header, read without parsing the rest (llama.cpp and gguf-py write
+    it first); None when the file is not a GGUF or the key does not come before the first array."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # scalar value types
+    try:
+        with open(path, "rb") as f:
+            magic, _version, _n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+            if magic != b"GGUF":
+                return None
+            for _ in range(min(n_kv, 64)):
+                (n,) = struct.unpack("<Q", f.read(8))
+                key = f.read(n) if n < 256 else None  # a longer key: not a header we can read this way
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if key is None:
+                    return None
+                if vtype == 8:  # string
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if key == b"general.architecture":
+                        return f.read(min(n, 256)).decode("utf-8", errors="replace")
+                    f.seek(n, os.SEEK_CUR)
+                elif vtype in sizes:
+                    f.seek(sizes[vtype], os.SEEK_CUR)
+                else:
+                    return None
+    except (OSError, struct.error):
+        pass
+    return None
+
+
 def resolve_model(model) -> Path:
+    """The -m path, or the model found in the model folders: among several GGUFs, the first qwen3next one (a
+    llama.cpp user keeps other models there too)."""
     if model is not None:
         return Path(model)
     found = find_models()
     if not found:
         raise LocalcoderError(missing_model_message())
-    return found[0]
+    if len(found) == 1:
+        return found[0]  # loading it says what is wrong with it, if anything
+    from .config import ARCH
+
+    archs = [gguf_architecture(p) for p in found]
+    if ARCH in archs:
+        return found[archs.index(ARCH)]
+    listed = ", ".join(f"{p} ({a or 'no architecture in its header'})" for p, a in zip(found[:5], archs))
+    raise LocalcoderError(f"no {ARCH} model among the GGUF files found: {listed}; pass -m FILE with a "
+                          "Qwen3-Coder-Next GGUF")
 
 
 def check_output_file(path: Path, what: str) -> Path:
@@ -55,6 +97,25 @@ def check_output_file(path: Path, what: str) -> Path:
         raise LocalcoderError(f"the {what} path {str(path)!r} has no file name; give one like out.gguf")
     if path.is_dir():
         raise LocalcoderError(f"{path} is a folder; give a file path for the {what} (e.g. {path / 'out'})")
+    return path
+
+
+def check_output_path(path: Path, what: str, create_folder: bool = False) -> Path:
+    """Before any work: check_output_file, and the folder it goes in exists (or is created) and takes files,
+    so that a long run does not end in an error that loses its output."""
+    path = check_output_file(path, what)
+    folder = path.parent
+    if create_folder:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LocalcoderError(f"cannot create the folder {folder} for {path} ({e.strerror}); give a {what} "
+                                  "path in a writable folder") from None
+    if not folder.is_dir():
+        raise LocalcoderError(f"the folder {folder} of {path} does not exist; create it or give another {what} path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LocalcoderError(f"{folder} is not writable, so {path} cannot be written; give a {what} path in a "
+                              "writable folder")
     return path
 
 
@@ -69,16 +130,23 @@ def check_output_dir(path: Path, flag: str) -> Path:
     return path
 
 
+_writes = itertools.count()
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
-    """Yields PATH.tmp to write: renamed to path when the block ends, removed when it raises (Ctrl-C and
-    SIGTERM included), so that a reader never sees half a file and nothing half-written is left behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Yields PATH.PID.N.tmp to write: renamed to path when the block ends, removed when it raises (Ctrl-C and
+    SIGTERM included), so that a reader never sees half a file and nothing half-written is left behind. Its
+    own name keeps two writers of one file (two first `localcoder demo` runs) out of each other's way. An
+    OSError names path, not the temporary file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{next(_writes)}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp), tmp):
+            e.filename = str(path)
         raise
 
 

@@ -4,6 +4,8 @@ Markdown once complete, slash commands. Rendering (rich) lives here and in cli.p
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.text import Text
 
 from .chat import ChatSession
@@ -19,7 +22,8 @@ from .memory import peak_rss_bytes
 
 HELP = """\
 /help                 this help
-/add PATH...          add files, directories or globs to the conversation (honours .gitignore)
+/add PATH...          add files, directories or globs to the conversation (honours .gitignore; quote
+                      names with spaces; a changed file replaces its old copy)
 /drop PATH            remove a file          /files   list files with their token counts
 /clear                forget the conversation (files too)
 /undo                 remove the last question and its answer
@@ -30,16 +34,40 @@ HELP = """\
 /stats                speed, memory and cache figures
 /set NAME VALUE       temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens
 /exit                 quit (also Ctrl-D, or Ctrl-C at an empty prompt)
-Multi-line input: end a line with \\ to continue, or wrap a block in \"\"\" ... \"\"\"."""
+Multi-line input: end a line with \\ to continue, or wrap a block in \"\"\" ... \"\"\". Ctrl-C on a typed
+line or in a block discards it. To send a message that starts with /, begin it with //."""
 
 SETTABLE = {"temp": ("temperature", float), "temperature": ("temperature", float), "top_k": ("top_k", int),
             "top_p": ("top_p", float), "min_p": ("min_p", float), "repeat_penalty": ("repeat_penalty", float),
             "seed": ("seed", int), "max_tokens": ("max_tokens", int)}
 
 
+class Discarded(Exception):
+    """Ctrl-C with text typed, or inside a multi-line message: that message is dropped and the chat goes on."""
+
+
+def _typed() -> bool:
+    readline = sys.modules.get("readline")
+    return bool(readline is not None and readline.get_line_buffer())
+
+
 def read_message(prompt: str = ">>> ") -> str:
-    """One message; raises EOFError on Ctrl-D and KeyboardInterrupt on Ctrl-C."""
-    line = input(prompt)
+    """One message; raises EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C at an empty prompt and Discarded
+    on Ctrl-C after text was typed."""
+    try:
+        line = input(prompt)
+    except KeyboardInterrupt:
+        if _typed():
+            raise Discarded from None
+        raise
+    try:
+        return _rest_of_message(line)
+    except KeyboardInterrupt:
+        raise Discarded from None
+
+
+def _rest_of_message(line: str) -> str:
+    """The message that starts with line: a \"\"\" block, or lines ending in \\ joined with the next."""
     if line.strip().startswith('"""'):
         first = line.strip()[3:]
         if first.endswith('"""') and len(first) >= 3:
@@ -97,8 +125,8 @@ class Repl:
             pieces.close()
             if not self.tty:
                 sys.stdout.write("\n")
-            self.console.print("[yellow][interrupted: the partial reply is kept][/yellow]")
-        self.console.print(self.status(), style="dim", highlight=False)
+            self.console.print("[interrupted: the partial reply is kept]", style="yellow", markup=False)
+        self.console.print(self.status(), style="dim", highlight=False, soft_wrap=True)
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means exit."""
@@ -111,12 +139,19 @@ class Repl:
             c.print(HELP, highlight=False)
         elif name == "add":
             if not arg:
-                raise LocalcoderError("usage: /add PATH... (files, directories or globs)")
-            for f in s.add_files(arg.split()):
-                c.print(f"added {f.path} ({f.tokens:,} tokens)")
+                raise LocalcoderError("usage: /add PATH... (files, directories or globs; quote names with spaces)")
+            known = {f.path for f in s.files()}
+            for f in s.add_files(_split(arg), note=lambda m: c.print(f"note: {m}", highlight=False)):
+                verb = "updated" if f.path in known else "added"
+                c.print(f"{verb} {f.path} ({f.tokens:,} tokens)", highlight=False)
             self.files_total()
         elif name == "drop":
-            c.print(f"dropped {arg}" if s.drop_file(arg) else f"{arg} is not in the conversation (see /files)")
+            if not arg:
+                raise LocalcoderError("usage: /drop PATH (as /files lists it)")
+            names = _split(arg)
+            path = names[0] if len(names) == 1 else arg
+            c.print(f"dropped {path}" if s.drop_file(path) else f"{path} is not in the conversation (see /files)",
+                    highlight=False)
         elif name == "files":
             for f in s.files():
                 c.print(f"{f.tokens:>8,}  {f.path}", highlight=False)
@@ -129,6 +164,8 @@ class Repl:
         elif name == "retry":
             self.stream(s.retry())
         elif name == "edit":
+            if not arg:
+                raise LocalcoderError("usage: /edit TEXT (the new text of the last question)")
             self.stream(s.edit_last(arg))
         elif name == "system":
             s.system = arg or None
@@ -136,6 +173,8 @@ class Repl:
         elif name == "save":
             c.print(f"saved {s.save(arg or 'chat.json')}")
         elif name == "load":
+            if not arg:
+                raise LocalcoderError("usage: /load FILE (a transcript written by /save)")
             c.print(f"loaded {s.load(arg)} messages from {arg}")
         elif name == "stats":
             self.stats()
@@ -144,10 +183,14 @@ class Repl:
             if key not in SETTABLE:
                 raise LocalcoderError(f"/set: unknown option {key!r}; one of {', '.join(SETTABLE)}")
             attr, kind = SETTABLE[key]
+            value = value.strip()
+            if not value:
+                raise LocalcoderError(f"usage: /set {key} VALUE")
             try:
                 v = kind(value)
             except ValueError:
-                raise LocalcoderError(f"/set {key}: {value!r} is not a {kind.__name__}") from None
+                what, example = ("a whole number", 42) if kind is int else ("a number", 0.7)
+                raise LocalcoderError(f"/set {key}: {value!r} is not {what}; e.g. /set {key} {example}") from None
             if attr == "max_tokens":
                 s.max_tokens = v
             else:
@@ -158,13 +201,14 @@ class Repl:
                 s.sampler = make_sampler(**opts)
             c.print(f"{key} = {v}")
         else:
-            c.print(f"unknown command /{name}; /help lists them")
+            c.print(f"unknown command /{name}; /help lists them (to send a message that starts with /, type "
+                    "// for the first /)", highlight=False)
         return True
 
     def files_total(self) -> None:
         total = sum(f.tokens for f in self.s.files())
         self.console.print(f"files: {total:,} tokens; context used {self.s.context_used():,} of "
-                           f"{self.s.model.n_ctx:,}", style="dim")
+                           f"{self.s.model.n_ctx:,}", style="dim", soft_wrap=True)
 
     def stats(self) -> None:
         t, m = self.s.total, self.s.model
@@ -176,20 +220,27 @@ class Repl:
             f"{len(self.s.prefix.checkpoints)} checkpoints\n"
             f"memory: peak RSS {rss / 1e9:.2f} GB; model file {m.file.file_size / 1e9:.2f} GB "
             f"({'memory-mapped' if m.mmap else 'read into memory as used'})\n"
-            f"backend: {m.backend.name}", highlight=False)
+            f"backend: {m.backend.name}", highlight=False, soft_wrap=True)
         store = m.expert_store
         if store is not None:
             e = store.counters
-            self.console.print(f"experts: {e.hits:,} hits, {e.misses:,} misses, {e.prefetch_hits:,} prefetch hits, "
+            ahead = (f"{e.prefetch_hits:,} prefetch hits, " if store.speculate else "") + (
+                f"{e.preloaded:,} preloaded, " if e.preloaded else "")
+            self.console.print(f"experts: {e.hits:,} hits, {e.misses:,} misses, {ahead}"
                                f"{e.bytes_read / 1e9:.2f} GB read from disk, {e.io_wait_s:.1f} s I/O wait; cache "
-                               f"{store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer)", highlight=False)
+                               f"{store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer)", highlight=False,
+                               soft_wrap=True)
         else:
             self.console.print("experts: all resident (memory-mapped)", highlight=False)
 
     def save_history(self) -> None:
         if self.history_path is None or not self.s.history:
             return
-        self.s.save(self.history_path)
+        try:
+            self.s.save(self.history_path)
+        except OSError as e:
+            raise LocalcoderError(f"the transcript was not saved to {self.history_path} ({e.strerror or e}); free "
+                                  "disk space, or give a writable --history-dir next time") from None
         self.console.print(f"transcript saved to {self.history_path}", style="dim")
 
     def run(self) -> None:
@@ -199,32 +250,47 @@ class Repl:
             while True:
                 try:
                     line = read_message()
-                except EOFError:
+                except Discarded:
                     c.print()
-                    break
-                except KeyboardInterrupt:
+                    continue
+                except (EOFError, KeyboardInterrupt):
                     c.print()
                     break
                 if not line.strip():
                     continue
                 try:
-                    if line.startswith("/"):
+                    if line.startswith("//"):  # a message that starts with /
+                        self.stream(self.s.send(line[1:]))
+                    elif line.startswith("/"):
                         if not self.command(line.strip()):
                             break
                     else:
                         self.stream(self.s.send(line))
                 except LocalcoderError as e:
-                    c.print(f"[red]error:[/red] {e}", highlight=False)
+                    c.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
                 except OSError as e:
-                    c.print(f"[red]error:[/red] {e.strerror or e} ({e.filename}); check the path", highlight=False)
+                    where = f" ({e.filename})" if e.filename else ""
+                    c.print(f"[red]error:[/red] {escape(str(e.strerror or e) + where)}; check the path, permissions "
+                            "and free disk space", highlight=False, soft_wrap=True)
                 except KeyboardInterrupt:
-                    c.print("[yellow][interrupted][/yellow]")
+                    c.print("[interrupted]", style="yellow", markup=False)
         finally:
             self.save_history()
 
 
 def history_file(directory: Path) -> Path:
-    return directory / time.strftime("chat-%Y%m%d-%H%M%S.json")
+    """The transcript file of a session started now; the pid keeps two sessions started in the same second
+    apart."""
+    return directory / time.strftime(f"chat-%Y%m%d-%H%M%S-{os.getpid()}.json")
+
+
+def _split(arg: str) -> list[str]:
+    """/add and /drop arguments: separated by spaces; quotes or a backslash keep a name with spaces whole."""
+    try:
+        return shlex.split(arg)
+    except ValueError as e:
+        raise LocalcoderError(f"cannot read {arg!r} ({e}); close the quote, or put a backslash before a lone "
+                              "one") from None
 
 
 def answer_json(session: ChatSession, text: str) -> str:

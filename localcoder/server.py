@@ -741,6 +741,9 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
                  expert_policy=expert_policy, expert_prefetch=expert_prefetch, kv_type=kv_type,
                  chat_template_file=chat_template_file)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
+    broken = getattr(model.chat_template, "error", None)
+    if broken:  # completions still work; every chat request will be a 400 saying this
+        log.warning("%s (until then /v1/chat/completions answers 400; /v1/completions works)", broken)
     if host not in _LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     run_uvicorn(app, host, port, log_level)

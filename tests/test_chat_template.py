@@ -62,8 +62,9 @@ def test_builtin_template(full_meta, fixtures_dir, examples):
 
 
 def test_bos_eos_from_metadata(full_meta):
-    tmpl = template_from_metadata({**full_meta, "tokenizer.chat_template": "{{ bos_token }}|{{ eos_token }}"})
-    assert tmpl.render([]) == "<|endoftext|>|<|im_end|>"
+    source = "{{ bos_token }}|{% for m in messages %}{{ m.content }}{% endfor %}|{{ eos_token }}"
+    tmpl = template_from_metadata({**full_meta, "tokenizer.chat_template": source})
+    assert tmpl.render([]) == "<|endoftext|>||<|im_end|>"
     assert ChatTemplate("{{ bos_token }}|{{ eos_token }}", eos_token="E").render([]) == "|E"
 
 
@@ -212,3 +213,17 @@ def test_message_contents_are_text_not_control_tokens(full_meta, tok, examples):
     assert ChatTemplate("{% for m in messages %}[{{ m.content }}]{% endfor %}").render_spans(
         [{"role": "user", "content": "x"}, {"role": "user", "content": ""}, {"role": "user", "content": None}]) \
         == ("[x][][None]", [(1, 2)])
+
+
+@pytest.mark.parametrize("source, needle", [("{% if %}", "template line 1"),
+                                            ("hello", "renders a user message without its text")])
+def test_broken_template_in_the_gguf_fails_only_when_rendered(full_meta, source, needle):
+    """A GGUF whose own template does not compile, or drops the messages, still loads (info and plain
+    completions never render it); rendering says what is wrong and names --chat-template-file. A template
+    that drops the user's prompt used to be taken, and the prompt silently lost."""
+    tmpl = template_from_metadata({**full_meta, "tokenizer.chat_template": source})
+    assert tmpl.error and needle in tmpl.error and "--chat-template-file FILE" in tmpl.error
+    for render in (tmpl.render, tmpl.render_spans):
+        with pytest.raises(LocalcoderError, match=needle):
+            render([{"role": "user", "content": "hi"}])
+    assert template_from_metadata(full_meta).error is None

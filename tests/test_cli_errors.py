@@ -14,10 +14,10 @@ from localcoder.synthetic import PRESETS, write_synthetic
 TINY = PRESETS["demo"]
 
 
-def run_cli(*args, env=None, cwd=None):
+def run_cli(*args, env=None, cwd=None, input=None):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "localcoder", *args], capture_output=True, text=True,
-                          timeout=120, env=e, cwd=cwd)
+                          timeout=120, env=e, cwd=cwd, input=input)
 
 
 def assert_one_line_error(proc, *needles):
@@ -306,3 +306,114 @@ def test_expert_streaming_options_with_mlx_are_errors(small_gguf, tmp_path):
     p = run_cli(*base, "--expert-stats", str(tmp_path / "trace.jsonl"))
     assert_one_line_error(p, "--expert-stats", "MLX backend")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(fixtures_dir):
+    return fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf"
+
+
+def test_expert_stats_folder_is_checked_before_the_run(tiny_gguf, tmp_path):
+    """A missing folder failed only after the whole generation, naming the internal .tmp file."""
+    trace = tmp_path / "missing" / "t.jsonl"
+    p = run_cli("run", "-m", str(tiny_gguf), "-p", "hi", "-n", "2", "--expert-stats", str(trace), "--backend", "numpy")
+    assert_one_line_error(p, f"the folder {trace.parent} of {trace} does not exist", "routing trace")
+    assert ".tmp" not in p.stderr and not trace.parent.exists()
+
+
+def test_without_m_the_qwen3next_model_is_chosen_among_others(tiny_gguf, tmp_path):
+    """A llama.cpp user keeps other GGUFs in ./models: the first file in alphabetical order was taken, whatever
+    its architecture."""
+    models = tmp_path / "models"
+    models.mkdir()
+    _write(models / "Llama-3-8B.gguf", "llama", [("token_embd.weight", np.zeros((4, 8), np.float32), None)])
+    (models / "broken.gguf").write_text("not a model")
+    env = {"LOCALCODER_HOME": str(tmp_path / "home")}
+    p = run_cli("run", "-p", "hi", "-n", "1", "--backend", "numpy", env=env, cwd=tmp_path)
+    assert_one_line_error(p, "no qwen3next model among", "Llama-3-8B.gguf (llama)", "broken.gguf", "pass -m FILE")
+    (models / "Qwen3-Coder-Next-tiny.gguf").write_bytes(tiny_gguf.read_bytes())
+    p = run_cli("run", "-p", "hi", "-n", "1", "--backend", "numpy", env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+
+
+def _with_template(src, dst, template):
+    """A copy of a GGUF whose chat template is `template`, padded with spaces to the original's length."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    key = b"tokenizer.chat_template"
+    at = data.index(key) + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == gguf.GGUFValueType.STRING
+    n = struct.unpack_from("<Q", data, at + 4)[0]
+    data[at + 12:at + 12 + n] = template.encode().ljust(n)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("template, needle", [("{% if %}", "template line 1"),
+                                              ("hello", "renders a user message without its text")])
+def test_broken_template_in_the_gguf(tiny_gguf, tmp_path, template, needle):
+    """info and plain run never render the template: they work and info reports it broken; run --chat, chat and
+    ask stop with one line naming --chat-template-file (a template that drops the prompt was taken silently)."""
+    f = _with_template(tiny_gguf, tmp_path / "t.gguf", template)
+    p = run_cli("info", str(f))
+    assert p.returncode == 0 and needle in p.stdout, p.stderr
+    base = ("-m", str(f), "-n", "1", "--backend", "numpy")
+    assert run_cli("run", "-p", "hi", *base).returncode == 0
+    for args in (("run", "-p", "hi", "--chat"), ("ask", "hi"), ("chat", "--no-history")):
+        assert_one_line_error(run_cli(*args, *base, input=""), needle, "--chat-template-file FILE")
+
+
+def test_ask_needs_a_question(tiny_gguf):
+    """`ask ""` with nothing piped sent an empty question, where `run -p ""` refuses."""
+    p = run_cli("ask", "", "-m", str(tiny_gguf), "--backend", "numpy", input="")
+    assert_one_line_error(p, "the question is empty")
+    p = run_cli("ask", "", "-m", str(tiny_gguf), "--backend", "numpy", "-n", "1", input="x = 1\n")
+    assert p.returncode == 0, p.stderr
+
+
+def test_ask_overflow_gives_advice_for_ask(tiny_gguf):
+    p = run_cli("ask", "q", "-m", str(tiny_gguf), "--backend", "numpy", input="word " * 3000)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    last = p.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "context holds 4,096" in last and "attach less" in last, p.stderr
+    assert "/clear" not in p.stderr
+
+
+def test_files_ask_cannot_attach(tiny_gguf, tmp_path):
+    """A folder with nothing to attach, a pipe or device, and a file outside a folder with a .gitignore."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / ".gitignore").write_text("*.log\n")
+    (tmp_path / "onlybin").mkdir()
+    (tmp_path / "onlybin" / "a.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "outside.py").write_text("x = 1\n")
+    base = ("ask", "q", "-m", str(tiny_gguf), "--backend", "numpy", "-n", "1")
+    p = run_cli(*base, "-f", str(tmp_path / "onlybin"), input="", cwd=tmp_path / "cwd")
+    assert_one_line_error(p, "onlybin has no file to attach")
+    assert_one_line_error(run_cli(*base, "-f", os.devnull, input=""), "is not a regular file", "stdin")
+    p = run_cli(*base, "-f", str(tmp_path / "outside.py"), "--json", input="", cwd=tmp_path / "cwd")
+    assert p.returncode == 0, p.stderr
+
+
+def test_parser_errors_are_one_line(tiny_gguf):
+    """typer's boxed Usage/Try/Error messages become `error: ...; see localcoder CMD --help`."""
+    for args, needle in ((("--seed", "abc"), "--seed"), (("-n", "abc"), "--max-tokens"), (("--bogus",), "--bogus"),
+                         ((), "'--prompt'")):
+        if needle != "'--prompt'":
+            args = ("-p", "hi", *args)
+        p = run_cli("run", "-m", str(tiny_gguf), *args)
+        assert_one_line_error(p, needle, "see localcoder run --help")
+
+
+def test_messages_are_single_lines_without_a_blank_line_first(tiny_gguf, tmp_path):
+    """The transient progress bar left an empty line before an error, and Rich wrapped status lines at 80
+    columns where stderr is not a terminal."""
+    p = run_cli("run", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
+    assert p.stderr.startswith("error: model file not found")
+    deep = tmp_path / ("a-long-folder-name-" * 4)
+    deep.mkdir()
+    model = deep / "qwen3next-tiny-with-a-long-name-Q4_K_M.gguf"
+    model.symlink_to(tiny_gguf)
+    p = run_cli("ask", "hi", "-m", str(model), "--backend", "numpy", "-n", "1", input="")
+    [loaded] = [line for line in p.stderr.splitlines() if line.startswith("loaded ")]
+    assert loaded.endswith(" s") and "context 4,096" in loaded, p.stderr

@@ -55,12 +55,22 @@ def _assert_same_gguf(ours, theirs):
 @pytest.mark.parametrize("out_type, fixture", [("bf16", "BF16"), ("q8_0", "Q8_0")])
 def test_matches_llamacpp(tiny, tmp_path, out_type, fixture):
     out = convert(tiny / "hf", tmp_path / "out.gguf", out_type)
-    assert out == tmp_path / "out.gguf" and not (tmp_path / "out.gguf.tmp").exists()
+    assert out == tmp_path / "out.gguf" and not list(tmp_path.glob("*.tmp"))
     _assert_same_gguf(out, tiny / "gguf" / f"qwen3next-tiny-{fixture}.gguf")
 
 
 def test_byte_identical_with_same_name(tiny, tmp_path):
     out = convert(tiny / "hf", tmp_path / "out.gguf", "q8_0", name="qwen3next-tiny")
+    assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf").read_bytes()
+
+
+def test_cli_name_option(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.gguf"
+    subprocess.run([sys.executable, "-m", "localcoder", "convert", str(tiny / "hf"), "-o", str(out), "--type", "q8_0",
+                    "--name", "qwen3next-tiny"], check=True, capture_output=True, timeout=300)
     assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf").read_bytes()
 
 
@@ -209,7 +219,7 @@ def _expect_error(hf, tmp_path, match, **kw):
     with pytest.raises(LocalcoderError, match=match) as e:
         convert(hf, out, **kw)
     assert "\n" not in str(e.value)
-    assert not out.exists() and not (tmp_path / "out.gguf.tmp").exists()
+    assert not out.exists() and not list(tmp_path.glob("out.gguf*.tmp"))
 
 
 def _copy_hf(tiny, root):
@@ -257,7 +267,7 @@ def test_unknown_out_type(tiny, tmp_path):
 
 def test_temp_file_removed_on_error_mid_write(tiny, tmp_path):
     def boom(done, total, name):
-        assert (tmp_path / "out.gguf.tmp").exists()
+        assert len(list(tmp_path.glob("out.gguf.*.tmp"))) == 1
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -314,3 +324,149 @@ def test_config_numbers_are_checked(fixtures_dir, tmp_path, key, value, match):
     header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     (root / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     _expect_error(root, tmp_path, match.replace("(", r"\(").replace("[", r"\["))
+
+
+# ---- the checkpoint must match its config.json: refused before anything is written --------------------
+
+def _with_config(tiny, root, **changes):
+    root = _copy_hf(tiny, root)
+    config = json.loads((root / "config.json").read_text())
+    config.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del config[key]
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_shapes_are_checked_against_config(tiny, tmp_path):
+    """k_proj cut to 64 rows was written and only the loader refused it ('re-convert it', which gave the same
+    file); so was a config.json whose head_dim (32) did not fit the weights (64)."""
+    raw = _raw(tiny)
+    name = "model.layers.3.self_attn.k_proj.weight"
+    dtype, (rows, cols), data = raw[name]
+    raw[name] = (dtype, [rows // 2, cols], data[:len(data) // 2])
+    root = _checkpoint(tiny, tmp_path / "hf", [raw])
+    _expect_error(root, tmp_path, rf"{name} in model-00001-of-00001.safetensors has shape \[64, 256\] \(as GGUF "
+                                  r"blk.3.attn_k.weight\), but config.json implies \[128, 256\] \(from "
+                                  r"num_key_value_heads x head_dim, hidden_size\); the checkpoint does not match")
+    root = _with_config(tiny, tmp_path / "hf2", head_dim=32)
+    _expect_error(root, tmp_path, r"model.layers.3.self_attn.*has shape .* but config.json implies .*head_dim")
+
+
+def test_qkvz_shape_is_checked_before_writing(tiny, tmp_path):
+    """Was refused only when its data was read, halfway through writing the file."""
+    def no_write(done, total, name):
+        raise AssertionError(f"wrote {name} before refusing")
+
+    root = _with_config(tiny, tmp_path / "hf", linear_value_head_dim=32)
+    _expect_error(root, tmp_path, r"model.layers.0.linear_attn.in_proj_qkvz.weight in model.safetensors has shape "
+                                  r"\[768, 256\], but config.json implies \[512, 256\] \(from linear_num_key_heads",
+                  progress=no_write)
+
+
+@pytest.mark.parametrize("vocab_size", [2100, 2304])
+def test_vocab_size_must_equal_embedding_rows(tiny, tmp_path, vocab_size):
+    """vocab_size 2100 with 2176 embedding rows was converted (2100 tokens) and crashed at run time; llama.cpp
+    refuses such a GGUF (token_embd must be {n_embd, n_vocab})."""
+    root = _with_config(tiny, tmp_path / "hf", vocab_size=vocab_size)
+    _expect_error(root, tmp_path, rf"has shape \[2176, 256\] \(as GGUF (output|token_embd).weight\), but config.json "
+                                  rf"implies \[{vocab_size}, 256\] \(from vocab_size, hidden_size\)")
+
+
+def test_missing_lm_head_needs_tied_embeddings(tiny, tmp_path):
+    """Without lm_head.weight the GGUF ran tied: a silently different model when tie_word_embeddings is false."""
+    raw = _raw(tiny)
+    del raw["lm_head.weight"]
+    root = _checkpoint(tiny, tmp_path / "hf", [raw])
+    _expect_error(root, tmp_path, "has no lm_head.weight but config.json has tie_word_embeddings = false; a shard is "
+                                  "missing")
+    config = json.loads((root / "config.json").read_text())
+    del config["tie_word_embeddings"]  # Qwen3NextConfig's default is false too
+    (root / "config.json").write_text(json.dumps(config))
+    _expect_error(root, tmp_path, "tie_word_embeddings = null")
+    (root / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    r = gguf.GGUFReader(convert(root, tmp_path / "tied.gguf", "bf16"))
+    assert "output.weight" not in {t.name for t in r.tensors}
+
+
+def test_config_without_architectures(tiny, tmp_path):
+    """model_type qwen3_next stands for Qwen3NextForCausalLM (the fallback compared a model type with class
+    names and could never match); another model type says that architectures is missing."""
+    root = _with_config(tiny, tmp_path / "hf", architectures=None)
+    out = convert(root, tmp_path / "noarch.gguf", "q8_0", name="qwen3next-tiny")
+    assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf").read_bytes()
+    root = _with_config(tiny, tmp_path / "hf2", architectures=None, model_type="llama")
+    _expect_error(root, tmp_path, r"config.json lacks architectures \(and its model_type is 'llama', not qwen3_next\)")
+
+
+def test_keep_mtp_output_runs_the_decoder_layers_only(tiny, tmp_path):
+    """Our --keep-mtp file (block_count 5, nextn_predict_layers 1) gives the logits of the file without it."""
+    import localcoder
+
+    root = _checkpoint(tiny, tmp_path / "hf", [_raw(tiny), _mtp(_raw(tiny))])
+    keep = localcoder.load(convert(root, tmp_path / "keep.gguf", "bf16", keep_mtp=True), backend="numpy")
+    drop = localcoder.load(convert(root, tmp_path / "drop.gguf", "bf16"), backend="numpy")
+    assert (keep.config.n_layer, keep.config.n_nextn_layer) == (4, 1)
+    ids = [750, 282, 579, 263, 580, 66, 72]
+    assert np.array_equal(keep.logits(ids), drop.logits(ids))
+
+
+# ---- the output path -----------------------------------------------------------------------------------
+
+def _hf_cache_snapshot(tiny, root):
+    """huggingface_hub's layout: snapshots/<rev>/<file> are relative symlinks to ../../blobs/<hash>."""
+    (root / "blobs").mkdir(parents=True)
+    snap = root / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    for f in (*TOKENIZER_FILES, "model.safetensors"):
+        shutil.copy(tiny / "hf" / f, root / "blobs" / (f + ".blob"))
+        (snap / f).symlink_to(f"../../blobs/{f}.blob")
+    return snap
+
+
+@pytest.mark.parametrize("target", ["snapshots/abc/model.safetensors", "blobs/model.safetensors.blob",
+                                    "blobs/config.json.blob", "snapshots/abc/../abc/tokenizer.json"])
+def test_output_that_is_a_checkpoint_file_through_symlinks_is_refused(tiny, tmp_path, target):
+    """-o snapshots/abc/model.safetensors replaced the symlink with the GGUF (the guard compared resolved
+    parents, and resolving leads into blobs/): the checkpoint was lost."""
+    snap = _hf_cache_snapshot(tiny, tmp_path / "cache")
+    before = {p: p.read_bytes() for p in (tmp_path / "cache" / "blobs").iterdir()}
+    out = tmp_path / "cache" / target
+    with pytest.raises(LocalcoderError, match=r"is a file of the checkpoint being converted \(.*\); write the GGUF "
+                                              "to a new path") as e:
+        convert(snap, out, "q4_0")
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in (tmp_path / "cache" / "blobs").iterdir()} == before
+    assert all(p.is_symlink() for p in snap.iterdir())
+    assert convert(snap, snap / "new.gguf", "q4_0").exists()  # a new file in the snapshot is fine
+
+
+# ---- the temporary file ----------------------------------------------------------------------------------
+
+def test_concurrent_writers_of_one_output_do_not_mix(tiny, tmp_path):
+    """Both runs wrote OUT.tmp: the second truncated the first's file, the first renamed it while the second
+    was still writing (a 340 MB file of two models), and the second failed. Each run now has its own temp file:
+    both succeed and the output is whole (the last to finish). A user's OUT.tmp is left alone."""
+    out = tmp_path / "race.gguf"
+    (tmp_path / "race.gguf.tmp").write_text("important")
+    inner = []
+
+    def start_another(done, total, name):
+        if not inner:  # while the first run is writing, a second one writes the same output to the end
+            inner.append(convert(tiny / "hf", out, "q4_0", name="qwen3next-tiny"))
+            assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q4_0.gguf").read_bytes()
+
+    convert(tiny / "hf", out, "q8_0", name="qwen3next-tiny", progress=start_another)
+    assert inner == [out]
+    assert out.read_bytes() == (tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf").read_bytes()
+    assert (tmp_path / "race.gguf.tmp").read_text() == "important"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race.gguf", "race.gguf.tmp"]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -55,7 +55,7 @@ def random_rows(qtype, shape, rng):
         raw[:, 208:210] = d
     else:
         raw[:, 0:2] = d
-        if qtype in (Q.Q4_K, Q.Q5_K):
+        if qtype in (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1):  # dmin / m: a finite f16 too
             raw[:, 2:4] = d
     return raw.reshape(*shape[:-1], -1)
 
@@ -424,3 +424,38 @@ def test_moe_with_shared_expert(T):
     if T == 1:
         apart = be.moe(x, experts, ids, wts) + shared.weight * be.swiglu(x, *shared[:3])
         assert np.array_equal(got, apart)
+
+
+def test_model_with_32_block_fallback_types_runs_on_numba(fixtures_dir, tmp_path):
+    """llama-quantize's K-quant mix writes Q5_0/Q5_1 for rows that are not whole 256-blocks (and other tools
+    Q4_1/IQ4_NL); the numba backend refused them ('no Numba kernel for GGML type Q5_0'). A fixture model with
+    dense, expert and shared-expert weights in those types gives the NumPy reference's logits."""
+    import localcoder
+    from gguf_edit import rewrite
+
+    src = fixtures_dir / "qwen3next-tiny" / "gguf" / "qwen3next-tiny-Q4_K_M.gguf"
+    changes = {"blk.0.attn_gate.weight": Q.Q5_0, "blk.0.ssm_out.weight": Q.Q5_1, "blk.1.attn_qkv.weight": Q.Q4_1,
+               "blk.3.attn_output.weight": Q.IQ4_NL, "blk.2.ffn_down_exps.weight": Q.Q5_0,
+               "blk.2.ffn_up_exps.weight": Q.Q5_1, "blk.1.ffn_up_shexp.weight": Q.Q4_1}
+
+    def transform(ts):
+        for name, qtype in changes.items():
+            old, raw = ts[name]
+            w = dense(QTensor(name, old, (*raw.shape[:-1], raw.shape[-1] // K.KERNELS[old].size * K.KERNELS[old].block),
+                              raw, 0, "x"))
+            if qtype == Q.IQ4_NL:  # gguf-py cannot quantize IQ4_NL: Q4_0's blocks have its layout (d | 16 nibbles)
+                q = gguf.quants.quantize(w.reshape(-1, w.shape[-1]), Q.Q4_0)
+            else:
+                q = gguf.quants.quantize(w.reshape(-1, w.shape[-1]), qtype)
+            ts[name] = (qtype, q.reshape(*w.shape[:-1], -1))
+        return ts
+
+    (path,) = rewrite(src, [tmp_path / "mixed.gguf"], transform)
+    ids = [750, 282, 579, 263, 580, 66, 72, 1000, 13, 2000] * 2
+    ref = localcoder.load(path, backend="numpy")
+    assert {ref.file.tensors[n].ggml_type for n in changes} == set(changes.values())
+    model = localcoder.load(path, backend="numba")
+    model.backend.int8 = False
+    for n in (1, 3, len(ids)):  # matvec, row-decoded matmul, BLAS tiles; the experts for one and many tokens
+        expect = ref.logits(ids[:n])
+        assert rel_err(model.logits(ids[:n]), expect) <= REL

@@ -305,14 +305,14 @@ def _expect_error(tmp_path, match, fn, *args, **kw):
     with pytest.raises(LocalcoderError, match=match) as e:
         fn(*args, out, **kw)
     assert "\n" not in str(e.value)
-    assert not out.exists() and not (tmp_path / "out.gguf.tmp").exists()
+    assert not out.exists() and not list(tmp_path.glob("out.gguf*.tmp"))
 
 
 def test_requantize_bad_input(tiny, tmp_path):
     bf16 = tiny / "gguf" / "qwen3next-tiny-BF16.gguf"
     _expect_error(tmp_path, "does not exist", requantize, tmp_path / "missing.gguf", out_type="q4_k_m")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
-    _expect_error(tmp_path, "not a valid GGUF", requantize, tmp_path / "junk.gguf", out_type="q4_k_m")
+    _expect_error(tmp_path, "is GGUF version 4294967295", requantize, tmp_path / "junk.gguf", out_type="q4_k_m")
     _expect_error(tmp_path, "already quantized .*Q8_0", requantize, tiny / "gguf" / "qwen3next-tiny-Q8_0.gguf",
                   out_type="q4_k_m")
     _expect_error(tmp_path, "unknown output type 'q3_x'", requantize, bf16, out_type="q3_x")
@@ -410,3 +410,42 @@ def test_convert_memory_is_bounded(tiny, tmp_path):
     assert m["peak"] < 2e9 + m["largest_stacked"], m
     assert (tmp_path / "out.gguf").stat().st_size > m["checkpoint"] / 4
     print(f"peak RSS {m['peak'] / 1e6:.0f} MB for a {m['checkpoint'] / 1e6:.0f} MB checkpoint")
+
+
+def test_requantize_reads_every_part_of_a_split_input(tiny, tmp_path):
+    """A split BF16 (gguf-split layout) was re-quantized from its first part only: 40 of 73 tensors, and the
+    output lacked the rest. Every part is read now (any part given), as llama-quantize does."""
+    from gguf_edit import rewrite
+
+    bf16 = tiny / "gguf" / "qwen3next-tiny-BF16.gguf"
+    (whole,) = rewrite(bf16, [tmp_path / "whole.gguf"])  # the same metadata path as the split files
+    parts = rewrite(bf16, [tmp_path / f"tiny-{i:05d}-of-00002.gguf" for i in (1, 2)])
+    expect = requantize(whole, tmp_path / "from-whole.gguf", "q4_k_m").read_bytes()
+    for part in parts:
+        out = requantize(part, tmp_path / f"from-{part.name}", "q4_k_m")
+        assert out.read_bytes() == expect
+        assert len(gguf.GGUFReader(out).tensors) == 73
+    parts[1].unlink()
+    _expect_error(tmp_path, "split model is missing 1 of 2 parts", requantize, parts[0], out_type="q4_k_m")
+
+
+def test_requantize_refuses_writing_over_a_part_of_its_input(tiny, tmp_path):
+    from gguf_edit import rewrite
+
+    parts = rewrite(tiny / "gguf" / "qwen3next-tiny-BF16.gguf",
+                    [tmp_path / f"tiny-{i:05d}-of-00002.gguf" for i in (1, 2)])
+    before = parts[1].read_bytes()
+    with pytest.raises(LocalcoderError, match="is a part of the input model"):
+        requantize(parts[0], parts[1], "q4_k_m")
+    (tmp_path / "link.gguf").symlink_to(parts[0].name)  # the same file through a symlink
+    with pytest.raises(LocalcoderError, match="link.gguf is a part of the input model"):
+        requantize(parts[1], tmp_path / "link.gguf", "q4_k_m")
+    assert parts[1].read_bytes() == before and (tmp_path / "link.gguf").is_symlink()
+
+
+def test_requantize_truncated_input_says_so(tiny, tmp_path):
+    """Was 'not a valid GGUF file (cannot reshape array of size 977376 into shape (8,256,512))'."""
+    data = (tiny / "gguf" / "qwen3next-tiny-BF16.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 1000])
+    _expect_error(tmp_path, rf"cut.gguf is truncated at byte {len(data) - 1000:,} of {len(data):,} .*re-download or "
+                            "re-convert it", requantize, tmp_path / "cut.gguf", out_type="q4_k_m")

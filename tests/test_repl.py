@@ -135,3 +135,46 @@ def test_ask_json_with_stdin(demo_model, tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["completion_tokens"] <= 5 and out["prompt_tokens"] > 10 and "answer" in out
+
+
+def test_repl_ctrl_c_on_a_typed_line_or_in_a_block_discards_it(demo_model, tmp_path):
+    """Ctrl-C exits at an empty prompt only: with text typed, or inside a \"\"\" block, it drops that text and
+    the chat goes on (it used to end the session)."""
+    child = spawn_chat(demo_model, tmp_path, "-n", "2", "--no-history")
+    child.send("half typed line")
+    time.sleep(0.5)
+    child.sendintr()
+    child.expect(">>> ")
+    child.sendline('"""')
+    child.expect(r"\.\.\. ")
+    child.sendline("inside a block")
+    child.expect(r"\.\.\. ")
+    time.sleep(0.5)
+    child.sendintr()
+    child.expect(">>> ")
+    child.sendline("/save t.json")
+    child.expect("saved")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert json.loads((tmp_path / "t.json").read_text()) == []  # nothing of the discarded text was sent
+
+
+def _interrupt_mid_answer(args, tmp_path):
+    """Start localcoder with a long generation, send Ctrl-C once text is streaming: (exit status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "localcoder", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.stdout.read(1)  # the first piece of the answer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode()
+
+
+def test_ctrl_c_during_run_or_ask_exits_130(demo_model, tmp_path):
+    """A cut answer exited 0, so a script could not tell it from a complete one."""
+    base = ["-m", str(demo_model), "--backend", "numpy", "-n", "100000", "--temp", "0"]
+    rc, err = _interrupt_mid_answer(["run", "-p", "write a very long answer", *base], tmp_path)
+    assert rc == 130 and "finish: interrupted" in err, err
+    rc, err = _interrupt_mid_answer(["ask", "write a very long answer", *base], tmp_path)
+    assert rc == 130 and "interrupted: the answer is cut short" in err, err

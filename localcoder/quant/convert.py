@@ -40,13 +40,14 @@ from gguf import LlamaFileType as FT
 
 from ..config import ARCH, MAX_LAYERS, ModelConfig, hyperparameter
 from ..errors import LocalcoderError
-from ..gguf_file import GGUF_MAGIC
+from ..gguf_file import GGUF_MAGIC, GGUFFile, split_paths
 from ..paths import check_output_file, replacing
 from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
 from . import quantizers
 from .formats import dequantize
 
 HF_ARCHITECTURES = ("Qwen3NextForCausalLM",)
+HF_MODEL_TYPES = {"qwen3_next": "Qwen3NextForCausalLM"}  # config.json without `architectures`
 CHUNK_BYTES = 64 << 20  # float32 bytes read per chunk (one expert of an *_exps tensor is always one chunk)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,13 +353,27 @@ def squeeze(srcs: list[Source], cfg: ModelConfig):
     return shape, lambda: (x.reshape(x.shape[0], *shape[1:]) for x in src.chunks())
 
 
+QKVZ_KEYS = "linear_num_key_heads, linear_key_head_dim, linear_num_value_heads, linear_value_head_dim, hidden_size"
+
+
+def _check_qkvz(src: Source, cfg: ModelConfig) -> None:
+    """in_proj_qkvz must be (Hk * (2Dk + 2rDv), D): checked when the conversion is planned, before any write."""
+    Hk, Dk, Dv, r = cfg.ssm_n_k_heads, cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
+    _check_shape(src.name, src.path.name, src.shape, (Hk * (2 * Dk + 2 * r * Dv), cfg.n_embd), QKVZ_KEYS)
+
+
+def _check_shape(hf_name: str, file: str, shape, expected, keys: str, gguf_name: str | None = None) -> None:
+    if tuple(shape) != tuple(expected):
+        into = f" (as GGUF {gguf_name})" if gguf_name else ""
+        raise LocalcoderError(f"{hf_name} in {file} has shape {list(shape)}{into}, but config.json implies "
+                              f"{list(expected)} (from {keys}); the checkpoint does not match its config.json: "
+                              "correct config.json or re-download the checkpoint")
+
+
 def _qkvz_groups(src: Source, cfg: ModelConfig) -> np.ndarray:
     """in_proj_qkvz (Hk * (2Dk + 2rDv), D): rows grouped per key head as [q_g | k_g | v_g | z_g]."""
     Hk, Dk, Dv, r = cfg.ssm_n_k_heads, cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
-    expected = (Hk * (2 * Dk + 2 * r * Dv), cfg.n_embd)
-    if src.shape != expected:
-        raise LocalcoderError(f"{src.name} has shape {list(src.shape)}, config.json implies {list(expected)}; "
-                              "the checkpoint does not match its config")
+    _check_qkvz(src, cfg)
     return src.read().reshape(Hk, 2 * Dk + 2 * r * Dv, cfg.n_embd)
 
 
@@ -366,6 +381,7 @@ def qkv_rows(srcs: list[Source], cfg: ModelConfig):
     """attn_qkv = [q of all key heads | k of all key heads | v of all value heads] (conv channel order)."""
     (src,) = srcs
     Dk, Dv, r = cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
+    _check_qkvz(src, cfg)
 
     def chunks():
         g = _qkvz_groups(src, cfg)  # (Hk, 2Dk + 2rDv, D)
@@ -379,6 +395,7 @@ def z_rows(srcs: list[Source], cfg: ModelConfig):
     """attn_gate = z of all value heads, value heads grouped by key head (consecutive)."""
     (src,) = srcs
     Dk, Dv, r = cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
+    _check_qkvz(src, cfg)
     return (cfg.ssm_n_v_heads * Dv, cfg.n_embd), \
         lambda: iter([_qkvz_groups(src, cfg)[:, 2 * Dk + r * Dv:].reshape(-1, cfg.n_embd)])
 
@@ -486,6 +503,7 @@ class Planned:
     chunks: Chunks
     qtype: QT = QT.F32
     raw: bool = False
+    source: tuple[str, str] = ("", "")  # (HF tensor name(s), file) it is made from, for error messages
 
     @property
     def nbytes(self) -> int:
@@ -497,7 +515,7 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
     stacked when a layer's last expert arrives). For a llama-quantize type the tensors are typed as in the
     converter's F32 file; `_apply_mix` then re-orders and re-types them."""
     base_ftype = FT.ALL_F32 if ftype in QUANTIZE_FTYPES else ftype
-    n_body = cfg.n_layer - (_count_mtp(sources) if keep_mtp else 0)  # MTP layers follow the body's layers
+    n_body = cfg.n_layer  # the decoder layers; MTP layers (cfg.n_nextn_layer) follow them
     _check_layer_count(sources, n_body)
     renamed = {}
     for name, src in sources.items():
@@ -531,7 +549,9 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
             else:
                 srcs = [renamed[name]]
             shape, chunks = fn(srcs, cfg)
-            planned.append(Planned(gguf_name, tuple(shape), chunks, choose_type(gguf_name, shape, base_ftype)))
+            source = srcs[0].name if len(srcs) == 1 else f"{srcs[0].name} .. {srcs[-1].name}"
+            planned.append(Planned(gguf_name, tuple(shape), chunks, choose_type(gguf_name, shape, base_ftype),
+                                   source=(source, srcs[0].path.name)))
         if not matched:
             raise LocalcoderError(f"unexpected tensor {name} in {renamed[name].path.name}: not part of a "
                                   "Qwen3-Next checkpoint (dense MLP layers, biases and quantized weights are "
@@ -541,6 +561,7 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
         raise LocalcoderError(f"{name}: the checkpoint has {len(group)} of {cfg.n_expert} experts; "
                               "a shard is incomplete, re-download it")
     _check_complete(planned, cfg)
+    _check_shapes(planned, cfg)
     return planned
 
 
@@ -568,10 +589,10 @@ def _count_mtp(sources: dict[str, Source]) -> int:
 def _check_complete(planned: list[Planned], cfg: ModelConfig) -> None:
     have = {p.name for p in planned}
     need = ["token_embd.weight", "output_norm.weight"]
-    for i in range(cfg.n_layer):
+    for i in range(cfg.n_block):  # an MTP layer is a full-attention MoE layer (plus its nextn tensors)
         names = ["attn_norm", "post_attention_norm", "ffn_gate_inp", "ffn_down_exps", "ffn_gate_exps", "ffn_up_exps"]
         names += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp"] if cfg.n_ff_shexp else []
-        if cfg.is_recurrent(i):
+        if i < cfg.n_layer and cfg.is_recurrent(i):
             names += ["attn_qkv", "attn_gate", "ssm_ba", "ssm_conv1d", "ssm_norm", "ssm_out"]
             need += [f"blk.{i}.ssm_a", f"blk.{i}.ssm_dt.bias"]
         else:
@@ -581,6 +602,61 @@ def _check_complete(planned: list[Planned], cfg: ModelConfig) -> None:
     if missing:
         raise LocalcoderError(f"the checkpoint lacks {len(missing)} tensors a qwen3next GGUF needs "
                               f"(GGUF names {', '.join(missing[:3])}); it is incomplete or not Qwen3-Next")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """GGUF name -> (numpy-order shape the runtime loader requires, the config.json keys that shape comes from),
+    for every tensor the converter writes (split DeltaNet input and expert layouts, as the converter writes them;
+    MTP layers are full-attention layers)."""
+    D, V, E, F, Fs = cfg.n_embd, cfg.n_vocab, cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
+    Hv, Dv = cfg.ssm_n_v_heads, cfg.ssm_v_dim
+    Hq, Hkv, Dh = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    h, v = "hidden_size", "vocab_size"
+    dn = "linear_num_value_heads, linear_value_head_dim"
+    out = {"token_embd.weight": ((V, D), f"{v}, {h}"), "output.weight": ((V, D), f"{v}, {h}"),
+           "output_norm.weight": ((D,), h)}
+    for i in range(cfg.n_block):
+        p = f"blk.{i}."
+        t = {"attn_norm.weight": ((D,), h), "post_attention_norm.weight": ((D,), h)}
+        if i < cfg.n_layer and cfg.is_recurrent(i):
+            conv = "linear_num_key_heads, linear_key_head_dim, " + dn
+            t.update({"attn_qkv.weight": ((cfg.ssm_conv_channels, D), f"{conv}, {h}"),
+                      "attn_gate.weight": ((Hv * Dv, D), f"{dn}, {h}"),
+                      "ssm_ba.weight": ((2 * Hv, D), f"linear_num_value_heads, {h}"),
+                      "ssm_conv1d.weight": ((cfg.ssm_conv_channels, cfg.ssm_d_conv), f"{conv}, linear_conv_kernel_dim"),
+                      "ssm_a": ((Hv,), "linear_num_value_heads"), "ssm_dt.bias": ((Hv,), "linear_num_value_heads"),
+                      "ssm_norm.weight": ((Dv,), "linear_value_head_dim"),
+                      "ssm_out.weight": ((D, Hv * Dv), f"{h}, {dn}")})
+        else:
+            t.update({"attn_q.weight": ((2 * Hq * Dh, D), f"2 x num_attention_heads x head_dim, {h}"),
+                      "attn_k.weight": ((Hkv * Dh, D), f"num_key_value_heads x head_dim, {h}"),
+                      "attn_v.weight": ((Hkv * Dh, D), f"num_key_value_heads x head_dim, {h}"),
+                      "attn_q_norm.weight": ((Dh,), "head_dim"), "attn_k_norm.weight": ((Dh,), "head_dim"),
+                      "attn_output.weight": ((D, Hq * Dh), f"{h}, num_attention_heads x head_dim")})
+        t.update({"ffn_gate_inp.weight": ((E, D), f"num_experts, {h}"),
+                  "ffn_down_exps.weight": ((E, D, F), f"num_experts, {h}, moe_intermediate_size"),
+                  "ffn_gate_exps.weight": ((E, F, D), f"num_experts, moe_intermediate_size, {h}"),
+                  "ffn_up_exps.weight": ((E, F, D), f"num_experts, moe_intermediate_size, {h}")})
+        if Fs:
+            s = "shared_expert_intermediate_size"
+            t.update({"ffn_gate_inp_shexp.weight": ((1, D), h), "ffn_gate_shexp.weight": ((Fs, D), f"{s}, {h}"),
+                      "ffn_up_shexp.weight": ((Fs, D), f"{s}, {h}"), "ffn_down_shexp.weight": ((D, Fs), f"{h}, {s}")})
+        if i >= cfg.n_layer:
+            t.update({"nextn.eh_proj.weight": ((D, 2 * D), h), "nextn.enorm.weight": ((D,), h),
+                      "nextn.hnorm.weight": ((D,), h), "nextn.shared_head_norm.weight": ((D,), h)})
+        out.update({p + k: val for k, val in t.items()})
+    return out
+
+
+def _check_shapes(planned: list[Planned], cfg: ModelConfig) -> None:
+    """Every tensor to write has the shape the runtime will require (else the GGUF would be refused when run,
+    and re-converting would not help): refused now, naming the HF tensor and the config.json keys."""
+    expected = expected_shapes(cfg)
+    for p in planned:
+        want = expected.get(p.name)
+        if want is not None:
+            _check_shape(p.source[0] or p.name, p.source[1] or "the checkpoint", p.shape, want[0], want[1],
+                         gguf_name=p.name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -630,7 +706,18 @@ def config_number(config: dict[str, Any], key: str, path: str = "config.json", k
 
 def hf_metadata(config: dict[str, Any], n_mtp: int, path: str = "config.json") -> dict[str, Any]:
     """The `qwen3next.*` keys (llama.cpp's order) from a Qwen3-Next config.json; n_mtp MTP layers appended."""
-    arch = (config.get("architectures") or [config.get("model_type")])[0]
+    archs = config.get("architectures")
+    if not archs:
+        model_type = config.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise LocalcoderError(f"{path} lacks architectures (and its model_type is {model_type!r}, not "
+                                  f"{', '.join(HF_MODEL_TYPES)}); localcoder converts "
+                                  f"{', '.join(HF_ARCHITECTURES)} checkpoints only: re-download config.json")
+        archs = [HF_MODEL_TYPES[model_type]]
+    if not isinstance(archs, list):
+        raise LocalcoderError(f"{path}: architectures = {archs!r} is not a list; correct it in config.json (or "
+                              "re-download the checkpoint)")
+    arch = archs[0]
     if arch not in HF_ARCHITECTURES:
         raise LocalcoderError(f"{path}: architecture {arch} is not supported; localcoder converts "
                               f"{', '.join(HF_ARCHITECTURES)} (Qwen3-Next / Qwen3-Coder-Next) checkpoints only")
@@ -798,7 +885,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     converter's F32 file run through llama-quantize). keep_mtp: also write the multi-token-prediction head
     (as llama.cpp's blk.<n_layer>.nextn.* tensors; block_count grows by its layer count).
     progress(done_bytes, total_bytes, tensor_name) is called as tensor data is written. The file is written
-    to OUT.tmp and renamed at the end; on any error the temporary file is removed.
+    to a temporary file of its own beside it (paths.replacing) and renamed at the end; on any error the
+    temporary file is removed.
     """
     hf_dir, out_path = Path(hf_dir).expanduser(), Path(out_path).expanduser()
     if not hf_dir.is_dir():
@@ -806,16 +894,24 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     ftype = _out_ftype(out_type, out_path)
     if out_path.exists() and out_path.resolve().parent == hf_dir.resolve() and not _is_gguf(out_path):
         raise LocalcoderError(f"{out_path} is a file of the checkpoint being converted; write the GGUF to a new path")
+    _check_not_input(out_path, [hf_dir / f for f in CHECKPOINT_FILES], "a file of the checkpoint being converted")
     config = _read_json(hf_dir / "config.json", "config.json, model*.safetensors, tokenizer.json")
     vocab_size = config_number(config, "vocab_size", str(hf_dir / "config.json"))
     sources = checkpoint_sources(hf_dir)
+    _check_not_input(out_path, sorted({s.path for s in sources.values()}), "a file of the checkpoint being converted")
     n_mtp = _count_mtp(sources) if keep_mtp else 0
     meta = hf_metadata(config, n_mtp, str(hf_dir / "config.json"))
     cfg = ModelConfig.from_gguf({"general.architecture": ARCH, **meta}, vocab_size, str(hf_dir / "config.json"))
     planned = plan_tensors(sources, cfg, ftype, keep_mtp)
+    if "output.weight" not in {p.name for p in planned} and config.get("tie_word_embeddings") is not True:
+        # Qwen3NextConfig's default is false: without lm_head the model would silently run tied
+        raise LocalcoderError(f"the checkpoint in {hf_dir} has no lm_head.weight but config.json has "
+                              f"tie_word_embeddings = {json.dumps(config.get('tie_word_embeddings'))}; a shard is "
+                              "missing: re-download the checkpoint (or set tie_word_embeddings to true if the model "
+                              "really ties its output to the embeddings)")
     mixed = ftype in QUANTIZE_FTYPES
     if mixed:
-        planned = _apply_mix(planned, ftype, cfg.n_expert, cfg.n_layer)
+        planned = _apply_mix(planned, ftype, cfg.n_expert, cfg.n_block)
     tokens, types, pre = vocab_metadata(hf_dir, vocab_size)
     special = special_vocab(hf_dir, vocab_size)
     if not special.merges:
@@ -853,6 +949,30 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
     return _write_file(out_path, planned, metadata, progress)
 
 
+# what a conversion reads besides the safetensors (gguf.SpecialVocab reads the tokenizer files)
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
+                    "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "merges.txt", "vocab.json",
+                    "generation_config.json", "model.safetensors.index.json")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """a and b name one file: the same path (before symlinks are resolved) or the same inode (after)."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _check_not_input(out_path: Path, inputs, what: str) -> None:
+    """Refuse an output path that names a file the command reads (a Hugging Face cache snapshot is symlinks into
+    blobs/: the output would replace the link and the checkpoint would be lost)."""
+    for f in inputs:
+        if _same_file(out_path, f):
+            raise LocalcoderError(f"{out_path} is {what} ({f}); write the GGUF to a new path")
+
+
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
@@ -879,7 +999,8 @@ def _check_space(out_path: Path, planned: list[Planned], extra: int) -> None:
 
 def _write_file(out_path: Path, planned: list[Planned], metadata: Callable[[gguf.GGUFWriter], None],
                 progress) -> Path:
-    """Write OUT.tmp (metadata(writer) adds the key/values) and rename it to out_path; remove it on error."""
+    """Write a temporary file beside out_path (paths.replacing: a name of its own per run, so that two runs
+    writing one output never share it) and rename it to out_path; remove it on error."""
     try:
         with replacing(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, ARCH)
@@ -952,27 +1073,33 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type
 
     Same per-tensor mix, tensor order and metadata as llama-quantize (every key copied, general.file_type
     and general.quantization_version re-set at the end); tensors it does not quantize (norms, routers, the
-    conv kernel, 1-D tensors) are copied byte for byte. Streams one chunk of rows at a time; writes OUT.tmp
-    and renames it at the end. progress(done_bytes, total_bytes, tensor_name) as for convert().
+    conv kernel, 1-D tensors) are copied byte for byte. Streams one chunk of rows at a time; writes a
+    temporary file of its own (paths.replacing) and renames it at the end. A split input
+    (NAME-00001-of-0000N.gguf, any part given) is read whole, every part, and written as one file (as
+    llama-quantize does without --keep-split). progress(done_bytes, total_bytes, tensor_name) as for convert().
     """
     in_path, out_path = Path(in_path).expanduser(), Path(out_path).expanduser()
     if not in_path.is_file():
         problem = "is a folder" if in_path.is_dir() else "does not exist"
         raise LocalcoderError(f"{in_path} {problem}; pass the F32/F16/BF16 GGUF to re-quantize")
     ftype = _out_ftype(out_type, out_path)
-    if out_path.exists() and out_path.resolve() == in_path.resolve():
-        raise LocalcoderError(f"{out_path} is the input file; write the re-quantized model to another path")
+    parts = split_paths(in_path)  # every part of a split model (a one-line error when one is missing)
+    _check_not_input(out_path, parts, "the input file" if len(parts) == 1 else "a part of the input model")
+    # our reader first: a truncated or corrupt file (offsets, sizes, header) is a one-line error naming the problem
+    GGUFFile(in_path)
     try:
-        reader = gguf.GGUFReader(in_path)
+        readers = [gguf.GGUFReader(p) for p in parts]
     except (ValueError, OSError, KeyError, IndexError, struct_error) as e:
         raise LocalcoderError(f"{in_path} is not a valid GGUF file ({e}); pass a GGUF made by localcoder "
                               "convert or llama.cpp") from None
+    reader = readers[0]  # the metadata is the first part's
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
     if arch != ARCH:
         raise LocalcoderError(f"expected arch {ARCH}, file says {arch} ({in_path.name}); localcoder "
                               "re-quantizes Qwen3-Next GGUFs only")
-    for t in reader.tensors:
+    in_tensors = [(t, p) for r, p in zip(readers, parts) for t in r.tensors]
+    for t, _ in in_tensors:
         if t.tensor_type not in FLOAT_TYPES:
             raise LocalcoderError(f"{in_path.name} is already quantized (tensor {t.name} is "
                                   f"{t.tensor_type.name}); re-quantize from its F32/F16/BF16 GGUF or convert "
@@ -980,14 +1107,15 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type
     # the hyper-parameters, checked as the runtime checks them (the mix depends on the expert and layer counts)
     cfg = ModelConfig.from_gguf({k: f.contents() for k, f in reader.fields.items()
                                  if k.startswith(ARCH + ".") or k == "general.architecture"}, 0, str(in_path))
-    tensors = sorted(reader.tensors, key=lambda t: llama_order(t.name))
-    shapes = [ggml_shape(tuple(int(d) for d in t.shape[::-1])) for t in tensors]
-    types = mix_types([(t.name, sh) for t, sh in zip(tensors, shapes)], ftype, cfg.n_expert, cfg.n_layer)
+    in_tensors.sort(key=lambda tp: llama_order(tp[0].name))
+    shapes = [ggml_shape(tuple(int(d) for d in t.shape[::-1])) for t, _ in in_tensors]
+    # llama-quantize's layer count is block_count (MTP layers included)
+    types = mix_types([(t.name, sh) for (t, _), sh in zip(in_tensors, shapes)], ftype, cfg.n_expert, cfg.n_block)
     planned = []
-    for t, shape, qtype in zip(tensors, shapes, types):
+    for (t, part), shape, qtype in zip(in_tensors, shapes, types):
         qtype = t.tensor_type if qtype is None else qtype
         raw = qtype == t.tensor_type
-        planned.append(Planned(t.name, shape, _gguf_chunks(in_path, int(t.data_offset), t.tensor_type, shape, raw),
+        planned.append(Planned(t.name, shape, _gguf_chunks(part, int(t.data_offset), t.tensor_type, shape, raw),
                                qtype, raw))
     _check_space(out_path, planned, extra=int(reader.data_offset))
 

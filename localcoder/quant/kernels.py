@@ -14,7 +14,7 @@ where it is used and never keeps a dequantized copy. Two activation paths:
 Dispatch: `KERNELS` maps each GGMLQuantizationType to its block geometry and a kernel code. Inside the
 compiled drivers the code selects the per-type block routine; Numba cannot cache a driver specialised on
 a function argument or a closure, so one cached driver per operation with a static switch is what keeps
-compile time and the cache small (4 drivers, each compiled once, instead of 4 x 10).
+compile time and the cache small (4 drivers, each compiled once, instead of 4 x 14).
 
 Per type, block layouts follow ggml-quants.c (dequantize_row_*):
   Q4_0  18 B / 32:  d f16 | 16 B nibbles (low = first 16, high = last 16), w = d * (q - 8)
@@ -24,6 +24,11 @@ Per type, block layouts follow ggml-quants.c (dequantize_row_*):
   Q6_K 210 B / 256: 128 B low nibbles | 64 B high 2-bit pairs | 16 int8 scales | d f16; w = d*sc*(q - 32)
   IQ4_XS 136 B / 256: d f16 | scales_h u16 | scales_l 4 B | 128 B nibbles indexing IQ4_NL values
   MXFP4 17 B / 32:  e8m0 exponent | 16 B nibbles indexing doubled e2m1 values; w = 2^(e-128) * kv
+  Q4_1  20 B / 32:  d, m f16 | 16 B nibbles; w = d * q + m
+  Q5_0  22 B / 32:  d f16 | qh u32 (bit j = fifth bit of weight j) | 16 B nibbles; w = d * (q - 16)
+  Q5_1  24 B / 32:  d, m f16 | qh u32 | 16 B nibbles; w = d * q + m
+  IQ4_NL 18 B / 32: d f16 | 16 B nibbles indexing IQ4_NL values; w = d * kv
+  (the last four have no fused dot: _dot_row decodes the row into scratch, then dots it)
   F16, BF16, F32: one element per "block".
 """
 
@@ -53,7 +58,7 @@ IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
 
 # kernel codes (internal to the compiled drivers; Python code dispatches through KERNELS)
-_F32, _F16, _BF16, _Q4_0, _Q8_0, _Q4_K, _Q5_K, _Q6_K, _IQ4_XS, _MXFP4 = range(10)
+_F32, _F16, _BF16, _Q4_0, _Q8_0, _Q4_K, _Q5_K, _Q6_K, _IQ4_XS, _MXFP4, _Q4_1, _Q5_0, _Q5_1, _IQ4_NL = range(14)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ KERNELS = {
     Q.Q4_0: Kernel(_Q4_0, 32, 18), Q.Q8_0: Kernel(_Q8_0, 32, 34), Q.Q4_K: Kernel(_Q4_K, 256, 144),
     Q.Q5_K: Kernel(_Q5_K, 256, 176), Q.Q6_K: Kernel(_Q6_K, 256, 210), Q.IQ4_XS: Kernel(_IQ4_XS, 256, 136),
     Q.MXFP4: Kernel(_MXFP4, 32, 17),
+    # llama-quantize's fallbacks for rows that are not whole 256-blocks (Q5_0/Q5_1), and the other 32-blocks:
+    # decoded by _deq_row (no fused dot; such tensors are small)
+    Q.Q4_1: Kernel(_Q4_1, 32, 20), Q.Q5_0: Kernel(_Q5_0, 32, 22), Q.Q5_1: Kernel(_Q5_1, 32, 24),
+    Q.IQ4_NL: Kernel(_IQ4_NL, 32, 18),
 }
 
 
@@ -192,6 +201,44 @@ def _deq_row(code, row, out, K, f16):
                     q = row[o + 8 + 16 * ib + j]
                     out[256 * b + 32 * ib + j] = dl * IQ4NL_VALUES[q & 15]
                     out[256 * b + 32 * ib + 16 + j] = dl * IQ4NL_VALUES[q >> 4]
+    elif code == _Q4_1:
+        for b in range(K // 32):
+            o = b * 20
+            d = _h(row, o, f16)
+            m = _h(row, o + 2, f16)
+            for l in range(16):
+                q = row[o + 4 + l]
+                out[32 * b + l] = d * f32(u8(q & M4)) + m
+                out[32 * b + 16 + l] = d * f32(u8(q >> S4)) + m
+    elif code == _Q5_0 or code == _Q5_1:
+        one = code == _Q5_1
+        bsize = 24 if one else 22
+        for b in range(K // 32):
+            o = b * bsize
+            d = _h(row, o, f16)
+            m = _h(row, o + 2, f16) if one else f32(0)
+            h0 = o + 4 if one else o + 2
+            qh = np.uint32(row[h0]) | (np.uint32(row[h0 + 1]) << 8) | (np.uint32(row[h0 + 2]) << 16) \
+                | (np.uint32(row[h0 + 3]) << 24)
+            qs = h0 + 4
+            for l in range(16):
+                q = row[qs + l]
+                lo = i32(q & M4) | (i32((qh >> np.uint32(l)) & np.uint32(1)) << 4)
+                hi = i32(q >> S4) | (i32((qh >> np.uint32(l + 16)) & np.uint32(1)) << 4)
+                if one:
+                    out[32 * b + l] = d * f32(lo) + m
+                    out[32 * b + 16 + l] = d * f32(hi) + m
+                else:
+                    out[32 * b + l] = d * f32(lo - 16)
+                    out[32 * b + 16 + l] = d * f32(hi - 16)
+    elif code == _IQ4_NL:
+        for b in range(K // 32):
+            o = b * 18
+            d = _h(row, o, f16)
+            for l in range(16):
+                q = row[o + 2 + l]
+                out[32 * b + l] = d * IQ4NL_VALUES[q & M4]
+                out[32 * b + 16 + l] = d * IQ4NL_VALUES[q >> S4]
     elif code == _MXFP4:
         for b in range(K // 32):
             o = b * 17
