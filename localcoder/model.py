@@ -15,7 +15,7 @@ from .backends import get_backend
 from .cache import ModelCache, make_cache
 from .chat_template import template_from_file, template_from_metadata
 from .config import ModelConfig
-from .errors import LocalcoderError
+from .errors import GGUFError, LocalcoderError
 from .experts import ExpertStore
 from .threads import background_thread
 from .gguf_file import GGUFFile, RawReader, aligned_empty, readonly
@@ -39,7 +39,11 @@ class Model:
         n_vocab = embd.shape[0] if embd is not None else len(file.get("tokenizer.ggml.tokens", []))
         self.config = ModelConfig.from_gguf(file.metadata, n_vocab, str(file.path))
         self.weights = qwen3next.load_weights(self.config, file.tensors, str(file.path))
-        self.tokenizer = Tokenizer.from_metadata(file.metadata)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(file.metadata)
+        except GGUFError as e:  # its messages name the key; say which file, and what to do
+            raise GGUFError(f"{file.path}: {e}; this file's tokenizer cannot be used: re-download it, or re-convert "
+                            "it with localcoder convert") from None
         self.chat_template = (template_from_metadata(file.metadata) if chat_template_file is None
                               else template_from_file(chat_template_file, file.metadata))
         budget = None if expert_cache is None else parse_size(expert_cache)

@@ -171,3 +171,18 @@ def test_embedding_rows_must_equal_the_vocabulary(fixtures_dir, tmp_path, n_toke
     with pytest.raises(GGUFError, match=f"token_embd.weight has 2176 rows but the vocabulary "
                                         rf"\(tokenizer.ggml.tokens\) has {n_tokens} tokens; llama.cpp refuses"):
         localcoder.load(out, backend="numpy")
+
+
+def test_a_tokenizer_error_names_the_file_and_the_fix(fixtures_dir, tmp_path):
+    from gguf_edit import rewrite
+
+    from localcoder.errors import GGUFError
+
+    def meta(m):
+        del m["tokenizer.ggml.model"]
+        return m
+
+    (out,) = rewrite(_q4km(fixtures_dir), [tmp_path / "notok.gguf"], lambda ts: ts, meta)
+    with pytest.raises(GGUFError) as e:
+        localcoder.load(out, backend="numpy")
+    assert str(out) in str(e.value) and "tokenizer.ggml.model" in str(e.value) and "re-convert" in str(e.value)
