@@ -94,7 +94,7 @@ def parse_logit_bias(body: dict, n_vocab: int) -> dict[int, float] | None:
         return None
     out = {}
     for key, bias in raw.items():
-        if not (key.isdigit() and int(key) < n_vocab):
+        if not (key.isascii() and key.isdecimal() and len(key) < 12 and int(key) < n_vocab):
             raise bad(f"logit_bias key {json.dumps(key)[:40]} is not a token id in 0..{n_vocab - 1}",
                       param="logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:

@@ -583,7 +583,7 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name="localcoder")  # parser errors come back here, as one line
         if isinstance(code, int) and code:
             sys.exit(code)
-    except parser.NoArgsIsHelpError:
+    except getattr(parser, "NoArgsIsHelpError", ()):  # click >= 8.2; older ones print the help themselves
         app(["--help"], prog_name="localcoder")  # exits 0
     except parser.UsageError as e:
         where = e.ctx.command_path if e.ctx else "localcoder"

@@ -475,7 +475,7 @@ class ExpertStore:
 
     def close(self) -> None:
         """Cancel queued reads, wait for running ones, end the I/O threads, close the files."""
-        self._background.shutdown()
+        self._background.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         self._finalizer()
 

@@ -143,6 +143,8 @@ class Model:
             raise LocalcoderError("this cache was left half-updated by an interrupted forward pass; restore a "
                                   "snapshot or checkpoint taken before it, or start from model.new_cache()")
         with self._forward_lock:
+            if self._closed:  # closed while this call waited for the lock
+                raise LocalcoderError("this model was closed; load it again to run it")
             if self._dense_copy is not None:
                 self._dense_copy.join()
                 self._dense_copy = None

@@ -141,15 +141,18 @@ class Repl:
             if not arg:
                 raise LocalcoderError("usage: /add PATH... (files, directories or globs; quote names with spaces)")
             known = {f.path for f in s.files()}
-            for f in s.add_files(_split(arg), note=lambda m: c.print(f"note: {m}", highlight=False)):
+            specs = [arg.strip()] if Path(arg.strip()).exists() else _split(arg)  # a name as it is, first
+            for f in s.add_files(specs, note=lambda m: c.print(f"note: {m}", highlight=False)):
                 verb = "updated" if f.path in known else "added"
                 c.print(f"{verb} {f.path} ({f.tokens:,} tokens)", highlight=False)
             self.files_total()
         elif name == "drop":
             if not arg:
                 raise LocalcoderError("usage: /drop PATH (as /files lists it)")
-            names = _split(arg)
-            path = names[0] if len(names) == 1 else arg
+            path = arg.strip()
+            if path not in {f.path for f in s.files()}:  # as /files lists it; else quoted or escaped
+                names = _split(arg)
+                path = names[0] if len(names) == 1 else path
             c.print(f"dropped {path}" if s.drop_file(path) else f"{path} is not in the conversation (see /files)",
                     highlight=False)
         elif name == "files":

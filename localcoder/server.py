@@ -235,6 +235,7 @@ class _Server:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localcoder-model")
         self.jobs: set[_Job] = set()
         self.token_index: TokenIndex | None = None  # for tool_choice "required" (built on first use)
+        self.closing = False  # shutting down: running generations are stopped, waiting ones refused
 
     # -- checks ---------------------------------------------------------------------------------------
     def check_model(self, body: dict) -> None:
@@ -331,7 +332,7 @@ class _Server:
     def _common(self, body: dict):
         n = integer(body, "n", 1)
         if n != 1:
-            raise bad("only n=1 is supported", param="n")
+            raise bad("only n=1 is supported", param="n", code="unsupported_parameter")
         stream = typed_field(body, "stream", (bool,), "true or false", False)
         options = typed_field(body, "stream_options", (dict,), "an object", {})
         usage = typed_field(options, "include_usage", (bool,), "true or false", False)
@@ -401,6 +402,10 @@ class _Server:
 
     async def start(self, request: Request, work: _Work) -> _Job:
         await self.gate.enter(request)
+        if self.closing:  # its turn came after Ctrl-C: a clear answer now, not a reply cut off at exit
+            self.gate.leave()
+            raise APIError(503, "the server is shutting down; send the request again once it is back",
+                           type="server_error", code="shutting_down")
         job = _Job(work, asyncio.get_running_loop())
         self.jobs.add(job)
         job.future = job.loop.run_in_executor(self.executor, self._run, job)
@@ -760,6 +765,7 @@ def uvicorn_server(app, **config):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
+            app.state.server.closing = True
             for job in list(app.state.server.jobs):
                 job.cancel.set()
             super().handle_exit(sig, frame)

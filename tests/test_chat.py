@@ -426,6 +426,12 @@ def test_message_starting_with_a_slash_and_names_with_spaces(model, tmp_path, mo
     assert "unknown command /usr/bin/env; /help lists them (to send a message that starts with /, type //" in out
 
 
+def test_add_and_drop_take_a_name_with_a_quote_as_it_is(model, tmp_path, monkeypatch):
+    (tmp_path / "don't.py").write_text("x = 1\n")
+    s, out = _run_repl(model, tmp_path, monkeypatch, ["/add don't.py", "/drop don't.py"])
+    assert "added don't.py" in out and "dropped don't.py" in out and not s.files()
+
+
 def test_interrupted_reply_says_so(model, tmp_path, monkeypatch):
     """Rich read `[interrupted: ...]` as a markup tag and printed an empty line."""
     import io

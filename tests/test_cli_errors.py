@@ -417,3 +417,20 @@ def test_messages_are_single_lines_without_a_blank_line_first(tiny_gguf, tmp_pat
     p = run_cli("ask", "hi", "-m", str(model), "--backend", "numpy", "-n", "1", input="")
     [loaded] = [line for line in p.stderr.splitlines() if line.startswith("loaded ")]
     assert loaded.endswith(" s") and "context 4,096" in loaded, p.stderr
+
+
+def test_errors_stay_one_line_with_a_click_that_lacks_no_args_is_help(monkeypatch, capsys):
+    """click < 8.2 has no NoArgsIsHelpError: naming it in an except clause turned every error into an
+    AttributeError traceback."""
+    import types
+
+    from localcoder import cli
+
+    real = cli._parser_exceptions()
+    monkeypatch.setattr(cli, "_parser_exceptions", lambda: types.SimpleNamespace(UsageError=real.UsageError))
+    monkeypatch.setattr(sys, "argv", ["localcoder", "info", "/nonexistent/model.gguf"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1

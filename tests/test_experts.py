@@ -195,6 +195,49 @@ def test_a_dropped_or_closed_model_ends_its_io_threads(path):
     assert not [t for t in io_threads() - before if t.is_alive()]
 
 
+def test_close_waits_for_running_reads_and_a_waiting_forward_is_refused(path, monkeypatch):
+    """close() returns once no read of the store runs (a preload read left running would write into freed
+    slots through closed files); a forward pass that was waiting for the lock when close() ran is refused
+    instead of queueing reads to I/O threads that are gone."""
+    import threading
+    import time
+
+    from localcoder.gguf_file import RawReader
+
+    running, orig = [0], RawReader.read
+
+    def slow(self, dst, offset):
+        if threading.current_thread().name.startswith("expert-preload"):
+            running[0] += 1
+            time.sleep(0.05)
+            try:
+                return orig(self, dst, offset)
+            finally:
+                running[0] -= 1
+        return orig(self, dst, offset)
+
+    monkeypatch.setattr(RawReader, "read", slow)
+    m = localcoder.load(path, backend="numpy", expert_cache="64G")
+    run(m, n_new=0)
+    errors = []
+
+    def forward():
+        try:
+            m.forward(PROMPT, m.new_cache())
+        except localcoder.errors.LocalcoderError as e:
+            errors.append(str(e))
+
+    with m._forward_lock:  # a forward pass runs; another waits for it, past the closed check
+        waiting = threading.Thread(target=forward)
+        waiting.start()
+        time.sleep(0.2)
+        m._closed = True  # as close() does once it holds the lock
+        m.expert_store.close()
+        assert running[0] == 0
+    waiting.join(30)
+    assert not waiting.is_alive() and errors and "closed" in errors[0]
+
+
 def test_one_model_used_from_two_threads(path):
     """Forward passes from several threads take turns (their experts share the store's slots)."""
     from concurrent.futures import ThreadPoolExecutor

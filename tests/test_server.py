@@ -261,7 +261,8 @@ BAD = [  # (path, body, status, code, param)
      "invalid_type", "stream"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": 7}, 400, "invalid_type",
      "stop"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, None, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "unsupported_parameter",
+     "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": {"a": 1}}, 400,
      "invalid_type", "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
@@ -318,6 +319,8 @@ BAD = [  # (path, body, status, code, param)
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, None, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"\u00b2": 1}}, 400, None, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"9" * 5000: 1}}, 400, None, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, None, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, None, "logit_bias"),
     # a sampling option's error names it
@@ -961,13 +964,20 @@ def test_ctrl_c_ends_running_streams_properly(model):
             assert thread.is_alive()
             time.sleep(0.01)
         lines = []
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-        with httpx.stream("POST", url, timeout=60, json={"prompt": "x", "max_tokens": 4000, "stream": True}) as r:
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        queued = ThreadPoolExecutor(1)
+        with httpx.stream("POST", base + "/v1/completions", timeout=60,
+                          json={"prompt": "x", "max_tokens": 4000, "stream": True}) as r:
             for line in r.iter_lines():
-                if line and not lines:
+                if line and not lines:  # a second request waits its turn, then Ctrl-C
+                    waiting = queued.submit(httpx.post, base + "/v1/completions", json={"prompt": "y"}, timeout=60)
+                    while not httpx.get(base + "/health").json()["queued"]:
+                        time.sleep(0.01)
                     server.handle_exit(signal.SIGINT, None)
                 lines.append(line)
         assert "data: [DONE]" in lines and script.produced < 1000
+        late = waiting.result()  # its turn came after Ctrl-C: refused at once, not started and cut off
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     finally:
         server.should_exit = True
         thread.join(15)
