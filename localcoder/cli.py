@@ -458,6 +458,9 @@ def serve(
     ctx: Optional[int] = CtxOpt,
     backend: str = BackendOpt,
     max_queue: int = typer.Option(16, "--max-queue", help="requests waiting beyond this get 429"),
+    cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", metavar="ORIGIN", help="a web page origin that may call "
+                                                    "the API from a browser (repeatable; '*' for any; pages of "
+                                                    "localhost always may)"),
     cache: Optional[str] = typer.Option(None, "--prompt-cache", help="memory for reusable prompt states, e.g. 4G"),
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
@@ -474,7 +477,7 @@ def serve(
     run_server(resolve_model(model), host=host, port=port, api_key=api_key, n_ctx=ctx, backend=backend,
                max_queue=max_queue, cache_bytes=parse_size(cache) if cache else None, threads=threads,
                expert_cache=expert_cache, expert_policy=expert_policy, expert_prefetch=expert_prefetch,
-               kv_type=kv_type, chat_template_file=chat_template_file)
+               kv_type=kv_type, chat_template_file=chat_template_file, cors_origins=cors_origin or ())
 
 
 @app.command()

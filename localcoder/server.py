@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -535,9 +536,11 @@ def _check_api_key(api_key: str | None) -> None:
 
 
 def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_bytes: int | None = None,
-               generate_fn: GenerateFn | None = None) -> Starlette:
+               generate_fn: GenerateFn | None = None, cors_origins: Sequence[str] = ()) -> Starlette:
     """The ASGI app serving `model`. `generate_fn` replaces the model's generation (tests script the
-    model's output with it; see GenerateFn)."""
+    model's output with it; see GenerateFn). Browsers may call it from pages of this machine (any
+    http(s)://localhost, 127.0.0.1 or [::1] origin, as Ollama allows by default) and from `cors_origins`
+    ("*": any page)."""
     _check_api_key(api_key)
     srv = _Server(model, api_key, max_queue, cache_bytes, generate_fn)
 
@@ -681,6 +684,9 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         APIError: on_api_error, HTTPException: on_http_error, _ClientGone: on_client_gone, Exception: on_error})
     app.add_middleware(_BearerAuth, api_key=api_key)
+    # outside the key check: a browser's preflight carries no Authorization header
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_origin_regex=_LOCAL_ORIGIN,
+                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600)
     app.state.server = srv
     return app
 
@@ -706,6 +712,7 @@ class _BearerAuth:
 
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_LOCAL_ORIGIN = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?"
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -732,9 +739,10 @@ def _check_listen(host: str, port: int) -> None:
 def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           n_ctx: int | None = None, backend: str = "auto", max_queue: int = 16, cache_bytes: int | None = None,
           log_level: str = "info", threads: int | None = None, expert_cache=None, expert_policy: str = "lru",
-          expert_prefetch: bool = False, kv_type: str = "f32", chat_template_file=None) -> None:
+          expert_prefetch: bool = False, kv_type: str = "f32", chat_template_file=None,
+          cors_origins: Sequence[str] = ()) -> None:
     """Load the model (threads, expert_cache, expert_policy, expert_prefetch, kv_type and chat_template_file
-    as for localcoder.load) and serve it until interrupted."""
+    as for localcoder.load) and serve it until interrupted; cors_origins as for create_app."""
 
     from .backends import announce_compiles
     from .model import load
@@ -745,7 +753,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
     model = load(model_path, backend=backend, n_ctx=n_ctx, threads=threads, expert_cache=expert_cache,
                  expert_policy=expert_policy, expert_prefetch=expert_prefetch, kv_type=kv_type,
                  chat_template_file=chat_template_file)
-    app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes)
+    app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes, cors_origins=cors_origins)
     broken = getattr(model.chat_template, "error", None)
     if broken:  # completions still work; every chat request will be a 400 saying this
         log.warning("%s (until then /v1/chat/completions answers 400; /v1/completions works)", broken)

@@ -982,3 +982,19 @@ def test_ctrl_c_ends_running_streams_properly(model):
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def test_cors_for_local_pages_and_chosen_origins(model):
+    """A browser page may call the API when it is served from this machine or named with --cors-origin; its
+    preflight needs no key (browsers send none), the request itself still does."""
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    with serving(create_app(model, api_key="k", cors_origins=["https://app.example"])) as url:
+        for origin in ("http://localhost:3000", "http://127.0.0.1", "https://app.example"):
+            r = httpx.options(url + "/v1/chat/completions", headers={"Origin": origin, **preflight})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = httpx.options(url + "/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000", "Authorization": "Bearer k"})
+        assert r.status_code == 200
