@@ -187,7 +187,7 @@ def demo(
     from .synthetic import demo_model_path, ensure_demo_model
 
     _check_gen_tokens(n)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # lines wrap where the terminal does, not at 80 columns
     if not demo_model_path().exists():
         console.print(f"writing the demo model (random weights, real tokenizer) to {demo_model_path()} ...")
     announce_compiles(backend, _err)

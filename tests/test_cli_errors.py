@@ -434,3 +434,15 @@ def test_errors_stay_one_line_with_a_click_that_lacks_no_args_is_help(monkeypatc
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_demo_writes_its_model_and_answers(tmp_path):
+    """`localcoder demo` on a fresh HOME: the model is written, the reply generated, each message one line
+    (not cut at 80 columns when stderr is not a terminal)."""
+    p = run_cli("demo", env={"HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / ".localcoder" / "demo" / "localcoder-demo-random-Q8_0.gguf").is_file()
+    lines = p.stderr.splitlines()
+    assert any(line.startswith("random weights: the reply below is noise") and line.endswith("end to end.")
+               for line in lines), p.stderr
+    assert any(line.startswith("prompt ") and " generated " in line for line in lines), p.stderr
