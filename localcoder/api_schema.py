@@ -334,8 +334,7 @@ class TokenIndex:
     """Every token's bytes, sorted, to find the tokens that continue a given text (built once, ~0.2 s)."""
 
     def __init__(self, tok):
-        skip = [tok.is_special(i) for i in range(len(tok))]
-        pairs = sorted((tok.token_bytes(i), i) for i in range(len(tok)) if not skip[i] and tok.token_bytes(i))
+        pairs = sorted((b, i) for i in range(len(tok)) if not tok.is_special(i) and (b := tok.token_bytes(i)))
         self.keys = [b for b, _ in pairs]
         self.ids = np.array([i for _, i in pairs], dtype=np.int64)
         self.bytes_of = tok.token_bytes
@@ -362,9 +361,9 @@ class NameConstraint:
         self.done = False
 
     def __call__(self, logits, history: Sequence[int] = ()) -> int:
-        if not self.done:
+        if not self.done:  # (some target still starts with the text, else it would be done)
             ids = np.unique(np.concatenate([self.index.continuing(t[len(self.text):]) for t in self.targets
-                                            if t.startswith(self.text)] or [np.zeros(0, np.int64)]))
+                                            if t.startswith(self.text)]))
             if ids.size:
                 masked = np.full(len(logits), -np.inf, dtype=np.float64)
                 masked[ids] = np.asarray(logits, dtype=np.float64)[ids]

@@ -308,8 +308,7 @@ class ChatSession:
                 yield piece
         finally:
             msg["content"] = "".join(reply)
-            # (the text leaves out control tokens, the ids keep them: they are what the model saw)
-            if self.model.tokenizer.decode(tokens, skip_special=True) == msg["content"]:
+            if self._spells(tokens, msg["content"]):
                 msg["ids"] = tokens
             if self.last.finish_reason in (None, "interrupted"):
                 self.last.finish_reason = "interrupted"
@@ -360,7 +359,7 @@ class ChatSession:
         if last is None:
             raise LocalcoderError("nothing to edit: there is no message yet")
         self.undo()
-        self.pending = (last["turn"].files if "turn" in last else []) + self.pending
+        self.pending = last["turn"].files + self.pending
         try:
             return self.send(text)
         except BaseException:
@@ -418,12 +417,13 @@ class ChatSession:
         return len(self.history)
 
     def _spells(self, ids, text: str) -> bool:
-        """ids are token ids of this model's vocabulary that decode to text (a transcript of another model,
-        or edited by hand, may hold any numbers)."""
+        """ids are token ids of this model's vocabulary that decode to text, control tokens left out as the
+        reply's text leaves them out (the ids keep them: they are what the model saw). A transcript of another
+        model, or edited by hand, may hold any numbers."""
         tok = self.model.tokenizer
         if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < tok.vocab_size for i in ids):
             return False
         try:
-            return tok.decode(ids, skip_special=True) == text  # as _reply keeps them
+            return tok.decode(ids, skip_special=True) == text
         except (ValueError, IndexError, KeyError):
             return False

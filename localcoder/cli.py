@@ -217,9 +217,7 @@ def _finish_experts(m, trace_path: Optional[Path]) -> None:
     if store is None:
         return
     c = store.counters
-    ahead = (f"{c.prefetch_hits} prefetch hits ({c.prefetches} prefetched), " if store.speculate else "") + (
-        f"{c.preloaded} preloaded, " if c.preloaded else "")
-    _err(f"experts: {c.hits} hits, {c.misses} misses, {ahead}"
+    _err(f"experts: {c.hits} hits, {c.misses} misses, {store.read_ahead()}"
          f"{c.bytes_read / 1e9:.2f} GB read, {c.io_wait_s:.2f} s waiting for I/O, "
          f"cache {store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer, {store.policy_name})")
     if trace_path is not None and store.trace is not None:

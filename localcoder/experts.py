@@ -470,6 +470,13 @@ class ExpertStore:
             for fut in list(ls.pending.values()):
                 fut.exception()
 
+    def read_ahead(self) -> str:
+        """The counters of reads not made on demand, for the stats lines: speculative prefetch (when on) and
+        the background preload (when every expert fits)."""
+        c = self.counters
+        return ((f"{c.prefetch_hits:,} prefetch hits ({c.prefetches:,} prefetched), " if self.speculate else "")
+                + (f"{c.preloaded:,} preloaded, " if c.preloaded else ""))
+
     def resident_bytes(self) -> int:
         return sum(sum(a.nbytes for a in ls.arrays) for ls in self.layers.values())
 

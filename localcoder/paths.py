@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -42,32 +41,13 @@ def missing_model_message() -> str:
 
 
 def gguf_architecture(path: Path) -> str | None:
-    """general.architecture from a GGUF's header, read without parsing the rest (llama.cpp and gguf-py write
-    it first); None when the file is not a GGUF or the key does not come before the first array."""
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # scalar value types
+    """general.architecture of a GGUF; None when the file cannot be read as one."""
+    from .gguf_file import GGUFFile
+
     try:
-        with open(path, "rb") as f:
-            magic, _version, _n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
-            if magic != b"GGUF":
-                return None
-            for _ in range(min(n_kv, 64)):
-                (n,) = struct.unpack("<Q", f.read(8))
-                key = f.read(n) if n < 256 else None  # a longer key: not a header we can read this way
-                (vtype,) = struct.unpack("<I", f.read(4))
-                if key is None:
-                    return None
-                if vtype == 8:  # string
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    if key == b"general.architecture":
-                        return f.read(min(n, 256)).decode("utf-8", errors="replace")
-                    f.seek(n, os.SEEK_CUR)
-                elif vtype in sizes:
-                    f.seek(sizes[vtype], os.SEEK_CUR)
-                else:
-                    return None
-    except (OSError, struct.error):
-        pass
-    return None
+        return GGUFFile(path).architecture
+    except (LocalcoderError, OSError):
+        return None
 
 
 def resolve_model(model) -> Path:

@@ -227,9 +227,7 @@ class Repl:
         store = m.expert_store
         if store is not None:
             e = store.counters
-            ahead = (f"{e.prefetch_hits:,} prefetch hits, " if store.speculate else "") + (
-                f"{e.preloaded:,} preloaded, " if e.preloaded else "")
-            self.console.print(f"experts: {e.hits:,} hits, {e.misses:,} misses, {ahead}"
+            self.console.print(f"experts: {e.hits:,} hits, {e.misses:,} misses, {store.read_ahead()}"
                                f"{e.bytes_read / 1e9:.2f} GB read from disk, {e.io_wait_s:.1f} s I/O wait; cache "
                                f"{store.budget_bytes / 1e9:.2f} GB ({store.n_slots} slots per layer)", highlight=False,
                                soft_wrap=True)

@@ -45,6 +45,7 @@ class Sampler:
     presence_penalty: float = DEFAULTS["presence_penalty"]
     logit_bias: dict[int, float] | None = None  # added to a token's logit before anything else (OpenAI's)
     rng: np.random.Generator = field(init=False, repr=False)
+    _bias: tuple = field(init=False, repr=False)  # logit_bias as (ids, biases) arrays, made once
 
     def __post_init__(self):
         problems = []  # (option, what is wrong)
@@ -73,6 +74,9 @@ class Sampler:
         if problems:
             raise SamplingError("bad sampling options: " + "; ".join(p for _, p in problems), problems[0][0])
         # a negative seed (llama.cpp's -1) draws a fresh one, as no seed does
+        bias = self.logit_bias or {}
+        self._bias = (np.fromiter(bias, dtype=np.int64, count=len(bias)),
+                      np.fromiter(bias.values(), dtype=np.float64, count=len(bias)))
         self.reset()
 
     def reset(self) -> None:
@@ -87,8 +91,7 @@ class Sampler:
         """The logits (float64, a copy) after the penalties for the last repeat_last_n tokens of history."""
         logits = np.asarray(logits, dtype=np.float64).copy()
         if self.logit_bias:
-            ids = np.fromiter(self.logit_bias, dtype=np.int64, count=len(self.logit_bias))
-            bias = np.fromiter(self.logit_bias.values(), dtype=np.float64)
+            ids, bias = self._bias
             ids, bias = ids[ids < len(logits)], bias[ids < len(logits)]
             logits[ids] += bias
             logits[ids[bias <= -100]] = -np.inf  # OpenAI: -100 bans the token

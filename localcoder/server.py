@@ -401,6 +401,13 @@ class _Server:
             if stop < len(ids):
                 self.prompts.store(cache, copy=True)
 
+    def stop_all(self) -> None:
+        """Shutting down: stop the running generations; requests still waiting are refused when their turn
+        comes."""
+        self.closing = True
+        for job in list(self.jobs):
+            job.cancel.set()
+
     async def start(self, request: Request, work: _Work) -> _Job:
         await self.gate.enter(request)
         if self.closing:  # its turn came after Ctrl-C: a clear answer now, not a reply cut off at exit
@@ -671,8 +678,7 @@ def create_app(model, api_key: str | None = None, max_queue: int = 16, cache_byt
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        for job in list(srv.jobs):
-            job.cancel.set()
+        srv.stop_all()
         srv.executor.shutdown(wait=False, cancel_futures=True)
 
     # each endpoint also without /v1, as llama-server serves them (a base URL copied from its docs works)
@@ -754,9 +760,9 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
                  expert_policy=expert_policy, expert_prefetch=expert_prefetch, kv_type=kv_type,
                  chat_template_file=chat_template_file)
     app = create_app(model, api_key=api_key, max_queue=max_queue, cache_bytes=cache_bytes, cors_origins=cors_origins)
-    broken = getattr(model.chat_template, "error", None)
-    if broken:  # completions still work; every chat request will be a 400 saying this
-        log.warning("%s (until then /v1/chat/completions answers 400; /v1/completions works)", broken)
+    if model.chat_template.error:  # completions still work; every chat request will be a 400 saying this
+        log.warning("%s (until then /v1/chat/completions answers 400; /v1/completions works)",
+                    model.chat_template.error)
     if host not in _LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     run_uvicorn(app, host, port, log_level)
@@ -773,9 +779,7 @@ def uvicorn_server(app, **config):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            app.state.server.closing = True
-            for job in list(app.state.server.jobs):
-                job.cancel.set()
+            app.state.server.stop_all()
             super().handle_exit(sig, frame)
 
     return Server(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))

@@ -47,64 +47,87 @@ class Weights:
     layers: tuple[Layer, ...]
 
 
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> numpy-order shape of every tensor in the layout llama.cpp's converter writes (split
+    attn_qkv + attn_gate, separate gate and up experts), MTP layers included (attention layers, plus their
+    nextn tensors). What the loader requires and the converter checks before writing."""
+    D, V, E, F, Fs = cfg.n_embd, cfg.n_vocab, cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
+    Hv, Dv = cfg.ssm_n_v_heads, cfg.ssm_v_dim
+    Hq, Hkv, Dh = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    out = {"token_embd.weight": (V, D), "output.weight": (V, D), "output_norm.weight": (D,)}
+    for i in range(cfg.n_block):
+        t = {"attn_norm.weight": (D,), "post_attention_norm.weight": (D,)}
+        if i < cfg.n_layer and cfg.is_recurrent(i):
+            t.update({"attn_qkv.weight": (cfg.ssm_conv_channels, D), "attn_gate.weight": (Hv * Dv, D),
+                      "ssm_ba.weight": (2 * Hv, D), "ssm_conv1d.weight": (cfg.ssm_conv_channels, cfg.ssm_d_conv),
+                      "ssm_a": (Hv,), "ssm_dt.bias": (Hv,), "ssm_norm.weight": (Dv,), "ssm_out.weight": (D, Hv * Dv)})
+        else:
+            t.update({"attn_q.weight": (2 * Hq * Dh, D), "attn_k.weight": (Hkv * Dh, D),
+                      "attn_v.weight": (Hkv * Dh, D), "attn_q_norm.weight": (Dh,), "attn_k_norm.weight": (Dh,),
+                      "attn_output.weight": (D, Hq * Dh)})
+        t.update({"ffn_gate_inp.weight": (E, D), "ffn_down_exps.weight": (E, D, F),
+                  "ffn_gate_exps.weight": (E, F, D), "ffn_up_exps.weight": (E, F, D)})
+        if Fs:
+            t.update({"ffn_gate_inp_shexp.weight": (1, D), "ffn_gate_shexp.weight": (Fs, D),
+                      "ffn_up_shexp.weight": (Fs, D), "ffn_down_shexp.weight": (D, Fs)})
+        if i >= cfg.n_layer:
+            t.update({"nextn.eh_proj.weight": (D, 2 * D), "nextn.enorm.weight": (D,), "nextn.hnorm.weight": (D,),
+                      "nextn.shared_head_norm.weight": (D,)})
+        out.update({f"blk.{i}.{k}": shape for k, shape in t.items()})
+    return out
+
+
 def load_weights(cfg: ModelConfig, tensors: dict[str, QTensor], path: str = "model") -> Weights:
     """Pick and shape-check every tensor the forward pass needs; loading accepts every published layout."""
-    D, V, E = cfg.n_embd, cfg.n_vocab, cfg.n_expert
+    D, E, F = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp
     Hk, Hv, Dk, Dv = cfg.ssm_n_k_heads, cfg.ssm_n_v_heads, cfg.ssm_k_dim, cfg.ssm_v_dim
+    shapes = tensor_shapes(cfg)
 
-    def need(name: str, shape: tuple[int, ...], alt_shapes=()) -> QTensor:
+    def need(name: str, shape: tuple[int, ...] | None = None, alt_shapes=()) -> QTensor:
+        """The tensor, with its shape in tensor_shapes (or `shape`, for the fused layouts), or one of
+        alt_shapes."""
         t = tensors.get(name)
         if t is None:
             raise GGUFError(f"{path} lacks tensor {name}; the file is incomplete or not a qwen3next model")
+        shape = shape or shapes[name]
         if t.shape != shape and t.shape not in alt_shapes:
             raise GGUFError(f"{path}: tensor {name} has shape {list(t.shape)}, the metadata implies "
                             f"{list(shape)}; the file is inconsistent, re-convert it")
         return t
 
-    token_embd = need("token_embd.weight", (V, D))
-    output = tensors.get("output.weight")
-    output = token_embd if output is None else need("output.weight", (V, D))
+    token_embd = need("token_embd.weight")
+    output = need("output.weight") if "output.weight" in tensors else token_embd
     layers = []
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        t = {"attn_norm.weight": need(p + "attn_norm.weight", (D,)),
-             "post_attention_norm.weight": need(p + "post_attention_norm.weight", (D,))}
+
+        def take(*names: str) -> dict[str, QTensor]:
+            return {n: need(p + n) for n in names}
+
+        t = take("attn_norm.weight", "post_attention_norm.weight")
         if cfg.is_recurrent(i):
             if p + "ssm_in.weight" in tensors:  # fused [q | k | v | z] per key head
                 t["ssm_in.weight"] = need(p + "ssm_in.weight", (2 * Hk * Dk + 2 * Hv * Dv, D))
             else:
-                t["attn_qkv.weight"] = need(p + "attn_qkv.weight", (cfg.ssm_conv_channels, D))
-                t["attn_gate.weight"] = need(p + "attn_gate.weight", (Hv * Dv, D))
-            t["ssm_ba.weight"] = need(p + "ssm_ba.weight", (2 * Hv, D))
-            t["ssm_conv1d.weight"] = need(p + "ssm_conv1d.weight", (cfg.ssm_conv_channels, cfg.ssm_d_conv))
-            t["ssm_a"] = need(p + "ssm_a", (Hv,))
-            t["ssm_dt"] = need(p + "ssm_dt.bias", (Hv,))
-            t["ssm_norm.weight"] = need(p + "ssm_norm.weight", (Dv,), alt_shapes=((Hv, Dv),))
-            t["ssm_out.weight"] = need(p + "ssm_out.weight", (D, Hv * Dv))
+                t.update(take("attn_qkv.weight", "attn_gate.weight"))
+            t.update(take("ssm_ba.weight", "ssm_conv1d.weight", "ssm_a"))
+            t["ssm_dt"] = need(p + "ssm_dt.bias")
+            t["ssm_norm.weight"] = need(p + "ssm_norm.weight", alt_shapes=((Hv, Dv),))
+            t.update(take("ssm_out.weight"))
         else:
-            Hq, Hkv, Dh = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-            t["attn_q.weight"] = need(p + "attn_q.weight", (2 * Hq * Dh, D))
-            t["attn_k.weight"] = need(p + "attn_k.weight", (Hkv * Dh, D))
-            t["attn_v.weight"] = need(p + "attn_v.weight", (Hkv * Dh, D))
-            t["attn_q_norm.weight"] = need(p + "attn_q_norm.weight", (Dh,))
-            t["attn_k_norm.weight"] = need(p + "attn_k_norm.weight", (Dh,))
-            t["attn_output.weight"] = need(p + "attn_output.weight", (D, Hq * Dh))
-        F = cfg.n_ff_exp
-        t["ffn_gate_inp.weight"] = need(p + "ffn_gate_inp.weight", (E, D))
-        down = need(p + "ffn_down_exps.weight", (E, D, F))
+            t.update(take("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
+                          "attn_k_norm.weight", "attn_output.weight"))
+        t.update(take("ffn_gate_inp.weight"))
+        down = need(p + "ffn_down_exps.weight")
         if p + "ffn_gate_up_exps.weight" in tensors:
             experts = ExpertSet(i, down, gate_up=need(p + "ffn_gate_up_exps.weight", (E, 2 * F, D)))
         else:
-            experts = ExpertSet(i, down, gate=need(p + "ffn_gate_exps.weight", (E, F, D)),
-                                up=need(p + "ffn_up_exps.weight", (E, F, D)))
+            experts = ExpertSet(i, down, gate=need(p + "ffn_gate_exps.weight"), up=need(p + "ffn_up_exps.weight"))
         if cfg.n_ff_shexp:
-            Fs = cfg.n_ff_shexp
             t["ffn_gate_inp_shexp.weight"] = need(p + "ffn_gate_inp_shexp.weight", (D,), alt_shapes=((1, D),))
-            t["ffn_gate_shexp.weight"] = need(p + "ffn_gate_shexp.weight", (Fs, D))
-            t["ffn_up_shexp.weight"] = need(p + "ffn_up_shexp.weight", (Fs, D))
-            t["ffn_down_shexp.weight"] = need(p + "ffn_down_shexp.weight", (D, Fs))
+            t.update(take("ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"))
         layers.append(Layer(i, t, experts))
-    return Weights(token_embd, need("output_norm.weight", (D,)), output, tuple(layers))
+    return Weights(token_embd, need("output_norm.weight"), output, tuple(layers))
 
 
 def gated_deltanet(be, cfg: ModelConfig, w: Layer, x, state: DeltaNetState):

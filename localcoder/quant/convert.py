@@ -41,6 +41,7 @@ from gguf import LlamaFileType as FT
 from ..config import ARCH, MAX_LAYERS, ModelConfig, hyperparameter
 from ..errors import LocalcoderError
 from ..gguf_file import GGUF_MAGIC, GGUFFile, split_paths
+from ..models.qwen3next import tensor_shapes
 from ..paths import check_output_file, replacing
 from ..tokenizer import QWEN2_PRE_REGEX, TT_CONTROL, TT_NORMAL, TT_UNUSED, TT_USER_DEFINED
 from . import quantizers
@@ -604,48 +605,32 @@ def _check_complete(planned: list[Planned], cfg: ModelConfig) -> None:
                               f"(GGUF names {', '.join(missing[:3])}); it is incomplete or not Qwen3-Next")
 
 
+_H, _DN = "hidden_size", "linear_num_value_heads, linear_value_head_dim"
+_CONV = "linear_num_key_heads, linear_key_head_dim, " + _DN
+_SHARED = "shared_expert_intermediate_size"
+CONFIG_KEYS = {  # a GGUF tensor (less its blk.N. prefix) -> the config.json keys its shape comes from
+    "token_embd.weight": f"vocab_size, {_H}", "output.weight": f"vocab_size, {_H}",
+    "attn_qkv.weight": f"{_CONV}, {_H}", "attn_gate.weight": f"{_DN}, {_H}",
+    "ssm_ba.weight": f"linear_num_value_heads, {_H}", "ssm_conv1d.weight": f"{_CONV}, linear_conv_kernel_dim",
+    "ssm_a": "linear_num_value_heads", "ssm_dt.bias": "linear_num_value_heads",
+    "ssm_norm.weight": "linear_value_head_dim", "ssm_out.weight": f"{_H}, {_DN}",
+    "attn_q.weight": f"2 x num_attention_heads x head_dim, {_H}",
+    "attn_k.weight": f"num_key_value_heads x head_dim, {_H}", "attn_v.weight": f"num_key_value_heads x head_dim, {_H}",
+    "attn_q_norm.weight": "head_dim", "attn_k_norm.weight": "head_dim",
+    "attn_output.weight": f"{_H}, num_attention_heads x head_dim", "ffn_gate_inp.weight": f"num_experts, {_H}",
+    "ffn_down_exps.weight": f"num_experts, {_H}, moe_intermediate_size",
+    "ffn_gate_exps.weight": f"num_experts, moe_intermediate_size, {_H}",
+    "ffn_up_exps.weight": f"num_experts, moe_intermediate_size, {_H}",
+    "ffn_gate_shexp.weight": f"{_SHARED}, {_H}", "ffn_up_shexp.weight": f"{_SHARED}, {_H}",
+    "ffn_down_shexp.weight": f"{_H}, {_SHARED}",
+}
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """GGUF name -> (numpy-order shape the runtime loader requires, the config.json keys that shape comes from),
-    for every tensor the converter writes (split DeltaNet input and expert layouts, as the converter writes them;
-    MTP layers are full-attention layers)."""
-    D, V, E, F, Fs = cfg.n_embd, cfg.n_vocab, cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
-    Hv, Dv = cfg.ssm_n_v_heads, cfg.ssm_v_dim
-    Hq, Hkv, Dh = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    h, v = "hidden_size", "vocab_size"
-    dn = "linear_num_value_heads, linear_value_head_dim"
-    out = {"token_embd.weight": ((V, D), f"{v}, {h}"), "output.weight": ((V, D), f"{v}, {h}"),
-           "output_norm.weight": ((D,), h)}
-    for i in range(cfg.n_block):
-        p = f"blk.{i}."
-        t = {"attn_norm.weight": ((D,), h), "post_attention_norm.weight": ((D,), h)}
-        if i < cfg.n_layer and cfg.is_recurrent(i):
-            conv = "linear_num_key_heads, linear_key_head_dim, " + dn
-            t.update({"attn_qkv.weight": ((cfg.ssm_conv_channels, D), f"{conv}, {h}"),
-                      "attn_gate.weight": ((Hv * Dv, D), f"{dn}, {h}"),
-                      "ssm_ba.weight": ((2 * Hv, D), f"linear_num_value_heads, {h}"),
-                      "ssm_conv1d.weight": ((cfg.ssm_conv_channels, cfg.ssm_d_conv), f"{conv}, linear_conv_kernel_dim"),
-                      "ssm_a": ((Hv,), "linear_num_value_heads"), "ssm_dt.bias": ((Hv,), "linear_num_value_heads"),
-                      "ssm_norm.weight": ((Dv,), "linear_value_head_dim"),
-                      "ssm_out.weight": ((D, Hv * Dv), f"{h}, {dn}")})
-        else:
-            t.update({"attn_q.weight": ((2 * Hq * Dh, D), f"2 x num_attention_heads x head_dim, {h}"),
-                      "attn_k.weight": ((Hkv * Dh, D), f"num_key_value_heads x head_dim, {h}"),
-                      "attn_v.weight": ((Hkv * Dh, D), f"num_key_value_heads x head_dim, {h}"),
-                      "attn_q_norm.weight": ((Dh,), "head_dim"), "attn_k_norm.weight": ((Dh,), "head_dim"),
-                      "attn_output.weight": ((D, Hq * Dh), f"{h}, num_attention_heads x head_dim")})
-        t.update({"ffn_gate_inp.weight": ((E, D), f"num_experts, {h}"),
-                  "ffn_down_exps.weight": ((E, D, F), f"num_experts, {h}, moe_intermediate_size"),
-                  "ffn_gate_exps.weight": ((E, F, D), f"num_experts, moe_intermediate_size, {h}"),
-                  "ffn_up_exps.weight": ((E, F, D), f"num_experts, moe_intermediate_size, {h}")})
-        if Fs:
-            s = "shared_expert_intermediate_size"
-            t.update({"ffn_gate_inp_shexp.weight": ((1, D), h), "ffn_gate_shexp.weight": ((Fs, D), f"{s}, {h}"),
-                      "ffn_up_shexp.weight": ((Fs, D), f"{s}, {h}"), "ffn_down_shexp.weight": ((D, Fs), f"{h}, {s}")})
-        if i >= cfg.n_layer:
-            t.update({"nextn.eh_proj.weight": ((D, 2 * D), h), "nextn.enorm.weight": ((D,), h),
-                      "nextn.hnorm.weight": ((D,), h), "nextn.shared_head_norm.weight": ((D,), h)})
-        out.update({p + k: val for k, val in t.items()})
-    return out
+    """GGUF name -> (numpy-order shape the runtime loader requires: qwen3next.tensor_shapes, the config.json
+    keys that shape comes from), for every tensor the converter writes."""
+    return {name: (shape, CONFIG_KEYS.get(name.split(".", 2)[2] if name.startswith("blk.") else name, _H))
+            for name, shape in tensor_shapes(cfg).items()}
 
 
 def _check_shapes(planned: list[Planned], cfg: ModelConfig) -> None:

@@ -54,6 +54,7 @@ M3, S2, S6 = np.uint8(3), np.uint8(2), np.uint8(6)
 
 # f16 bit pattern -> float32 (256 KiB, passed to every kernel that reads an f16 field)
 F16_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+Q4_0_VALUES = np.arange(-8, 8, dtype=np.float32)  # Q4_0's 4-bit codes q stand for q - 8
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
 
@@ -123,14 +124,15 @@ def _deq_row(code, row, out, K, f16):
         bits = out[:K].view(np.uint32)
         for i in range(K):
             bits[i] = (np.uint32(row[2 * i]) | (np.uint32(row[2 * i + 1]) << 8)) << 16
-    elif code == _Q4_0:
+    elif code == _Q4_0 or code == _IQ4_NL:  # blocks of an f16 scale and 32 4-bit codes into a table of values
+        values = IQ4NL_VALUES if code == _IQ4_NL else Q4_0_VALUES
         for b in range(K // 32):
             o = b * 18
             d = _h(row, o, f16)
             for l in range(16):
                 q = row[o + 2 + l]
-                out[32 * b + l] = d * f32(i32(u8(q & M4)) - 8)
-                out[32 * b + 16 + l] = d * f32(i32(u8(q >> S4)) - 8)
+                out[32 * b + l] = d * values[q & M4]
+                out[32 * b + 16 + l] = d * values[q >> S4]
     elif code == _Q8_0:
         for b in range(K // 32):
             o = b * 34
@@ -231,14 +233,6 @@ def _deq_row(code, row, out, K, f16):
                 else:
                     out[32 * b + l] = d * f32(lo - 16)
                     out[32 * b + 16 + l] = d * f32(hi - 16)
-    elif code == _IQ4_NL:
-        for b in range(K // 32):
-            o = b * 18
-            d = _h(row, o, f16)
-            for l in range(16):
-                q = row[o + 2 + l]
-                out[32 * b + l] = d * IQ4NL_VALUES[q & M4]
-                out[32 * b + 16 + l] = d * IQ4NL_VALUES[q >> S4]
     elif code == _MXFP4:
         for b in range(K // 32):
             o = b * 17
