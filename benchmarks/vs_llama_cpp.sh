@@ -13,7 +13,7 @@
 # of 3 prefills, llama-bench's the mean of its -r repetitions, 5 by default). With DROP_CACHES=1 (root) the page
 # cache is dropped before every run (streaming comparisons).
 set -euo pipefail
-model=${1:?usage: benchmarks/vs_llama_cpp.sh MODEL.gguf [N] [-p P -n N]}
+model=$(realpath "${1:?usage: benchmarks/vs_llama_cpp.sh MODEL.gguf [N] [-p P -n N]}")
 rounds=${2:-3}
 shift $(( $# >= 2 ? 2 : 1 ))
 opts=("$@")
@@ -31,7 +31,7 @@ if [ ! -x "$bin" ]; then
     -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" >"$build/cmake.log" 2>&1
   cmake --build "$build/build" --target llama-bench -j "$(nproc)" >"$build/build.log" 2>&1
 fi
-here=$(git rev-parse --show-toplevel)
+here=$(cd "$(dirname "$0")/.." && pwd)
 drop() { if [ "${DROP_CACHES:-0}" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
 # llama-bench's -p/-n as given; its threads = localcoder's default (every core)
 threads=$(nproc)
