@@ -115,9 +115,13 @@ class Model:
 
     def _read_dense(self) -> None:
         tensors = dict(self.file.tensors)
-        run = {f"blk.{i}." for i in range(self.config.n_layer)}  # MTP layers after them are never run: not copied
+
+        def runs(name: str) -> bool:  # the MTP layers after the first n_layer blocks never run: not copied
+            m = re.match(r"blk\.(\d+)\.", name)
+            return m is None or int(m.group(1)) < self.config.n_layer
+
         copies = {name: aligned_empty(t.data.shape, t.file_offset) for name, t in tensors.items()
-                  if "_exps" not in name and (not name.startswith("blk.") or name[:name.index(".", 4) + 1] in run)}
+                  if "_exps" not in name and runs(name)}
         _pread_all([(tensors[name].path, tensors[name].file_offset, a) for name, a in copies.items()])
         tensors.update({name: replace(tensors[name], data=readonly(a)) for name, a in copies.items()})
         dense = qwen3next.load_weights(self.config, tensors, str(self.file.path))
@@ -137,13 +141,11 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.n_vocab):
             raise LocalcoderError(f"token id out of range 0..{self.config.n_vocab - 1}")
-        if self._closed:
-            raise LocalcoderError("this model was closed; load it again to run it")
         if cache.broken:
             raise LocalcoderError("this cache was left half-updated by an interrupted forward pass; restore a "
                                   "snapshot or checkpoint taken before it, or start from model.new_cache()")
         with self._forward_lock:
-            if self._closed:  # closed while this call waited for the lock
+            if self._closed:
                 raise LocalcoderError("this model was closed; load it again to run it")
             if self._dense_copy is not None:
                 self._dense_copy.join()

@@ -75,8 +75,9 @@ class Sampler:
             raise SamplingError("bad sampling options: " + "; ".join(p for _, p in problems), problems[0][0])
         # a negative seed (llama.cpp's -1) draws a fresh one, as no seed does
         bias = self.logit_bias or {}
-        self._bias = (np.fromiter(bias, dtype=np.int64, count=len(bias)),
-                      np.fromiter(bias.values(), dtype=np.float64, count=len(bias)))
+        values = np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+        # what penalize adds per token: -100 bans the token (OpenAI)
+        self._bias = (np.fromiter(bias, dtype=np.int64, count=len(bias)), np.where(values <= -100, -np.inf, values))
         self.reset()
 
     def reset(self) -> None:
@@ -92,10 +93,9 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float64).copy()
         if self.logit_bias:
             ids, bias = self._bias
-            ids, bias = ids[ids < len(logits)], bias[ids < len(logits)]
-            logits[ids] += bias
-            logits[ids[bias <= -100]] = -np.inf  # OpenAI: -100 bans the token
-        window = history if self.repeat_last_n < 0 else history[len(history) - self.repeat_last_n:]
+            keep = ids < len(logits)
+            logits[ids[keep]] += bias[keep]
+        window = history if self.repeat_last_n < 0 else history[max(len(history) - self.repeat_last_n, 0):]
         if len(window) and (self.repeat_penalty != 1.0 or self.frequency_penalty or self.presence_penalty):
             recent, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
             vals = logits[recent]

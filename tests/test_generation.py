@@ -107,6 +107,9 @@ def test_repeat_last_n_zero_disables_and_minus_one_covers_everything():
     np.testing.assert_allclose(penalized(0), logits)
     np.testing.assert_allclose(penalized(1), [2.0, 0.1, 0.5, 0.0])
     np.testing.assert_allclose(penalized(-1), [0.2, 0.1, 0.5, 0.0])
+    # a window longer than the history covers all of it (64 is llama.cpp's default, longer than most prompts)
+    for n in (2, 3, 64):
+        np.testing.assert_allclose(penalized(n), [0.2, 0.1, 0.5, 0.0])
     for bad in (dict(repeat_last_n=-2), dict(repeat_last_n=1.5), dict(top_k=2.5)):
         with pytest.raises(LocalcoderError, match=list(bad)[0]):
             make_sampler(**bad)
