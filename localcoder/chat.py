@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,19 +21,13 @@ from .errors import ContextOverflow, LocalcoderError
 from .generate import GenerationStats, generate_steps
 from .paths import check_output_path, write_text_atomically
 from .sampling import Sampler, make_sampler
+from .tokenizer import as_text
 
 LANGS = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "tsx", ".jsx": "jsx", ".rs": "rust",
          ".go": "go", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".java": "java",
          ".rb": "ruby", ".sh": "bash", ".md": "markdown", ".json": "json", ".yaml": "yaml", ".yml": "yaml",
          ".toml": "toml", ".sql": "sql", ".html": "html", ".css": "css", ".kt": "kotlin", ".swift": "swift"}
 MAX_FILE_BYTES = 2_000_000
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def as_text(s: str) -> str:
-    """s with each lone surrogate as U+FFFD: bytes that were not UTF-8 (argv, stdin and file names are decoded
-    with surrogateescape) or a bad JSON escape, which cannot be written as UTF-8."""
-    return _SURROGATE.sub("\ufffd", s)
 
 
 @dataclass
@@ -423,7 +416,4 @@ class ChatSession:
         tok = self.model.tokenizer
         if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < tok.vocab_size for i in ids):
             return False
-        try:
-            return tok.decode(ids, skip_special=True) == text
-        except (ValueError, IndexError, KeyError):
-            return False
+        return tok.decode(ids, skip_special=True) == text

@@ -258,9 +258,9 @@ def _load_with_progress(model: Optional[Path], backend: str, ctx: Optional[int],
     if chat and m.chat_template.error:
         raise LocalcoderError(m.chat_template.error)
     if not quiet:
-        _stderr_console().print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
-                                f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
-                                style="dim", highlight=False)
+        console.print(f"loaded {path.name} ({file.file_size / 1e9:.2f} GB, {m.config.n_layer} layers, "
+                      f"backend {m.backend.name}, context {m.n_ctx:,}) in {time.perf_counter() - t0:.2f} s",
+                      style="dim", highlight=False)
     return m
 
 

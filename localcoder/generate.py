@@ -99,13 +99,13 @@ def generate_steps(model, prompt_ids: Sequence[int], max_tokens: int = 256, samp
         raise ContextOverflow("the prompt is empty; give at least one token")
     t0 = time.perf_counter()
     prompt_ids = list(prompt_ids)
+    stats.prompt_tokens += len(prompt_ids)
     if on_prefill is not None:
         if len(prompt_ids) > 1:
             prefill(model, prompt_ids[:-1], cache)
         on_prefill()
-        prompt_ids, stats.prompt_tokens = prompt_ids[-1:], stats.prompt_tokens + len(prompt_ids) - 1
+        prompt_ids = prompt_ids[-1:]
     logits = prefill(model, prompt_ids, cache)
-    stats.prompt_tokens += len(prompt_ids)
     stats.prompt_seconds += time.perf_counter() - t0
     text = TextStream(model.tokenizer, stop)
     history = list(cache.tokens)

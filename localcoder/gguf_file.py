@@ -197,7 +197,7 @@ _SCALARS = {  # GGUF value type -> struct format
 GGML_MAX_DIMS = 4
 INT64_MAX = 2 ** 63 - 1
 MAX_COUNT = 1 << 32  # more keys, tensors or array items than any GGUF holds (a vocabulary has ~10^5 tokens)
-_VERSIONS = (2, 3)  # GGUF v1 is gone from llama.cpp too
+_VERSIONS = tuple(gguf.READER_SUPPORTED_VERSIONS)  # 2 and 3: GGUF v1 is gone from llama.cpp too
 
 
 class _Truncated(Exception):
@@ -249,7 +249,7 @@ class _Header:
             self.values[key], o = self.value(o + 4, vtype, key)
             if key == "general.alignment":
                 self.alignment_type = vtype
-        self.alignment = 32
+        self.alignment = gguf.GGUF_DEFAULT_ALIGNMENT
         if "general.alignment" in self.values:
             a = self.values["general.alignment"]
             if self.alignment_type != gguf.GGUFValueType.UINT32 or a <= 0 or a & (a - 1):

@@ -35,6 +35,13 @@ QWEN2_PRE_REGEX = (
 _PRE_REGEXES = {"qwen2": QWEN2_PRE_REGEX}
 _SURROGATE = re.compile("[\ud800-\udfff]")  # never in valid text
 
+
+def as_text(s: str) -> str:
+    """s with each lone surrogate as U+FFFD: bytes that were not UTF-8 (argv, stdin, terminals and file names
+    are decoded with surrogateescape) or a bad JSON escape, which cannot be written as UTF-8 (as in a file read
+    with errors="replace")."""
+    return _SURROGATE.sub("\ufffd", s)
+
 # GGUF token types (llama.cpp llama_token_type)
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -240,9 +247,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
         if not text.isascii():
-            # lone surrogates: bytes that were not UTF-8 (argv, stdin and terminals decode them with
-            # surrogateescape) or a bad JSON escape; each becomes U+FFFD, as in a file read with errors="replace"
-            text = _SURROGATE.sub("\ufffd", text)
+            text = as_text(text)
         pat = self._re_all if parse_special else self._re_user
         table = self._special_all if parse_special else self._special_user
         out: list[int] = []

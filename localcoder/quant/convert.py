@@ -374,7 +374,6 @@ def _check_shape(hf_name: str, file: str, shape, expected, keys: str, gguf_name:
 def _qkvz_groups(src: Source, cfg: ModelConfig) -> np.ndarray:
     """in_proj_qkvz (Hk * (2Dk + 2rDv), D): rows grouped per key head as [q_g | k_g | v_g | z_g]."""
     Hk, Dk, Dv, r = cfg.ssm_n_k_heads, cfg.ssm_k_dim, cfg.ssm_v_dim, cfg.ssm_n_v_heads // cfg.ssm_n_k_heads
-    _check_qkvz(src, cfg)
     return src.read().reshape(Hk, 2 * Dk + 2 * r * Dv, cfg.n_embd)
 
 
