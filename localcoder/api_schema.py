@@ -160,11 +160,14 @@ def content_text(content: Any, where: str) -> str | None:
               code="invalid_type")
 
 
-def check_arguments(args: Any, where: str) -> None:
+def check_arguments(args: Any, where: str) -> Any:
     """A past call's arguments: a JSON object, as a string (OpenAI's wire form) or as an object; the chat
-    template renders each argument as a parameter, so anything else cannot be shown to the model."""
-    if not isinstance(args, str) or not args.strip():
-        return
+    template renders each argument as a parameter, so anything else cannot be shown to the model. Returns
+    them parsed (a blank string: none), as the template renders them: parsed once, here."""
+    if not isinstance(args, str):
+        return args
+    if not args.strip():
+        return {}
     try:
         parsed = json.loads(args)
     except (ValueError, RecursionError):
@@ -172,6 +175,7 @@ def check_arguments(args: Any, where: str) -> None:
     if not isinstance(parsed, dict):
         raise bad(f"{where} must be a JSON object of the call's arguments, got {json.dumps(args)[:80]}; send the "
                   "arguments as the model gave them, or {} for none", param=where)
+    return parsed
 
 
 def parse_messages(raw: Any) -> list[dict]:
@@ -192,6 +196,7 @@ def parse_messages(raw: Any) -> list[dict]:
         if role == "assistant" and calls:
             if not isinstance(calls, list):
                 raise bad(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls", code="invalid_type")
+            checked = []
             for j, c in enumerate(calls):
                 fn = c.get("function") if isinstance(c, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
@@ -199,7 +204,11 @@ def parse_messages(raw: Any) -> list[dict]:
                     raise bad(f"{where}.tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
                               f"{{\"name\": str, \"arguments\": str}}}}", param=f"{where}.tool_calls",
                               code="invalid_type")
-                check_arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
+                if "arguments" in fn:
+                    args = check_arguments(fn["arguments"], f"{where}.tool_calls[{j}].function.arguments")
+                    c = {**c, "function": {**fn, "arguments": args}}
+                checked.append(c)
+            msg["tool_calls"] = checked
             msg["content"] = content  # may be None: the template renders the calls
         else:
             msg.pop("tool_calls", None)
@@ -253,23 +262,26 @@ def parse_tools(raw: Any) -> list[dict] | None:
     return raw or None
 
 
-def parse_tool_choice(raw: Any, tools: list[dict] | None) -> tuple[bool, str]:
-    """(render and parse tools?, text that opens the reply)."""
+def parse_tool_choice(raw: Any, tools: list[dict] | None) -> tuple[bool, str, tuple[str, ...]]:
+    """(render and parse tools?, text that opens the reply, the names the model must choose among when that
+    text stops at a function name: 'required' with several tools; else empty)."""
     if raw is None or raw == "auto":
-        return tools is not None, ""
+        return tools is not None, "", ()
     if raw == "none":
-        return False, ""
+        return False, "", ()
     names = [t["function"]["name"] for t in tools or ()]
     if raw == "required":
         if not names:
             raise bad("tool_choice 'required' needs 'tools'", param="tool_choice")
-        return True, "<tool_call>\n<function=" + (names[0] + ">\n" if len(names) == 1 else "")
+        if len(names) == 1:
+            return True, f"<tool_call>\n<function={names[0]}>\n", ()
+        return True, "<tool_call>\n<function=", tuple(names)
     if isinstance(raw, dict) and raw.get("type") == "function" and isinstance(raw.get("function"), dict):
         name = raw["function"].get("name")
         if name not in names:
             raise bad(f"tool_choice names function {json.dumps(name)}, which is not in 'tools' ({names})",
                       param="tool_choice")
-        return True, f"<tool_call>\n<function={name}>\n"
+        return True, f"<tool_call>\n<function={name}>\n", ()
     raise bad("tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": "
               "{\"name\": ...}}", param="tool_choice", code="invalid_type")
 

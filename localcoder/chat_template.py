@@ -150,11 +150,14 @@ class ChatTemplate:
                **extra: Any) -> str:
         """Render like ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
         add_generation_prompt=...)``; ``extra`` are passed to the template (e.g. ``enable_thinking=False``)."""
+        return self._render(_normalize_messages(list(messages)), tools, add_generation_prompt, extra)
+
+    def _render(self, normalized: list, tools, add_generation_prompt: bool, extra: dict) -> str:
         kwargs: dict[str, Any] = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         kwargs.update(extra)
         try:
-            return self._template.render(messages=_normalize_messages(list(messages)), tools=tools,
-                                         add_generation_prompt=add_generation_prompt, **kwargs)
+            return self._template.render(messages=normalized, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
         except Exception as e:
             raise _error(e, self.hint) from None
 
@@ -169,17 +172,19 @@ class ChatTemplate:
         them, the arguments go unmarked, then everything (every control token matched, as llama.cpp does), so
         the spans are never wrong."""
         messages = _normalize_messages(list(messages))
-        text = self.render(messages, tools, add_generation_prompt, **extra)
+        text = self._render(messages, tools, add_generation_prompt, extra)
         # two private-use characters the rendering does not contain bracket a placeholder's number
         cp = next((c for c in range(0xE000, 0xF8FF, 2) if chr(c) not in text and chr(c + 1) not in text), None)
         if cp is None:
             return text, []
+        marked_before = -1
         for with_arguments in (True, False):
             texts: list[str] = []
             marked = [_marked(m, texts, chr(cp), chr(cp + 1), with_arguments) for m in messages]
-            if not texts:
+            if not texts or len(texts) == marked_before:  # none, or no argument was marked: nothing new to try
                 return text, []
-            rendered = self.render(marked, tools, add_generation_prompt, **extra)
+            marked_before = len(texts)
+            rendered = self._render(marked, tools, add_generation_prompt, extra)
             pieces = re.split(f"{chr(cp)}(\\d+){chr(cp + 1)}", rendered)
             spans = _align(text, pieces, texts)
             if spans is not None:

@@ -55,7 +55,7 @@ from .cache import KVCache, ModelCache
 from .errors import LocalcoderError
 from .generate import PREFILL_CHUNK, GenerationStats, generate_steps
 from .sampling import Sampler
-from .toolcalls import FUNCTION_OPEN, TOOL_CALL_CLOSE, ToolCallDelta, ToolCallParser, parse_tool_calls
+from .toolcalls import TOOL_CALL_CLOSE, ToolCallDelta, ToolCallParser, parse_tool_calls
 
 __all__ = ["serve", "create_app", "PromptCache", "model_generate", "GenerateFn"]
 
@@ -264,7 +264,7 @@ class _Server:
         refuse_unsupported(body, chat=True)
         messages = parse_messages(body.get("messages"))
         tools = parse_tools(body.get("tools"))
-        use_tools, prefill = parse_tool_choice(body.get("tool_choice"), tools)
+        use_tools, prefill, names = parse_tool_choice(body.get("tool_choice"), tools)
         sampler, stop, max_tokens, stream, usage = self._common(body)
         if use_tools and typed_field(body, "parallel_tool_calls", (bool,), "true or false", True) is False:
             stop = stop + [TOOL_CALL_CLOSE]  # the reply ends with its first call
@@ -276,7 +276,6 @@ class _Server:
             raise bad(str(e), param="messages", code="template_error") from None
         ids = self.model.tokenizer.encode(text + prefill, parse_special=True, plain=contents)
         room = self.check_context(ids, "messages")
-        names = tuple(t["function"]["name"] for t in tools) if prefill.endswith(FUNCTION_OPEN) else ()
         return _Work(ids, min(max_tokens or room, room), sampler, stop, stream, usage,
                      tools if use_tools else None, prefill, self._system_end(messages, ids), logprobs, names)
 

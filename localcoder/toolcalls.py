@@ -295,7 +295,7 @@ class ToolCallParser:
         self._state = _TEXT
         self._after_call = False  # text right after a call: whitespace there is dropped
         self._open: ToolCall | None = None  # the call whose name was sent and arguments were not
-        self._opened = ""  # the tags that opened the call being read, given back as text if its name is unknown
+        self._opened = ""  # the bare <function= that opened the call being read (see _text), else empty
         self._params: dict[str, str] = {}
         self._param = ""
         self._scan = 0  # in a value: where the search for its end resumes
@@ -340,7 +340,8 @@ class ToolCallParser:
             i, tag = min(at)
             content = buf[:i].rstrip()  # the blank lines before a call belong to no one
             out.append(content.lstrip() if self._after_call else content)
-            self._opened = buf[len(content):i] + tag  # (whitespace included, should the call turn out text)
+            # a bare <function= (whitespace included), given back as text if the name it opens is unknown
+            self._opened = buf[len(content):i] + tag if tag == FUNCTION_OPEN else ""
             self._eat(i + len(tag))
             if tag == TOOL_CALL_OPEN:
                 self._state = _CALL_OPEN
@@ -370,7 +371,6 @@ class ToolCallParser:
         buf = self._buf.lstrip()
         ws = len(self._buf) - len(buf)  # kept for _raw, which may give the text back as content
         if buf.startswith(FUNCTION_OPEN):
-            self._opened += self._buf[:ws + len(FUNCTION_OPEN)]
             self._eat(ws + len(FUNCTION_OPEN))
             self._begin_function()
             return True
@@ -431,8 +431,7 @@ class ToolCallParser:
             return False
         i = min(ends) if ends else len(buf)
         name = buf[:i].strip()
-        if self.schemas and name not in self.schemas and self._opened.endswith(FUNCTION_OPEN) \
-                and TOOL_CALL_OPEN not in self._opened:  # prose about the syntax, not a call: text stays text
+        if self.schemas and name not in self.schemas and self._opened:  # prose about the syntax, not a call
             out.append(self._opened + buf[:i])
             self._eat(i)
             self._state, self._after_call = _TEXT, False
