@@ -248,7 +248,11 @@ class ChatSession:
                   note: Callable[[str], None] | None = None) -> list[ContextFile]:
         """Attach files for the next question; a file attached before and changed since replaces its old copy
         (note(message) says when one is attached already and unchanged, and what expand_paths skips)."""
-        paths = expand_paths(specs, root, note)
+        return self.attach_paths(expand_paths(specs, root, note), root, note)
+
+    def attach_paths(self, paths: list[Path], root: Path | None = None,
+                     note: Callable[[str], None] | None = None) -> list[ContextFile]:
+        """add_files for paths expand_paths already gave."""
         attached = {f.path: f for f in self.files()}
         root = (root or Path.cwd()).resolve()
         new = []

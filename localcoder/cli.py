@@ -339,12 +339,12 @@ def chat(
     from .repl import Repl, history_file
 
     hist = None if no_history else history_file(check_output_dir(history_dir or HOME / "history", "--history-dir"))
-    expand_paths(file, note=_note)  # a missing, binary or non-UTF-8 -f file fails before the model loads
+    paths = expand_paths(file, note=_note)  # a missing, binary or non-UTF-8 -f file fails before the model loads
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
                        expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file)
     console = _stderr_console()
-    if file:
-        for f in session.add_files(file):
+    if paths:
+        for f in session.attach_paths(paths):
             console.print(f"added {f.path} ({f.tokens:,} tokens)", markup=False, highlight=False)
     from rich.console import Console
 
@@ -378,15 +378,15 @@ def ask(
     from .chat import expand_paths
     from .repl import answer_json
 
-    expand_paths(file, note=_note)  # a missing, binary or non-UTF-8 -f file fails before the model loads
+    paths = expand_paths(file, note=_note)  # a missing, binary or non-UTF-8 -f file fails before the model loads
     piped = "" if sys.stdin.isatty() else sys.stdin.read()
     if not question.strip() and not piped.strip() and not file:
         raise LocalcoderError('the question is empty; give one, e.g. localcoder ask "what does this do?" -f FILE')
     session = _session(model, backend, ctx, system, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed,
                        expert_cache, expert_policy, kv_type, threads, expert_prefetch, chat_template_file,
                        advice="attach less (fewer -f files, less piped text)")
-    if file:
-        session.add_files(file)
+    if paths:
+        session.attach_paths(paths)
     if piped.strip():
         question = f"{question}\n\n```\n{piped.rstrip()}\n```"
     text = ""
