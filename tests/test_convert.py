@@ -389,6 +389,15 @@ def test_missing_lm_head_needs_tied_embeddings(tiny, tmp_path):
     assert "output.weight" not in {t.name for t in r.tensors}
 
 
+def test_missing_tensor_is_named(tiny, tmp_path):
+    """A checkpoint without one of a layer's tensors is refused before anything is written, naming it."""
+    raw = _raw(tiny)
+    del raw["model.layers.1.post_attention_layernorm.weight"]
+    root = _checkpoint(tiny, tmp_path / "hf", [raw])
+    _expect_error(root, tmp_path, r"the checkpoint lacks 1 tensors a qwen3next GGUF needs \(GGUF names "
+                                  r"blk.1.post_attention_norm.weight\)")
+
+
 def test_config_without_architectures(tiny, tmp_path):
     """model_type qwen3_next stands for Qwen3NextForCausalLM (the fallback compared a model type with class
     names and could never match); another model type says that architectures is missing."""

@@ -560,8 +560,7 @@ def plan_tensors(sources: dict[str, Source], cfg: ModelConfig, ftype: FT, keep_m
         name, group = next(iter(experts.items()))
         raise LocalcoderError(f"{name}: the checkpoint has {len(group)} of {cfg.n_expert} experts; "
                               "a shard is incomplete, re-download it")
-    _check_complete(planned, cfg)
-    _check_shapes(planned, cfg)
+    _check_planned(planned, cfg)
     return planned
 
 
@@ -586,24 +585,6 @@ def _count_mtp(sources: dict[str, Source]) -> int:
     return len(layers)
 
 
-def _check_complete(planned: list[Planned], cfg: ModelConfig) -> None:
-    have = {p.name for p in planned}
-    need = ["token_embd.weight", "output_norm.weight"]
-    for i in range(cfg.n_block):  # an MTP layer is a full-attention MoE layer (plus its nextn tensors)
-        names = ["attn_norm", "post_attention_norm", "ffn_gate_inp", "ffn_down_exps", "ffn_gate_exps", "ffn_up_exps"]
-        names += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp"] if cfg.n_ff_shexp else []
-        if i < cfg.n_layer and cfg.is_recurrent(i):
-            names += ["attn_qkv", "attn_gate", "ssm_ba", "ssm_conv1d", "ssm_norm", "ssm_out"]
-            need += [f"blk.{i}.ssm_a", f"blk.{i}.ssm_dt.bias"]
-        else:
-            names += ["attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output"]
-        need += [f"blk.{i}.{n}.weight" for n in names]
-    missing = [n for n in need if n not in have]
-    if missing:
-        raise LocalcoderError(f"the checkpoint lacks {len(missing)} tensors a qwen3next GGUF needs "
-                              f"(GGUF names {', '.join(missing[:3])}); it is incomplete or not Qwen3-Next")
-
-
 _H, _DN = "hidden_size", "linear_num_value_heads, linear_value_head_dim"
 _CONV = "linear_num_key_heads, linear_key_head_dim, " + _DN
 _SHARED = "shared_expert_intermediate_size"
@@ -625,21 +606,22 @@ CONFIG_KEYS = {  # a GGUF tensor (less its blk.N. prefix) -> the config.json key
 }
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """GGUF name -> (numpy-order shape the runtime loader requires: qwen3next.tensor_shapes, the config.json
-    keys that shape comes from), for every tensor the converter writes."""
-    return {name: (shape, CONFIG_KEYS.get(name.split(".", 2)[2] if name.startswith("blk.") else name, _H))
-            for name, shape in tensor_shapes(cfg).items()}
-
-
-def _check_shapes(planned: list[Planned], cfg: ModelConfig) -> None:
-    """Every tensor to write has the shape the runtime will require (else the GGUF would be refused when run,
-    and re-converting would not help): refused now, naming the HF tensor and the config.json keys."""
-    expected = expected_shapes(cfg)
+def _check_planned(planned: list[Planned], cfg: ModelConfig) -> None:
+    """What the runtime loader will require (qwen3next.tensor_shapes), checked before anything is written
+    (else the GGUF would be refused when run, and re-converting would not help): every tensor is there (the
+    output head may be tied, MTP layers' nextn tensors dropped), and each has its shape (refused naming the HF
+    tensor and the config.json keys the shape comes from)."""
+    shapes = tensor_shapes(cfg)
+    have = {p.name for p in planned}
+    missing = [n for n in shapes if n not in have and n != "output.weight" and ".nextn." not in n]
+    if missing:
+        raise LocalcoderError(f"the checkpoint lacks {len(missing)} tensors a qwen3next GGUF needs "
+                              f"(GGUF names {', '.join(missing[:3])}); it is incomplete or not Qwen3-Next")
     for p in planned:
-        want = expected.get(p.name)
+        want = shapes.get(p.name)
         if want is not None:
-            _check_shape(p.source[0] or p.name, p.source[1] or "the checkpoint", p.shape, want[0], want[1],
+            keys = CONFIG_KEYS.get(p.name.split(".", 2)[2] if p.name.startswith("blk.") else p.name, _H)
+            _check_shape(p.source[0] or p.name, p.source[1] or "the checkpoint", p.shape, want, keys,
                          gguf_name=p.name)
 
 
@@ -1069,37 +1051,37 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type
     ftype = _out_ftype(out_type, out_path)
     parts = split_paths(in_path)  # every part of a split model (a one-line error when one is missing)
     _check_not_input(out_path, parts, "the input file" if len(parts) == 1 else "a part of the input model")
-    # our reader first: a truncated or corrupt file (offsets, sizes, header) is a one-line error naming the problem
-    GGUFFile(in_path)
+    # our reader: a truncated or corrupt file (offsets, sizes, header) is a one-line error naming the problem;
+    # the tensors of every part come from it, the typed metadata (copied as it is) from gguf's reader
+    gf = GGUFFile(in_path)
     try:
-        readers = [gguf.GGUFReader(p) for p in parts]
+        reader = gguf.GGUFReader(parts[0])  # the metadata is the first part's
     except (ValueError, OSError, KeyError, IndexError, struct_error) as e:
         raise LocalcoderError(f"{in_path} is not a valid GGUF file ({e}); pass a GGUF made by localcoder "
                               "convert or llama.cpp") from None
-    reader = readers[0]  # the metadata is the first part's
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
     if arch != ARCH:
         raise LocalcoderError(f"expected arch {ARCH}, file says {arch} ({in_path.name}); localcoder "
                               "re-quantizes Qwen3-Next GGUFs only")
-    in_tensors = [(t, p) for r, p in zip(readers, parts) for t in r.tensors]
-    for t, _ in in_tensors:
-        if t.tensor_type not in FLOAT_TYPES:
+    in_tensors = list(gf.tensors.values())
+    for t in in_tensors:
+        if t.ggml_type not in FLOAT_TYPES:
             raise LocalcoderError(f"{in_path.name} is already quantized (tensor {t.name} is "
-                                  f"{t.tensor_type.name}); re-quantize from its F32/F16/BF16 GGUF or convert "
+                                  f"{t.ggml_type.name}); re-quantize from its F32/F16/BF16 GGUF or convert "
                                   "the Hugging Face checkpoint with localcoder convert")
     # the hyper-parameters, checked as the runtime checks them (the mix depends on the expert and layer counts)
     cfg = ModelConfig.from_gguf({k: f.contents() for k, f in reader.fields.items()
                                  if k.startswith(ARCH + ".") or k == "general.architecture"}, 0, str(in_path))
-    in_tensors.sort(key=lambda tp: llama_order(tp[0].name))
-    shapes = [ggml_shape(tuple(int(d) for d in t.shape[::-1])) for t, _ in in_tensors]
+    in_tensors.sort(key=lambda t: llama_order(t.name))
+    shapes = [ggml_shape(t.shape) for t in in_tensors]
     # llama-quantize's layer count is block_count (MTP layers included)
-    types = mix_types([(t.name, sh) for (t, _), sh in zip(in_tensors, shapes)], ftype, cfg.n_expert, cfg.n_block)
+    types = mix_types([(t.name, sh) for t, sh in zip(in_tensors, shapes)], ftype, cfg.n_expert, cfg.n_block)
     planned = []
-    for (t, part), shape, qtype in zip(in_tensors, shapes, types):
-        qtype = t.tensor_type if qtype is None else qtype
-        raw = qtype == t.tensor_type
-        planned.append(Planned(t.name, shape, _gguf_chunks(part, int(t.data_offset), t.tensor_type, shape, raw),
+    for t, shape, qtype in zip(in_tensors, shapes, types):
+        qtype = t.ggml_type if qtype is None else qtype
+        raw = qtype == t.ggml_type
+        planned.append(Planned(t.name, shape, _gguf_chunks(Path(t.path), t.file_offset, t.ggml_type, shape, raw),
                                qtype, raw))
     _check_space(out_path, planned, extra=int(reader.data_offset))
 
