@@ -158,8 +158,9 @@ def random_blocks(qtype: Q, shape: tuple[int, ...], rng: np.random.Generator) ->
     return raw.reshape(*shape[:-1], shape[-1] // block * size)
 
 
-def _header(tmp: Path, dims: Dims, mix: str, choose, specs) -> gguf.GGUFWriter:
-    """A GGUFWriter on tmp with the synthetic model's metadata and tensor infos (nothing written yet)."""
+def _header(tmp: Path, dims: Dims, mix: str, tensors) -> gguf.GGUFWriter:
+    """A GGUFWriter on tmp with the synthetic model's metadata and the infos of tensors, (name, layer, shape,
+    type) each (nothing written yet)."""
     arch = "qwen3next"
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(f"synthetic {mix} ({dims.n_layer} layers, random weights)")
@@ -197,8 +198,7 @@ def _header(tmp: Path, dims: Dims, mix: str, choose, specs) -> gguf.GGUFWriter:
     w.add_pad_token_id(tok["tokenizer.ggml.padding_token_id"])
     w.add_add_bos_token(False)
     w.add_chat_template(tok["tokenizer.chat_template"])
-    for name, layer, shape in specs:
-        qtype = choose(name, layer, dims.n_layer)
+    for name, layer, shape, qtype in tensors:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * size
         full = name if layer is None else f"blk.{layer}.{name}"
@@ -212,20 +212,19 @@ def write_synthetic(path: str | os.PathLike, dims: Dims, mix: str = "q4_k_m", se
     """Write a random-weight qwen3next GGUF (to PATH.tmp, renamed when complete)."""
     if mix not in MIXES:
         raise LocalcoderError(f"unknown quant mix {mix!r}; choose one of {', '.join(MIXES)}")
-    choose = MIXES[mix]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    specs = tensor_shapes(dims)
+    choose = MIXES[mix]
+    tensors = [(name, layer, shape, choose(name, layer, dims.n_layer)) for name, layer, shape in tensor_shapes(dims)]
     rng = np.random.default_rng(seed)
     with replacing(path) as tmp:
-        w = _header(tmp, dims, mix, choose, specs)
+        w = _header(tmp, dims, mix, tensors)
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            done, total = 0, len(specs)
-            for name, layer, shape in specs:
-                qtype = choose(name, layer, dims.n_layer)
+            done, total = 0, len(tensors)
+            for name, layer, shape, qtype in tensors:
                 data = _float_values(name, shape, rng) if qtype == Q.F32 else random_blocks(qtype, shape, rng)
                 w.write_tensor_data(data)
                 done += 1
