@@ -56,13 +56,15 @@ class ExpertSet:
         """Bytes one expert occupies across its tensors."""
         return sum(t.nbytes // t.shape[0] for t in self.tensors)
 
-    def fetch(self, ids):
-        """The routed experts `ids` (unique) as batches (arrays, ids, slots) that fit the cache: arrays are
-        (slots, rows, row_bytes) per tensor and ids[i] lives in slots[i]. Consume each batch before the next."""
+    def fetch(self, ids, early: bool = False):
+        """The routed experts `ids` (unique, ascending) as batches (arrays, ids, slots) that fit the cache:
+        arrays are (slots, rows, row_bytes) per tensor and ids[i] lives in slots[i]. Consume each batch before
+        the next. Batches come in ascending id order; with `early`, the experts already resident may come
+        first and the others once read (a subset in any order: the caller must not depend on it)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self.store is None:
             return iter([(tuple(t.data for t in self.tensors), ids, ids)])
-        return self.store.fetch(self, ids)
+        return self.store.fetch(self, ids, early)
 
     @property
     def speculative(self) -> bool:
@@ -330,9 +332,11 @@ class ExpertStore:
         ls.slot_of[e] = slot
         return slot
 
-    def fetch(self, es: ExpertSet, ids: np.ndarray):
+    def fetch(self, es: ExpertSet, ids: np.ndarray, early: bool = False):
         """Yields (arrays, ids, slots) batches of at most n_slots experts. Lazy: a batch's slots may be reused
-        by the next batch, so each must be consumed before asking for the next."""
+        by the next batch, so each must be consumed before asking for the next. With `early`, a batch's
+        experts that need no read are yielded first, while its reads run (so their compute overlaps the
+        disk), then the others."""
         if self.trace is not None:
             self.trace.append((es.layer, ids.tolist()))
         if self.mapped:  # everything fits: the memory map itself (kept only to count and trace)
@@ -366,6 +370,7 @@ class ExpertStore:
             pinned = set(int(e) for e in chunk)
             jobs = []
             demand = []  # experts read into their slots by this batch's jobs
+            waited = set()  # experts with a read to wait for (this batch's or a prefetch's)
             with ls.lock:
                 self._reap(ls)
                 for e in pinned:
@@ -382,8 +387,10 @@ class ExpertStore:
                             ls.policy.touch(e)
                             jobs.extend(self._read_now(ls, e, ls.slot_of[e]))
                             demand.append(e)
+                            waited.add(e)
                             continue
                         jobs.append(fut)
+                        waited.add(e)
                     if e in ls.slot_of:
                         self.counters.hits += 1
                         if e in ls.prefetched:
@@ -394,10 +401,19 @@ class ExpertStore:
                         slot = self._claim(ls, e, pinned)
                         jobs.extend(self._read_now(ls, e, slot))
                         demand.append(e)
+                        waited.add(e)
                     ls.policy.touch(e)
             if self._deferred is not None:  # the guesses for a later layer queue behind these demand reads
                 self._prefetch(*self._deferred)
                 self._deferred = None
+            if early and jobs and len(waited) < len(chunk):
+                ready = np.array([e for e in chunk if int(e) not in waited], dtype=np.int64)
+                try:
+                    yield ls.views, ready, np.array([ls.slot_of[int(e)] for e in ready], dtype=np.int64)
+                except BaseException:  # the caller stopped (Ctrl-C in its kernel): as a failed wait below
+                    self._drop_reads(ls, jobs, demand)
+                    raise
+                chunk = np.array([e for e in chunk if int(e) in waited], dtype=np.int64)
             t0 = time.perf_counter()
             try:
                 for job in jobs:

@@ -171,6 +171,35 @@ def test_a_failed_read_leaves_no_half_read_expert(path, resident):
     assert np.array_equal(run(m), expect)
 
 
+def test_early_batches_hand_out_resident_experts_first(path):
+    """fetch(early=True): the experts that need no read come first, while the others are read, then those;
+    a caller that stops after the early batch (Ctrl-C in its kernel) leaves the unfinished reads' experts
+    not resident, so the next fetch reads them again."""
+    layers = localcoder.load(path, backend="numpy").weights.layers
+    per_layer = max(layer.experts.expert_nbytes() for layer in layers) * len(layers)
+    m = localcoder.load(path, backend="numpy", expert_cache=4 * per_layer)
+    es = m.weights.layers[0].experts
+    store = m.expert_store
+    assert [b[1].tolist() for b in es.fetch([1, 5])] == [[1, 5]]  # both read: one batch
+    batches = [(ids.tolist(), slots.tolist()) for _, ids, slots in es.fetch([0, 1, 2, 5], early=True)]
+    slot_of = store.layers[0].slot_of
+    assert batches == [([1, 5], [slot_of[1], slot_of[5]]), ([0, 2], [slot_of[0], slot_of[2]])]
+    assert [b[1].tolist() for b in es.fetch([0, 3, 5])] == [[0, 3, 5]]  # not early: ascending, one batch
+    assert (store.counters.hits, store.counters.misses) == (2 + 2, 2 + 2 + 1)
+
+    batches = es.fetch([3, 6], early=True)
+    arrays, ids, slots = next(batches)
+    assert ids.tolist() == [3]
+    batches.close()  # as when the caller's kernel raised
+    assert 6 not in store.layers[0].slot_of and 3 in store.layers[0].slot_of
+    # and the next fetch reads expert 6 again, into the right bytes
+    arrays, ids, slots = next(es.fetch([6]))
+    want = es.expert(6)
+    got = es.split(arrays, int(slots[0]))
+    assert all(np.array_equal(np.asarray(g.data), np.asarray(w.data)) for g, w in zip(got, want))
+    m.close()
+
+
 def test_a_dropped_or_closed_model_ends_its_io_threads(path):
     import gc
     import threading

@@ -387,17 +387,21 @@ def test_swiglu_int8_activations():
 
 
 class _Batches:
-    """An expert set whose fetch() hands out n resident experts at a time (as a streaming store may)."""
+    """An expert set whose fetch() hands out n resident experts at a time (as a streaming store may); with
+    `shuffled`, when the caller accepts early batches, subsets in any order (as a store handing out the
+    resident experts first, then those read from disk, may)."""
 
-    def __init__(self, experts, n):
-        self._experts, self._n = experts, n
+    def __init__(self, experts, n, shuffled=False):
+        self._experts, self._n, self._shuffled = experts, n, shuffled
 
     def __getattr__(self, name):
         return getattr(self._experts, name)
 
-    def fetch(self, ids):
+    def fetch(self, ids, early=False):
+        ids = np.asarray(ids)
+        order = np.random.default_rng(len(ids)).permutation(len(ids)) if early and self._shuffled else np.arange(len(ids))
         for i in range(0, len(ids), self._n):
-            yield from self._experts.fetch(ids[i:i + self._n])
+            yield from self._experts.fetch(np.sort(ids[order[i:i + self._n]]))
 
 
 @needs_vnni
@@ -407,7 +411,8 @@ def test_moe_with_shared_expert(T):
     gives exactly moe() + weight * swiglu(), as two calls would; any number of tokens stays within the 8-bit
     bound of the NumPy reference; a store handing out 2 experts at a time gives the same bits (at 100 tokens
     the whole step has 300 (token, expert) pairs and takes the row-chunked down pass, each batch of 2 experts
-    the run-cut one: the two add in the same order)."""
+    the run-cut one: the two add in the same order), and so do batches of any experts in any order where the
+    kernel takes them (moe_q8_parts: up to MOE_FLAT_MAX_PAIRS pairs a step)."""
     from localcoder.backends import SharedExpert
     rng = np.random.default_rng(21 + T)
     experts, x, ids, wts = _moe_case(rng, T, False, 512, Q.Q6_K, Q.Q4_K)
@@ -421,6 +426,9 @@ def test_moe_with_shared_expert(T):
         assert np.linalg.norm(got[t] - ref[t]) <= 2 * INT8_NORM_REL * np.linalg.norm(ref[t])  # without shared)
     assert (T * ids.shape[1] > K.MOE_FLAT_MAX_PAIRS) == (T == 100)
     assert np.array_equal(be.moe(x, _Batches(experts, 2), ids, wts, shared), got)
+    # early batches (decode and short prompts): subsets of the step's experts in any order, the same bits
+    assert np.array_equal(be.moe(x, _Batches(experts, 2, shuffled=True), ids, wts, shared), got)
+    assert np.array_equal(be.moe(x, _Batches(experts, 1, shuffled=True), ids, wts, shared), got)
     if T == 1:
         apart = be.moe(x, experts, ids, wts) + shared.weight * be.swiglu(x, *shared[:3])
         assert np.array_equal(got, apart)

@@ -60,6 +60,20 @@ def group_pairs(expert_ids, expert_weights):
 
 
 @njit(cache=True)
+def pair_rows(starts, pos):
+    """The pairs of the experts at positions pos of a step's unique experts (group_pairs' starts): their
+    own starts (len(pos) + 1) and the step's pair index of each, expert by expert."""
+    lstarts = np.zeros(len(pos) + 1, np.int64)
+    for i in range(len(pos)):
+        lstarts[i + 1] = lstarts[i] + starts[pos[i] + 1] - starts[pos[i]]
+    rows = np.empty(lstarts[-1], np.int64)
+    for i in range(len(pos)):
+        for j in range(starts[pos[i] + 1] - starts[pos[i]]):
+            rows[lstarts[i] + j] = starts[pos[i]] + j
+    return lstarts, rows
+
+
+@njit(cache=True)
 def topk_softmax_rows(logits, k, ids, weights):
     """NumpyBackend.topk_softmax per row of logits (T, E) float32 into ids (T, k) int64 and weights (T, k):
     probabilities exp(l - max) / sum, the k largest kept in descending order by insertion (a later equal one
@@ -591,12 +605,26 @@ class NumbaBackend(NumpyBackend):
             fold = (*shared_static, np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1))
         F = experts.n_ff
         out = np.zeros((T, D), np.float32)
-        # the expert store hands out batches of resident experts in ascending id order; the kernel adds each
-        # expert's contribution to `out` in that order, so batching never changes the result
+        # few pairs with 8-bit activations (decode): the store may hand out the resident experts first and
+        # the rest once read from disk (early), each batch's pairs written to rows of `part` and summed in
+        # pair order at the end (moe_q8_parts, add_parts); otherwise batches come in ascending id order and
+        # the kernel adds each expert's contribution to `out` in that order. Either way batching never
+        # changes the result.
+        early = int8 and len(tokens) <= K.MOE_FLAT_MAX_PAIRS
+        part = None
+        shared_args = fold  # the first batch of parts computes the shared expert (into the rows after the pairs')
         done = 0
-        for arrays, ids, slots in experts.fetch(uniq):
+        for arrays, ids, slots in experts.fetch(uniq, early=early):
             gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
             n = len(ids)
+            if early and (part is not None or n < len(uniq)):
+                if part is None:
+                    part = np.zeros((len(tokens) + (T if fold else 0), D), np.float32)
+                lstarts, rows = pair_rows(starts, np.searchsorted(uniq, ids))
+                K.moe_q8_parts(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots, lstarts, tokens[rows],
+                               weights[rows], rows, x, *(shared_args or K.NO_SHARED), part, self.nchunks)
+                shared_args = None
+                continue
             args = (*codes, gate_a, up_a, F if fused else 0, down_a, F, slots, starts[done:done + n + 1], tokens,
                     weights, x)
             done += n
@@ -604,6 +632,8 @@ class NumbaBackend(NumpyBackend):
                 K.moe_q8(*args, *(fold if fold and done == len(uniq) else K.NO_SHARED), out, self.nchunks)
             else:
                 K.moe_experts(*args, K.F16_LUT, out, self.nchunks)
+        if part is not None:
+            K.add_parts(out, part, tokens, self.nchunks)
         return out if fold else numpy_ref.add_shared(self, out, x, shared)
 
 
@@ -680,6 +710,15 @@ def warmup(progress=None) -> None:
                  readonly(np.zeros((1, 256, 210), np.uint8)), 256, np.zeros(1, np.int64), np.array([0, 1], np.int64),
                  np.zeros(1, np.int64), one, np.ones((1, 256), np.float32), *K.NO_SHARED,
                  np.zeros((1, 256), np.float32), be.nchunks)
+        # streaming decode: the resident experts' batch, then the read ones' (moe's early batches)
+        starts, rows = pair_rows(np.array([0, 1], np.int64), np.zeros(1, np.int64))
+        part = np.zeros((1, 256), np.float32)
+        K.moe_q8_parts(K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q4_K].code, K.KERNELS[K.Q.Q6_K].code,
+                       readonly(np.zeros((1, 256, 144), np.uint8)), readonly(np.zeros((1, 256, 144), np.uint8)), 0,
+                       readonly(np.zeros((1, 256, 210), np.uint8)), 256, np.zeros(1, np.int64), starts,
+                       np.zeros(1, np.int64), one, rows, np.ones((1, 256), np.float32), *K.NO_SHARED, part,
+                       be.nchunks)
+        K.add_parts(np.zeros((1, 256), np.float32), part, np.zeros(1, np.int64), be.nchunks)
     for T in (1, DELTA_TILED_MIN_TOKENS):  # decode step and tiled prompt kernels
         q = rng.standard_normal((T, 4, 8)).astype(np.float32)
         be.gated_delta(q, q, q, -np.ones((T, 4), np.float32), np.ones((T, 4), np.float32),

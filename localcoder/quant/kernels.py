@@ -1167,7 +1167,8 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     Each token's x is quantized to Q8_K once. Gate/up: a job (expert, ff row) dots that expert's gate and up
     rows with each of its tokens, up to 4 tokens per pass over the row (_vdot_tokens: each block unpacked
     once); each (token, expert) h is quantized once. Down: up to 4 tokens per pass over a row, adding into
-    out per element the routed pairs in the order given, then the shared expert (_down_runs for few pairs).
+    out per element the routed pairs in the order given, then the shared expert (for few pairs through one
+    row of partial sums per pair, _down_parts and add_parts).
     The block dots are intrinsics whose float ops carry no fast-math flags, and this kernel does not
     reassociate (_NO_REASSOC): calling it per batch of resident experts (the shared expert with the last)
     equals one call (streaming never changes results), and the shared expert adds exactly as a separate
@@ -1176,6 +1177,51 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     T, D = x.shape
     n_pairs = tokens.shape[0]
     Fs = sgate.shape[0] if sweights.shape[0] > 0 else 0
+    hq, hqp, hd, hf16, hf32, hf128, sq, sqp, sd, sf16, sf32, sf128 = _moe_hidden(
+        gcode, ucode, gate, up, up_off, F, experts, starts, tokens, x, scodes, sgate, sup, Fs, nchunks)
+    if n_pairs <= MOE_FLAT_MAX_PAIRS:
+        part = np.zeros((n_pairs + (T if Fs > 0 else 0), D), np.float32)
+        _down_parts(dcode, down, experts, starts, weights, np.arange(n_pairs), hq, hqp, hd, hf16, hf32, hf128,
+                    scodes, sdown, sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, part, nchunks)
+        add_parts(out, part, tokens, nchunks)
+        return
+    # many pairs (prompts): a parallel pass over chunks of output rows, each reading every expert's rows of
+    # the chunk and adding straight into out (a per-pair buffer would be n_pairs x D floats)
+    own = np.arange(T)
+    nc, step = _chunks(D, nchunks)
+    for c in prange(nc):
+        r0, r1 = c * step, min(D, (c + 1) * step)
+        for i in range(n_e):  # all rows of the chunk in one loop of IR per group of tokens
+            _rows_tokens_all(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, starts[i],
+                             starts[i + 1], out, tokens, weights)
+        if Fs > 0:
+            _rows_tokens_all(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, 0, T, out, own, sweights)
+
+
+@njit(cache=True, fastmath=_NO_REASSOC)  # its two passes are parallel kernels
+def moe_q8_parts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights, rows, x, scodes,
+                 sgate, sup, sdown, sweights, part, nchunks):
+    """moe_q8 for few pairs, some of a step's experts at a time, in any order: instead of adding into out,
+    pair p of this call (arguments as moe_q8's) writes weights[p] * (its expert's output) to part[rows[p]],
+    and the shared expert (if given) token t's to part[part.shape[0] - T + t]; add_parts then sums a step's
+    rows in its pair order. So the experts already resident can run while the others are read from disk,
+    and every order and grouping of calls gives the same bits as one moe_q8 call."""
+    T, D = x.shape
+    Fs = sgate.shape[0] if sweights.shape[0] > 0 else 0
+    hq, hqp, hd, hf16, hf32, hf128, sq, sqp, sd, sf16, sf32, sf128 = _moe_hidden(
+        gcode, ucode, gate, up, up_off, F, experts, starts, tokens, x, scodes, sgate, sup, Fs, nchunks)
+    _down_parts(dcode, down, experts, starts, weights, rows, hq, hqp, hd, hf16, hf32, hf128, scodes, sdown,
+                sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, part, nchunks)
+
+
+@njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
+def _moe_hidden(gcode, ucode, gate, up, up_off, F, experts, starts, tokens, x, scodes, sgate, sup, Fs, nchunks):
+    """moe_q8's gate/up pass: h[p] = silu(gate . x[tokens[p]]) * (up . x[tokens[p]]) per pair p (and hs[t]
+    for the shared expert's Fs rows), each quantized to Q8_K for the down pass: (hq, hqp, hd, hf16, hf32,
+    hf128) per pair, then the same per token for the shared expert."""
+    n_e = experts.shape[0]
+    T, D = x.shape
+    n_pairs = tokens.shape[0]
     xq, xqp, xd, xf16, xf32, xf128 = _q8_buffers(T, D)
     quantize_rows_q8(x, xq, xqp, xd, xf16, xf32, xf128)
     # activations in pair order, so that an expert's tokens are consecutive rows (for _vdot_tokens)
@@ -1202,42 +1248,26 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     sq, sqp, sd, sf16, sf32, sf128 = _q8_buffers(T, Fs)
     if Fs > 0:
         quantize_rows_q8(hs, sq, sqp, sd, sf16, sf32, sf128)
-    if n_pairs <= MOE_FLAT_MAX_PAIRS:
-        _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16, hf32, hf128, scodes, sdown,
-                   sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, out, nchunks)
-        return
-    # many pairs (prompts): a parallel pass over chunks of output rows, each reading every expert's rows of
-    # the chunk and adding straight into out (a per-pair buffer would be n_pairs x D floats)
-    own = np.arange(T)
-    nc, step = _chunks(D, nchunks)
-    for c in prange(nc):
-        r0, r1 = c * step, min(D, (c + 1) * step)
-        for i in range(n_e):  # all rows of the chunk in one loop of IR per group of tokens
-            _rows_tokens_all(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, starts[i],
-                             starts[i + 1], out, tokens, weights)
-        if Fs > 0:
-            _rows_tokens_all(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, 0, T, out, own, sweights)
+    return hq, hqp, hd, hf16, hf32, hf128, sq, sqp, sd, sf16, sf32, sf128
 
 
 # moe_q8 with at most this many (token, expert) pairs (decode, short prompts) cuts the down pass over the
-# (expert, row) space (_down_runs); more pairs: over output rows. Both add in the same order.
+# (expert, row) space (_down_parts); more pairs: over output rows. Both add in the same order.
 MOE_FLAT_MAX_PAIRS = 256
 
 
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
-def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16, hf32, hf128, scodes, sdown,
-               sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, out, nchunks):
-    """moe_q8's down pass for few pairs: the (expert, output row) space cut into equal contiguous runs, so
-    each thread streams whole experts' down rows (long sequential reads; cutting the rows instead gives every
-    expert a short run per chunk; benchmarks/bench_kernels.py --moe). part[p] = weights[p] *
-    (down . h[p]) per pair (and sweights[t] * (sdown . hs[t]) per token after them), then each out element
-    adds them in that order: the same float ops in the same order as adding directly."""
+def _down_parts(dcode, down, experts, starts, weights, rows, hq, hqp, hd, hf16, hf32, hf128, scodes, sdown,
+                sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, part, nchunks):
+    """The down pass for few pairs: part[rows[p]] = weights[p] * (down . h[p]) per pair (and the shared
+    expert's sweights[t] * (sdown . hs[t]) in the last T rows of part), with the (expert, output row) space
+    cut into equal contiguous runs, so each thread streams whole experts' down rows (long sequential reads;
+    cutting the rows instead gives every expert a short run per chunk; benchmarks/bench_kernels.py --moe).
+    part starts at zero, so each of its elements is exactly the product."""
     n_e = experts.shape[0]
-    n_pairs = tokens.shape[0]
-    T, D = out.shape
-    part = np.zeros((n_pairs + (T if Fs > 0 else 0), D), np.float32)
-    pair = np.arange(n_pairs)
-    own = np.arange(n_pairs, n_pairs + T)
+    D = part.shape[1]
+    T = sweights.shape[0]
+    own = np.arange(part.shape[0] - T, part.shape[0])
     n_runs = n_e + (1 if Fs > 0 else 0)
     total = n_runs * D
     nc, step = _chunks(total, nchunks)
@@ -1248,10 +1278,18 @@ def _down_runs(dcode, down, experts, starts, tokens, weights, hq, hqp, hd, hf16,
             r0, r1 = max(j0, i * D) - i * D, min(j1, (i + 1) * D) - i * D
             if i < n_e:
                 _rows_tokens_all(dcode, down[experts[i]], r0, r1, hq, hqp, hd, hf32, hf16, hf128, starts[i],
-                                 starts[i + 1], part, pair, weights)
+                                 starts[i + 1], part, rows, weights)
             else:
                 _rows_tokens_all(scodes[2], sdown, r0, r1, sq, sqp, sd, sf32, sf16, sf128, 0, T, part, own, sweights)
             i += 1
+
+
+@njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
+def add_parts(out, part, tokens, nchunks):
+    """out[tokens[p]] += part[p] for the pairs p in order, then out[t] += part[n_pairs + t] for the shared
+    expert's rows if part has them: moe_q8's sums, in its order, whatever order the parts were made in."""
+    n_pairs = tokens.shape[0]
+    D = out.shape[1]
     nc, step = _chunks(D, nchunks)
     for c in prange(nc):
         r0, r1 = c * step, min(D, (c + 1) * step)
@@ -1266,4 +1304,4 @@ NO_SHARED = (np.zeros(3, np.int64), *(readonly(np.zeros((0, 1), np.uint8)) for _
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for", "F16_LUT", "matvec", "matmul_rows", "dequant_rows", "moe_experts", "HAVE_VNNI", "Q8_CODES", "quantize_q8k", "matvec_q8", "matvec_q8_many",
-           "moe_q8", "NO_SHARED", "quantize_rows_q8", "matmul_q8"]
+           "moe_q8", "moe_q8_parts", "add_parts", "NO_SHARED", "quantize_rows_q8", "matmul_q8"]
