@@ -72,6 +72,7 @@ class ExpertSet:
         return self.store is not None and self.store.speculating
 
     def prefetch(self, ids) -> None:
+        """Guesses for a later step, the most probable first (the store reads at most a few of them)."""
         if self.store is not None:
             self.store.prefetch(self, np.asarray(ids, dtype=np.int64))
 
@@ -153,6 +154,10 @@ POLICIES = {"lru": LRU, "lfu": LFUDecay}
 
 # ---- the store ------------------------------------------------------------------------------------------
 
+# speculative reads per layer and step: the most probable guesses not resident. On the 48-layer synthetic
+# file (tg128, alternated): reading every guess (~6 a layer, 37 % wrong) 1.68-1.69 tokens/s against 1.84-2.14
+# without prefetch; the top 4: 1.80-1.94; the top 2 (81 % right): 1.98-2.10 against 1.74-2.10.
+PREFETCH_MAX = 2
 IO_THREADS = 8  # concurrent expert reads (the disk here gives about the same at 4-32 readers of 0.25-2 MB, 1.4-2.2 GB/s)
 
 
@@ -449,7 +454,7 @@ class ExpertStore:
         with ls.lock:
             self._reap(ls)
             want = [int(e) for e in ids if int(e) not in ls.slot_of and int(e) not in ls.pending]
-            for e in want[: max(ls.n_slots - len(ls.pending) - 1, 0)]:
+            for e in want[: min(PREFETCH_MAX, max(ls.n_slots - len(ls.pending) - 1, 0))]:
                 try:
                     slot = self._claim(ls, e, set(int(x) for x in ids), wait=False)
                 except RuntimeError:

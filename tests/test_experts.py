@@ -200,6 +200,27 @@ def test_early_batches_hand_out_resident_experts_first(path):
     m.close()
 
 
+def test_prefetch_reads_only_the_most_probable_guesses(path):
+    """A speculative prefetch reads at most PREFETCH_MAX of the guesses, the first ones (the most probable)
+    that are not resident, once the next fetch has queued its demand reads."""
+    from localcoder.experts import PREFETCH_MAX
+
+    layers = localcoder.load(path, backend="numpy").weights.layers
+    per_layer = max(layer.experts.expert_nbytes() for layer in layers) * len(layers)
+    m = localcoder.load(path, backend="numpy", expert_cache=7 * per_layer, expert_prefetch=True)
+    es0, es1 = m.weights.layers[0].experts, m.weights.layers[1].experts
+    assert es1.speculative and PREFETCH_MAX == 2
+    list(es1.fetch([5]))
+    es1.prefetch([5, 6, 1, 7])  # 5 is resident: 6 and 1 are read
+    assert not m.expert_store.layers[1].prefetched
+    list(es0.fetch([0]))
+    m.expert_store.wait()
+    assert m.expert_store.layers[1].prefetched == {6, 1} and m.expert_store.counters.prefetches == 2
+    assert [b[1].tolist() for b in es1.fetch([1, 6, 7])] == [[1, 6, 7]]
+    assert m.expert_store.counters.prefetch_hits == 2
+    m.close()
+
+
 def test_a_dropped_or_closed_model_ends_its_io_threads(path):
     import gc
     import threading

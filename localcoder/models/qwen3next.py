@@ -192,8 +192,10 @@ def moe(be, cfg: ModelConfig, w: Layer, x, next_layer: Layer | None = None):
     if next_layer is not None and next_layer.experts.speculative:
         # streaming: guess the next layer's experts by applying its router to this layer's input, and start
         # reading them now (Eliseev & Mazur); a wrong guess costs bandwidth, never correctness
-        guess, _ = route(be, cfg, next_layer, x)
-        next_layer.experts.prefetch(np.unique(np.asarray(guess)))
+        guess, guess_weights = route(be, cfg, next_layer, x)
+        guessed, at = np.unique(np.asarray(guess), return_inverse=True)
+        score = np.bincount(at.reshape(-1), weights=np.asarray(guess_weights).reshape(-1), minlength=len(guessed))
+        next_layer.experts.prefetch(guessed[np.argsort(-score, kind="stable")])  # the most probable first
     shared = None
     if w.ffn_gate_shexp is not None:  # y = routed + sigmoid(x . shared gate) * swiglu_shared(x)
         shared_gate = be.sigmoid(x @ be.vector(w.ffn_gate_inp_shexp).reshape(-1, 1))  # (T, 1)
