@@ -411,7 +411,7 @@ class ExpertStore:
             if self._deferred is not None:  # the guesses for a later layer queue behind these demand reads
                 self._prefetch(*self._deferred)
                 self._deferred = None
-            if early and jobs and len(waited) < len(chunk):
+            if early and 0 < len(waited) < len(chunk):
                 ready = np.array([e for e in chunk if int(e) not in waited], dtype=np.int64)
                 try:
                     yield ls.views, ready, np.array([ls.slot_of[int(e)] for e in ready], dtype=np.int64)
@@ -453,10 +453,11 @@ class ExpertStore:
         ls = self._slots(es)
         with ls.lock:
             self._reap(ls)
+            guessed = set(int(e) for e in ids)
             want = [int(e) for e in ids if int(e) not in ls.slot_of and int(e) not in ls.pending]
             for e in want[: min(PREFETCH_MAX, max(ls.n_slots - len(ls.pending) - 1, 0))]:
                 try:
-                    slot = self._claim(ls, e, set(int(x) for x in ids), wait=False)
+                    slot = self._claim(ls, e, guessed, wait=False)
                 except RuntimeError:
                     break
                 self.counters.prefetches += 1

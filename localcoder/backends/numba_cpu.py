@@ -590,9 +590,8 @@ class NumbaBackend(NumpyBackend):
             shared=None) -> np.ndarray:
         """Routed experts' SwiGLU, plus the shared expert if given. x (T, D); expert_ids, expert_weights
         (T, k). Tokens are grouped by expert so each routed expert's bytes are read once per step; with
-        8-bit activations the shared expert runs in the same kernel call (with the last batch of resident
-        experts: the same sums in the same order as a separate swiglu added afterwards) unless the prompt is
-        long enough for BLAS."""
+        8-bit activations the shared expert runs in the routed experts' kernel calls (the same sums in the
+        same order as a separate swiglu added afterwards) unless the prompt is long enough for BLAS."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         T, D = x.shape
         # one compiled call for the grouping: after the streaming kernels have flushed the caches, each small
@@ -604,36 +603,39 @@ class NumbaBackend(NumpyBackend):
         if shared_static is not None and T < Q8_MATMUL_MAX_TOKENS:
             fold = (*shared_static, np.ascontiguousarray(shared.weight, dtype=np.float32).reshape(-1))
         F = experts.n_ff
+        up_off = F if fused else 0
         out = np.zeros((T, D), np.float32)
-        # few pairs with 8-bit activations (decode): the store may hand out the resident experts first and
-        # the rest once read from disk (early), each batch's pairs written to rows of `part` and summed in
-        # pair order at the end (moe_q8_parts, add_parts); otherwise batches come in ascending id order and
-        # the kernel adds each expert's contribution to `out` in that order. Either way batching never
-        # changes the result.
-        early = int8 and len(tokens) <= K.MOE_FLAT_MAX_PAIRS
-        part = None
-        shared_args = fold  # the first batch of parts computes the shared expert (into the rows after the pairs')
-        done = 0
-        for arrays, ids, slots in experts.fetch(uniq, early=early):
-            gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
-            n = len(ids)
-            if early and (part is not None or n < len(uniq)):
-                if part is None:
-                    part = np.zeros((len(tokens) + (T if fold else 0), D), np.float32)
-                lstarts, rows = pair_rows(starts, np.searchsorted(uniq, ids))
-                K.moe_q8_parts(*codes, gate_a, up_a, F if fused else 0, down_a, F, slots, lstarts, tokens[rows],
-                               weights[rows], rows, x, *(shared_args or K.NO_SHARED), part, self.nchunks)
-                shared_args = None
-                continue
-            args = (*codes, gate_a, up_a, F if fused else 0, down_a, F, slots, starts[done:done + n + 1], tokens,
-                    weights, x)
-            done += n
-            if int8:
-                K.moe_q8(*args, *(fold if fold and done == len(uniq) else K.NO_SHARED), out, self.nchunks)
-            else:
-                K.moe_experts(*args, K.F16_LUT, out, self.nchunks)
-        if part is not None:
+        if int8 and len(tokens) <= K.MOE_FLAT_MAX_PAIRS:
+            # few pairs (decode, short prompts): the store may hand out the resident experts first and the rest
+            # once read from disk (early); each pair's output goes to its own row of `part` (the shared
+            # expert's, made with the first batch, after them) and add_parts sums the rows in pair order: the
+            # same bits for any batching
+            part = np.zeros((len(tokens) + (T if fold else 0), D), np.float32)
+            shared_args = fold or K.NO_SHARED
+            for arrays, ids, slots in experts.fetch(uniq, early=True):
+                if len(ids) == len(uniq):  # the whole step at once
+                    lstarts, rows, btokens, bweights = starts, np.arange(len(tokens), dtype=np.int64), tokens, weights
+                else:
+                    lstarts, rows = pair_rows(starts, np.searchsorted(uniq, ids))
+                    btokens, bweights = tokens[rows], weights[rows]
+                gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
+                K.moe_q8_parts(*codes, gate_a, up_a, up_off, down_a, F, slots, lstarts, btokens, bweights, rows, x,
+                               *shared_args, part, self.nchunks)
+                shared_args = K.NO_SHARED
             K.add_parts(out, part, tokens, self.nchunks)
+        else:
+            # batches in ascending id order: the kernel adds each expert's contribution to `out` in that order,
+            # so batching never changes the result
+            done = 0
+            for arrays, ids, slots in experts.fetch(uniq):
+                gate_a, up_a, down_a = (arrays[0], arrays[0], arrays[1]) if fused else arrays
+                n = len(ids)
+                args = (*codes, gate_a, up_a, up_off, down_a, F, slots, starts[done:done + n + 1], tokens, weights, x)
+                done += n
+                if int8:
+                    K.moe_q8(*args, *(fold if fold and done == len(uniq) else K.NO_SHARED), out, self.nchunks)
+                else:
+                    K.moe_experts(*args, K.F16_LUT, out, self.nchunks)
         return out if fold else numpy_ref.add_shared(self, out, x, shared)
 
 

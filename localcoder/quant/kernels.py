@@ -1168,7 +1168,7 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     rows with each of its tokens, up to 4 tokens per pass over the row (_vdot_tokens: each block unpacked
     once); each (token, expert) h is quantized once. Down: up to 4 tokens per pass over a row, adding into
     out per element the routed pairs in the order given, then the shared expert (for few pairs through one
-    row of partial sums per pair, _down_parts and add_parts).
+    row of partial sums per pair: moe_q8_parts, add_parts).
     The block dots are intrinsics whose float ops carry no fast-math flags, and this kernel does not
     reassociate (_NO_REASSOC): calling it per batch of resident experts (the shared expert with the last)
     equals one call (streaming never changes results), and the shared expert adds exactly as a separate
@@ -1177,14 +1177,14 @@ def moe_q8(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, toke
     T, D = x.shape
     n_pairs = tokens.shape[0]
     Fs = sgate.shape[0] if sweights.shape[0] > 0 else 0
-    hq, hqp, hd, hf16, hf32, hf128, sq, sqp, sd, sf16, sf32, sf128 = _moe_hidden(
-        gcode, ucode, gate, up, up_off, F, experts, starts, tokens, x, scodes, sgate, sup, Fs, nchunks)
     if n_pairs <= MOE_FLAT_MAX_PAIRS:
         part = np.zeros((n_pairs + (T if Fs > 0 else 0), D), np.float32)
-        _down_parts(dcode, down, experts, starts, weights, np.arange(n_pairs), hq, hqp, hd, hf16, hf32, hf128,
-                    scodes, sdown, sweights, Fs, sq, sqp, sd, sf16, sf32, sf128, part, nchunks)
+        moe_q8_parts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts, tokens, weights,
+                     np.arange(n_pairs), x, scodes, sgate, sup, sdown, sweights, part, nchunks)
         add_parts(out, part, tokens, nchunks)
         return
+    hq, hqp, hd, hf16, hf32, hf128, sq, sqp, sd, sf16, sf32, sf128 = _moe_hidden(
+        gcode, ucode, gate, up, up_off, F, experts, starts, tokens, x, scodes, sgate, sup, Fs, nchunks)
     # many pairs (prompts): a parallel pass over chunks of output rows, each reading every expert's rows of
     # the chunk and adding straight into out (a per-pair buffer would be n_pairs x D floats)
     own = np.arange(T)
@@ -1206,7 +1206,6 @@ def moe_q8_parts(gcode, ucode, dcode, gate, up, up_off, down, F, experts, starts
     and the shared expert (if given) token t's to part[part.shape[0] - T + t]; add_parts then sums a step's
     rows in its pair order. So the experts already resident can run while the others are read from disk,
     and every order and grouping of calls gives the same bits as one moe_q8 call."""
-    T, D = x.shape
     Fs = sgate.shape[0] if sweights.shape[0] > 0 else 0
     hq, hqp, hd, hf16, hf32, hf128, sq, sqp, sd, sf16, sf32, sf128 = _moe_hidden(
         gcode, ucode, gate, up, up_off, F, experts, starts, tokens, x, scodes, sgate, sup, Fs, nchunks)
