@@ -313,6 +313,26 @@ def test_matmul_int8_activations(qtype, T):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
+@needs_vnni
+@pytest.mark.parametrize("qtype", [Q.Q5_K, Q.Q6_K], ids=["Q5_K", "Q6_K"])
+def test_matmul_int8_token_blocks(qtype):
+    """A prompt longer than one token block (K = 2048: 128 tokens a block) is every token's product, and the
+    blocks split the tokens where separate calls would: the same bits as a call per block."""
+    from localcoder.quant.kernels import Q8_TOKEN_BLOCK_BYTES
+    tb = Q8_TOKEN_BLOCK_BYTES // 2048
+    assert tb == 128
+    be = NumbaBackend(threads=2)
+    try:
+        rng = np.random.default_rng(300 + int(qtype))
+        w = qtensor("w", qtype, (45, 2048), rng)
+        x = rng.standard_normal((tb + 2, 2048)).astype(np.float32)
+        got = be.matmul(x, w)
+        np.testing.assert_array_equal(got, np.concatenate([be.matmul(x[:tb], w), be.matmul(x[tb:], w)]))
+        for t in (0, tb - 1, tb, tb + 1):
+            check_int8(got[t], dense(w).astype(np.float64), x[t])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
 def test_moe_one_token_repeated_expert(backend):
     """An id listed twice for one token (not what routing gives, but a valid call) adds both pairs, as the
     reference does: the grouping of pairs by expert gives that expert one run of two pairs."""

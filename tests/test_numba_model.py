@@ -78,24 +78,25 @@ def test_threads_option_reaches_the_backend(tiny):
 @pytest.mark.parametrize("q", ["Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_int8_activations_within_2x_llamacpp(tiny, q):
     """p64 through the 8-bit activation kernels, teacher-forced one token at a time (matvecs and experts)
-    and as one prefill (experts): every position's logits against transformers (same dequantized weights)."""
+    and as one prefill, and p300 as one prefill (every product through the 8-bit kernels): every position's
+    logits against transformers (same dequantized weights)."""
     from localcoder.quant import kernels as K
     if not K.HAVE_VNNI:
         pytest.skip("8-bit activation kernels need AVX-512 VNNI")
     model, ref = _model(tiny, q, int8=True), _ref(tiny, q)
-    tol = json.loads((tiny / "ref" / "tolerances.json").read_text())["cmp"][f"main/{q}"]["p64"]["vs_hf_dequant"]
+    tols = json.loads((tiny / "ref" / "tolerances.json").read_text())["cmp"][f"main/{q}"]
     ids = ref["p64_ids"].tolist()
     cache = make_cache(model.config, np.float32)
     logits = np.concatenate([model.forward([t], cache, all_logits=False) for t in ids])
-    want = ref["p64_logits"]
-    prefilled = model.logits(ids)  # the same through prompt processing (8-bit activations in the experts)
-    for name, got in (("decode", logits), ("prefill", prefilled)):
+    for name, got, p in (("decode", logits, "p64"), ("prefill", model.logits(ids), "p64"),
+                         ("prefill", model.logits(ref["p300_ids"].tolist()), "p300")):
+        want, tol = ref[f"{p}_logits"], tols[p]["vs_hf_dequant"]
         err = np.abs(got - want).max()
         rms = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
-        assert err <= 2 * tol["max_abs"], f"{q} {name}: max |delta| {err:.3g} > 2 x {tol['max_abs']:.3g}"
+        assert err <= 2 * tol["max_abs"], f"{q} {name} {p}: max |delta| {err:.3g} > 2 x {tol['max_abs']:.3g}"
         assert rms <= 2 * tol["rms_err_over_rms_ref"], (
-            f"{q} {name}: rms ratio {rms:.3g} > 2 x {tol['rms_err_over_rms_ref']:.3g}")
-        print(f"{q}: int8 {name} max |delta| {err:.3g} (llama.cpp {tol['max_abs']:.3g}), rms {rms:.3g} "
+            f"{q} {name} {p}: rms ratio {rms:.3g} > 2 x {tol['rms_err_over_rms_ref']:.3g}")
+        print(f"{q}: int8 {name} {p} max |delta| {err:.3g} (llama.cpp {tol['max_abs']:.3g}), rms {rms:.3g} "
               f"(llama.cpp {tol['rms_err_over_rms_ref']:.3g})")
 
 

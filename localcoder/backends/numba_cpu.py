@@ -23,11 +23,14 @@ from .numpy_ref import NumpyBackend
 
 f32 = np.float32
 BLAS_MIN_TOKENS = 16  # from this many tokens a matmul dequantizes row tiles and uses BLAS
-# Prompts shorter than this go through the 8-bit activation kernel (4 tokens per pass over a weight row),
-# longer ones through dequantized tiles and BLAS. `python benchmarks/bench_kernels.py --crossover`, 2 threads,
-# 8192x2048 Q5_K, two runs: 20-21 vs 26-31 ms at 128 tokens, 38-41 vs 42-51 at 256, 55-60 vs 55-57 at 384,
-# 73-80 vs 66-69 at 512: the crossover lies between 256 and 512 tokens.
-Q8_MATMUL_MAX_TOKENS = 256
+# Prompts shorter than this go through the 8-bit activation kernel (4 tokens per pass over a weight row, in
+# token blocks that keep the activations in L2), longer ones through dequantized tiles and BLAS.
+# `python benchmarks/bench_kernels.py --threads 2 --crossover`, 8192x2048 Q5_K, 8-bit vs BLAS ms: on the Zen 5 VM,
+# 24.3 vs 48.1 at 256 tokens, 45.0 vs 79.0 at 512 (OpenBLAS's Haswell kernels, as this VM's environment
+# forces; its own choice, SkylakeX: 22.3 vs 32.1 and 57.9 vs 52.1 before the token blocks); on the Xeon VM
+# (before the token blocks) 38-41 vs 42-51 at 256 and 73-80 vs 66-69 at 512. A prompt chunk (generate's 512
+# tokens) takes the 8-bit kernel.
+Q8_MATMUL_MAX_TOKENS = 1024
 TILE_BYTES = 64 << 20  # float32 scratch per BLAS tile (few, large tiles: OpenBLAS threads spin between calls
 # and fight the Numba threads when the two alternate quickly)
 

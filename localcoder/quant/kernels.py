@@ -1136,6 +1136,9 @@ def _q8_buffers(T, K):
             np.empty((T, K // 16), np.float32), np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32))
 
 
+Q8_TOKEN_BLOCK_BYTES = 256 << 10  # matmul_q8's token blocks: this many bytes of 8-bit activations
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def matmul_q8(code, w, x, out, nchunks):
     """out[t, n] = w[n] . x[t] for T tokens with 8-bit activations (x quantized to Q8_K once per token):
@@ -1144,17 +1147,21 @@ def matmul_q8(code, w, x, out, nchunks):
     N = w.shape[0]
     xq, xqp, xd, xf16, xf32, xf128 = _q8_buffers(T, K)
     quantize_rows_q8(x, xq, xqp, xd, xf16, xf32, xf128)
+    # tokens in blocks whose activations stay in L2 next to the rows (a thread's rows are read once per block)
+    tb = max(4, Q8_TOKEN_BLOCK_BYTES // K // 4 * 4)
     nc, step = _chunks(N, nchunks)
     for c in prange(nc):
         res = np.empty(4, np.float32)
-        for n in range(c * step, min(N, (c + 1) * step)):
-            t = 0
-            while t < T:
-                nt = _group(T - t)
-                _vdot_tokens(code, w[n], xq, xqp, xd, xf32, xf16, xf128, t, nt, res)
-                for j in range(nt):
-                    out[t + j, n] = res[j]
-                t += nt
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
+            for n in range(c * step, min(N, (c + 1) * step)):
+                t = t0
+                while t < t1:
+                    nt = _group(t1 - t)
+                    _vdot_tokens(code, w[n], xq, xqp, xd, xf32, xf16, xf128, t, nt, res)
+                    for j in range(nt):
+                        out[t + j, n] = res[j]
+                    t += nt
 
 
 @njit(cache=True, parallel=True, fastmath=_NO_REASSOC)
