@@ -541,7 +541,8 @@ def bench(
                                      f"{res['expert_preloaded']:,} preloaded)"),
             ("disk read per token", f"{(res['disk_bytes_per_token'] or 0) / 1e6:,.1f} MB (misses: "
                                     f"{res['expert_miss_bytes_per_token'] / 1e6:,.1f} MB)"),
-            ("disk bandwidth", f"{res['disk_bandwidth_gbs']:.2f} GB/s"),
+            ("disk bandwidth", f"{res['disk_bandwidth_gbs']:.2f} GB/s measured after the run; during it, busy "
+                               f"{100 * res['io_busy_fraction']:.0f} % of the time at {res['io_busy_gbs']:.2f} GB/s"),
             ("waiting for reads", f"{1e3 * res['io_wait_s_per_token']:.0f} ms per token; the reads took "
                                   f"{res['io_cpu_s_per_gb']:.2f} CPU s per GB"),
             ("streaming limit", f"{res['streaming_limit_tokens_per_s']:.2f} tokens/s; reached "

@@ -221,6 +221,7 @@ class ExpertCounters:
     bytes_read: int = 0
     io_wait_s: float = 0.0
     io_cpu_s: float = 0.0  # CPU time the I/O threads spent in reads (it shares the cores with decode)
+    io_busy_s: float = 0.0  # wall time with at least one read in flight (bytes_read / io_busy_s: the disk's pace)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -268,6 +269,8 @@ class ExpertStore:
         self._deferred: tuple | None = None  # a speculative prefetch waiting for the next demand reads to queue
         self._background = _DaemonPool(2, "expert-preload")  # behind demand reads; never delays exit
         self._mutex = threading.Lock()
+        self._in_flight = 0  # reads running now, and since when one has been (io_busy_s)
+        self._busy_since = 0.0
         # a store nobody uses any more (a dropped Model) ends its threads and closes its files; while a read
         # runs or waits in a queue, its call holds the store, so this never runs under a read
         self._finalizer = weakref.finalize(self, _release, self._pool, self._background, self._readers)
@@ -288,17 +291,26 @@ class ExpertStore:
     def _read(self, ls: _LayerSlots, e: int, slot: int, parts=None) -> int:
         """Read expert e's bytes (its tensors `parts`, default all) into `slot`; returns bytes read."""
         cpu0 = time.thread_time()
-        total = 0
-        for i in range(len(ls.arrays)) if parts is None else parts:
-            t, arr = ls.es.tensors[i], ls.arrays[i]
-            n = arr[slot].nbytes
-            offset = t.file_offset + e * n
-            if self._reader(t.path).read(arr[slot], offset) < n:
-                raise OSError(f"short read of expert {e} in {t.name}")
-            total += n
         with self._mutex:
-            self.counters.bytes_read += total
-            self.counters.io_cpu_s += time.thread_time() - cpu0
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+        total = 0
+        try:
+            for i in range(len(ls.arrays)) if parts is None else parts:
+                t, arr = ls.es.tensors[i], ls.arrays[i]
+                n = arr[slot].nbytes
+                offset = t.file_offset + e * n
+                if self._reader(t.path).read(arr[slot], offset) < n:
+                    raise OSError(f"short read of expert {e} in {t.name}")
+                total += n
+        finally:
+            with self._mutex:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self.counters.io_busy_s += time.perf_counter() - self._busy_since
+                self.counters.bytes_read += total
+                self.counters.io_cpu_s += time.thread_time() - cpu0
         return total
 
     def _read_now(self, ls: _LayerSlots, e: int, slot: int) -> list[Future]:

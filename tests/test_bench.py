@@ -17,7 +17,7 @@ from localcoder.synthetic import PRESETS, q4_k_m_type, write_synthetic
 REQUIRED = ["pp_tokens_per_s", "tg_tokens_per_s", "weight_bytes_per_token", "read_bandwidth_gbs", "roofline_fraction",
             "threads", "peak_rss_bytes", "backend", "first_token_s"]
 STREAMING = ["expert_hits", "expert_misses", "disk_bytes_per_token", "expert_cache_bytes", "io_wait_s_per_token",
-             "io_cpu_s_per_gb", "streaming_limit_tokens_per_s", "distinct_experts_per_layer"]
+             "io_cpu_s_per_gb", "io_busy_fraction", "io_busy_gbs", "streaming_limit_tokens_per_s", "distinct_experts_per_layer"]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_bench_streaming_counters(demo):
     assert res["expert_bytes_read_per_token"] * gen == res["expert_misses"] * per_expert
     assert res["expert_miss_bytes_per_token"] * gen == pytest.approx(res["expert_misses"] * per_expert)
     assert 0 < res["streaming_limit_fraction"] and res["io_cpu_s_per_gb"] >= 0
+    assert 0 < res["io_busy_fraction"] <= 1 and res["io_busy_gbs"] > 0  # reads happened, and took time
     assert 1 <= res["distinct_experts_per_layer"] <= dims.n_expert
 
 

@@ -1,6 +1,7 @@
 """Expert streaming: bit-identical results for every cache budget, consistent counters, no stray reads."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +45,7 @@ def test_every_budget_gives_identical_logits(path, policy, backend):
     resident_steps(resident, expect)
     per_layer = max(layer.experts.expert_nbytes() for layer in resident.weights.layers) * resident.config.n_layer
     for n_slots in (1, 2, 3, 7):
+        t0 = time.perf_counter()
         m = localcoder.load(path, backend=backend, expert_cache=n_slots * per_layer, expert_policy=policy,
                             expert_prefetch=True)
         assert m.expert_store is not None and m.expert_store.n_slots == n_slots
@@ -52,6 +54,8 @@ def test_every_budget_gives_identical_logits(path, policy, backend):
         c = m.expert_store.counters
         sizes = [layer.experts.expert_nbytes() for layer in m.weights.layers]  # Q4_K_M: Q6_K down in some layers
         assert c.misses > 0
+        # the time some read was in flight: the union of the reads' spans, never more than the time that passed
+        assert 0 < c.io_busy_s <= time.perf_counter() - t0
         assert min(sizes) * (c.misses + c.prefetches) <= c.bytes_read <= max(sizes) * (c.misses + c.prefetches)
         m.expert_store.close()
 
