@@ -101,7 +101,8 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 768 << 10, 
         slots = max(size // chunk, 1)
         count = max(1, min(nbytes, size) // chunk)
         start = (size - slots * chunk) // 2 // ALIGN * ALIGN  # chunk boundaries: start + k * chunk
-        offsets = [start + int(k) * chunk for k in np.random.default_rng().choice(slots, min(count, slots), replace=False)]
+        drawn = np.random.default_rng().choice(slots, min(count, slots), replace=False)
+        offsets = [start + int(k) * chunk for k in drawn]
         if hasattr(os, "posix_fadvise"):
             for off in offsets:
                 os.posix_fadvise(reader.fd, off, chunk, os.POSIX_FADV_DONTNEED)
