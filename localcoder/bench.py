@@ -100,7 +100,7 @@ def measure_disk_bandwidth(path, nbytes: int = 1 << 30, chunk: int = 768 << 10, 
         size = os.fstat(reader.fd).st_size
         slots = max(size // chunk, 1)
         count = max(1, min(nbytes, size) // chunk)
-        start = (size - slots * chunk) // 2 // ALIGN * ALIGN  # chunk boundaries: start + k * chunk
+        start = max((size - slots * chunk) // 2 // ALIGN * ALIGN, 0)  # chunk boundaries: start + k * chunk
         drawn = np.random.default_rng().choice(slots, min(count, slots), replace=False)
         offsets = [start + int(k) * chunk for k in drawn]
         if hasattr(os, "posix_fadvise"):
