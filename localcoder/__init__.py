@@ -7,6 +7,10 @@ import os as _os
 # tokens/s with 2**4). Read when numpy loads OpenBLAS, so it must be set before the first `import numpy`.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from .memory import keep_freed_memory as _keep_freed_memory  # noqa: E402
+
+_keep_freed_memory()  # freed prompt temporaries stay in the heap for the next ones (see localcoder.memory)
+
 # OpenBLAS starts its threads when numpy loads: load it with SIGINT blocked so that they never take Ctrl-C
 # (see localcoder.threads)
 from .threads import sigint_blocked as _sigint_blocked  # noqa: E402
