@@ -487,3 +487,32 @@ def test_model_with_32_block_fallback_types_runs_on_numba(fixtures_dir, tmp_path
     for n in (1, 3, len(ids)):  # matvec, row-decoded matmul, BLAS tiles; the experts for one and many tokens
         expect = ref.logits(ids[:n])
         assert rel_err(model.logits(ids[:n]), expect) <= REL
+
+
+def test_expf_within_two_ulps():
+    """The vectorisable exp behind the SiLU of prompts (numba_cpu._expf) against float64 exp over its whole
+    range, within 2 float32 ulps; below the clamp it gives exp(-87) (about 1.6e-38), above it exp(88)."""
+    from localcoder.backends.numba_cpu import expf_rows
+    x = np.concatenate([np.linspace(-87, 88, 200_001), np.random.default_rng(0).standard_normal(10_000) * 5,
+                        [0.0, -0.0, 1e-30, -1e-30, 88.0, -87.0]]).astype(np.float32)
+    got = np.empty_like(x)
+    expf_rows(x, got)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert (np.abs(got - want) / ulp).max() <= 2
+    far = np.array([-200, -88, 89, 200], np.float32)
+    out = np.empty_like(far)
+    expf_rows(far, out)
+    np.testing.assert_allclose(out, np.exp(np.float64([-87, -87, 88, 88])), rtol=3e-7)
+
+
+@pytest.mark.parametrize("shape", [(300, 2048), (1, 70_000), (7, 128)])
+def test_silu_kernel(shape):
+    """be.silu on a prompt's gate (the parallel kernel from SILU_KERNEL_MIN elements on; NumPy's below) within
+    float32 rounding of the reference, including large |x|."""
+    x = (np.random.default_rng(shape[0]).standard_normal(shape) * 8).astype(np.float32)
+    x.flat[:4] = [60.0, -60.0, 100.0, -100.0]
+    with np.errstate(over="ignore"):  # NumPy's float32 exp(100) is inf (and silu(-100) then -0, as it should)
+        got = NumbaBackend().silu(x)
+    want = numpy_ref.silu(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from ..gguf_file import QTensor, readonly
 from ..quant import kernels as K
@@ -271,28 +272,73 @@ def rms_norm_rows(x, w, eps, out):
 # ---------------------------------------------------------------------------------------------------------
 # causal conv, attention
 
+@intrinsic
+def _float_bits(typingctx, i):
+    """The float32 whose bits are the int32 i."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", fastmath=True)
+def _expf(x):
+    """exp(x) in float32 from arithmetic alone, so that LLVM vectorises loops calling it (Numba calls libm's
+    scalar expf otherwise, ~20x slower over a prompt's rows): Cephes' expf, x = n ln2 + r with |r| <= ln2/2,
+    e^r by its degree-7 polynomial, 2^n written into the exponent bits; x clamped to [-87, 88] (exp(-87) is
+    still a normal float). Within 2 float32 ulps of exp (tested)."""
+    x = min(max(x, f32(-87.0)), f32(88.0))
+    n = np.floor(x * f32(1.4426950408889634) + f32(0.5))
+    r = x - n * f32(0.693359375) + n * f32(2.12194440e-4)
+    p = f32(1.9875691500e-4)
+    p = p * r + f32(1.3981999507e-3)
+    p = p * r + f32(8.3334519073e-3)
+    p = p * r + f32(4.1665795894e-2)
+    p = p * r + f32(1.6666665459e-1)
+    p = p * r + f32(5.0000001201e-1)
+    return (p * r * r + r + f32(1)) * _float_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(cache=True, fastmath=True)
+def expf_rows(x, out):
+    """out = exp(x) through _expf (its test's entry point)."""
+    for i in range(x.shape[0]):
+        out[i] = _expf(x[i])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def silu_rows(x, out):
+    """out = x * sigmoid(x) for a 2-D float32 x, parallel over rows (a prompt's output gates)."""
+    for t in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            a = x[t, c]
+            out[t, c] = a / (f32(1) + _expf(-a))
+
+
+SILU_KERNEL_MIN = 1 << 16  # elements from which silu runs as silu_rows (smaller: NumPy's, a few microseconds)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def conv1d_silu(x, w, conv_state, out):
     """out[t, c] = silu(sum_j full[t + j, c] w[c, j]) with full = [conv_state; x]. x (T, C), w (C, Kc),
-    conv_state (Kc-1, C). Parallel over channel ranges, vectorised along channels (rows of x are contiguous)."""
+    conv_state (Kc-1, C). Parallel over tokens, each row of out summed along whole rows of x (loops over
+    range(C) from 0, which LLVM vectorises; over channel ranges, as before, they were not:
+    512 x 8192, 2 threads, 10-12 -> 1.5 ms)."""
     T, C = x.shape
     Kc = w.shape[1]
     wt = np.ascontiguousarray(w.T)  # (Kc, C)
-    nc = min(C // 64, 64) if C >= 64 else 1
-    step = (C + nc - 1) // nc
-    for cc in prange(nc):
-        c0, c1 = cc * step, min(C, (cc + 1) * step)
-        acc = np.empty(c1 - c0, np.float32)
-        for t in range(T):
-            acc[:] = 0
-            for j in range(Kc):
-                s = t + j - (Kc - 1)
-                src = conv_state[Kc - 1 + s] if s < 0 else x[s]
-                for c in range(c0, c1):
-                    acc[c - c0] += src[c] * wt[j, c]
-            for c in range(c0, c1):
-                a = acc[c - c0]
-                out[t, c] = a / (f32(1) + np.exp(-a))
+    for t in prange(T):
+        o = out[t]
+        for c in range(C):
+            o[c] = 0
+        for j in range(Kc):
+            s = t + j - (Kc - 1)
+            src = conv_state[Kc - 1 + s] if s < 0 else x[s]
+            wj = wt[j]
+            for c in range(C):
+                o[c] += src[c] * wj[c]
+        for c in range(C):
+            a = o[c]
+            o[c] = a / (f32(1) + _expf(-a))
 
 
 @njit(cache=True, fastmath=True)
@@ -489,6 +535,13 @@ class NumbaBackend(NumpyBackend):
             k, v = k.view(np.uint16), v.view(np.uint16)
         attention_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, np.asarray(positions, np.int64),
                          f32(q.shape[-1] ** -0.5), K.F16_LUT, out)
+        return out
+
+    def silu(self, x: np.ndarray) -> np.ndarray:
+        if x.size < SILU_KERNEL_MIN or x.dtype != np.float32 or not x.flags.c_contiguous:
+            return numpy_ref.silu(x)
+        out = np.empty_like(x)
+        silu_rows(x.reshape(x.shape[0], -1), out.reshape(x.shape[0], -1))
         return out
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -736,6 +789,7 @@ def warmup(progress=None) -> None:
     _solve_unit_lower(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 3), np.float32))
     for T in (1, 2):  # decode step and prompt kernels
         be.conv1d(q.reshape(2, 32)[:T], np.ones((32, 4), np.float32), np.zeros((3, 32), np.float32))
+    silu_rows(x, np.empty_like(x))  # a prompt's output gate (as be.silu runs it on SILU_KERNEL_MIN elements and more)
     for dt in (np.float32, np.float16):
         kv = np.zeros((3, 2, 8), dt)
         be.attention(rng.standard_normal((1, 4, 8)).astype(np.float32), kv, kv, np.array([2]))
