@@ -115,3 +115,17 @@ def test_peak_rss_is_this_process_not_its_parent():
     before, after = map(int, out.split())
     assert before < 300 * 2 ** 20, before
     assert after - before > 180 * 2 ** 20, (before, after)
+
+
+def test_heap_tuning_leaves_user_settings_alone():
+    """localcoder tunes glibc's malloc on import (freed temporaries stay in the heap) unless the user set
+    MALLOC_* or GLIBC_TUNABLES; without glibc it does nothing."""
+    code = "from localcoder.memory import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    for extra, want in (({}, glibc), ({"MALLOC_ARENA_MAX": "2"}, False)):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(want)
