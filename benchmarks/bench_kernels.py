@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --threads 2 --moe      # one decode step's routed experts
     python benchmarks/bench_kernels.py --threads 2 --delta    # DeltaNet kernels by prompt length
     python benchmarks/bench_kernels.py --threads 2 --crossover  # prompt products: 8-bit kernel vs BLAS tiles
+    python benchmarks/bench_kernels.py --threads 2 --attention  # one attention layer over a 4K / 32K cache
 
 Shapes: an expert-sized 2048 x 512... matrix (512 rows of 2048: one gate/up projection, 0.6 MB at Q4_K, so
 cache-resident: the kernel's compute speed) and the output head, 151936 x 2048 (streamed from memory).
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--moe", action="store_true", help="one decode step's routed experts (NumbaBackend.moe)")
     ap.add_argument("--calls", action="store_true", help="many small matvecs, one call each, vs one call for all")
     ap.add_argument("--crossover", action="store_true", help="prompt matmuls: 8-bit kernel vs dequantized tiles + BLAS")
+    ap.add_argument("--attention", action="store_true", help="one attention layer over a long KV cache (decode, prompt)")
     args = ap.parse_args()
     numba.set_num_threads(args.threads)
     if args.delta:
@@ -63,6 +65,8 @@ def main():
         return bench_calls()
     if args.crossover:
         return bench_crossover()
+    if args.attention:
+        return bench_attention()
     nchunks = 4 * args.threads
     rng = np.random.default_rng(0)
     bw = measure_read_bandwidth(threads=args.threads)
@@ -166,6 +170,27 @@ def bench_crossover(shapes=((Q.Q5_K, 8192, 2048), (Q.Q4_K, 4096, 2048), (Q.Q6_K,
             print(f"{qtype.name} {n}x{k}".ljust(22) + " " + " ".join(f"{c:>15}" for c in cells))
     finally:
         numba_cpu.Q8_MATMUL_MAX_TOKENS = threshold
+
+
+def bench_attention(contexts=(4096, 32768), kv_dtypes=(np.float32, np.float16)):
+    """ms per attention layer of Qwen3-Coder-Next (16 q / 2 kv heads, head dim 256) through NumbaBackend.attention
+    over a cache of S positions: one decoded token, and the last 64 tokens of a prompt of S."""
+    from localcoder.backends.numba_cpu import NumbaBackend
+    rng = np.random.default_rng(0)
+    be = NumbaBackend()
+    Hq, Hkv, D = 16, 2, 256
+    print(f"threads {numba.get_num_threads()}; ms per layer (decode: 1 token; prompt: its last 64 tokens)")
+    for dt in kv_dtypes:
+        for S in contexts:
+            k = rng.standard_normal((S, Hkv, D)).astype(dt)
+            v = rng.standard_normal((S, Hkv, D)).astype(dt)
+            cells = []
+            for T in (1, 64):
+                q = rng.standard_normal((T, Hq, D)).astype(np.float32)
+                pos = np.arange(S - T, S)
+                ms = timeit(lambda: be.attention(q, k, v, pos)) * 1e3
+                cells.append(f"{'decode' if T == 1 else 'prompt'} {ms:8.2f}")
+            print(f"{np.dtype(dt).name} cache, S={S:6d}: " + "   ".join(cells))
 
 
 def bench_moe(sets=8, n_expert=64, k=10, steps=400):

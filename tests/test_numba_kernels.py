@@ -490,7 +490,7 @@ def test_model_with_32_block_fallback_types_runs_on_numba(fixtures_dir, tmp_path
 
 
 def test_expf_within_two_ulps():
-    """The vectorisable exp behind the SiLU of prompts (numba_cpu._expf) against float64 exp over its whole
+    """The vectorisable exp behind the SiLU of prompts (numba_cpu.expf) against float64 exp over its whole
     range, within 2 float32 ulps; below the clamp it gives exp(-87) (about 1.6e-38), above it exp(88)."""
     from localcoder.backends.numba_cpu import expf_rows
     x = np.concatenate([np.linspace(-87, 88, 200_001), np.random.default_rng(0).standard_normal(10_000) * 5,

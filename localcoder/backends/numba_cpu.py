@@ -281,11 +281,12 @@ def _float_bits(typingctx, i):
 
 
 @njit(inline="always", fastmath=True)
-def _expf(x):
-    """exp(x) in float32 from arithmetic alone, so that LLVM vectorises loops calling it (Numba calls libm's
-    scalar expf otherwise, ~20x slower over a prompt's rows): Cephes' expf, x = n ln2 + r with |r| <= ln2/2,
-    e^r by its degree-7 polynomial, 2^n written into the exponent bits; x clamped to [-87, 88] (exp(-87) is
-    still a normal float). Within 2 float32 ulps of exp (tested)."""
+def expf(x):
+    """exp(x) in float32 from arithmetic alone, so that LLVM vectorises loops calling it (np.exp in a Numba
+    kernel is libm's scalar expf: silu_rows on 512x4096, 2 threads, 7.9 ms with it, 0.19 with this).
+    Cephes' expf: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 polynomial, 2^n written into the
+    exponent bits; x clamped to [-87, 88] (exp(-87) is still a normal float). Within 2 float32 ulps of exp
+    (tested)."""
     x = min(max(x, f32(-87.0)), f32(88.0))
     n = np.floor(x * f32(1.4426950408889634) + f32(0.5))
     r = x - n * f32(0.693359375) + n * f32(2.12194440e-4)
@@ -300,9 +301,9 @@ def _expf(x):
 
 @njit(cache=True, fastmath=True)
 def expf_rows(x, out):
-    """out = exp(x) through _expf (its test's entry point)."""
+    """out = exp(x) through expf (its test's entry point)."""
     for i in range(x.shape[0]):
-        out[i] = _expf(x[i])
+        out[i] = expf(x[i])
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -311,7 +312,7 @@ def silu_rows(x, out):
     for t in prange(x.shape[0]):
         for c in range(x.shape[1]):
             a = x[t, c]
-            out[t, c] = a / (f32(1) + _expf(-a))
+            out[t, c] = a / (f32(1) + expf(-a))
 
 
 SILU_KERNEL_MIN = 1 << 16  # elements from which silu runs as silu_rows (smaller: NumPy's, a few microseconds)
@@ -320,9 +321,9 @@ SILU_KERNEL_MIN = 1 << 16  # elements from which silu runs as silu_rows (smaller
 @njit(cache=True, parallel=True, fastmath=True)
 def conv1d_silu(x, w, conv_state, out):
     """out[t, c] = silu(sum_j full[t + j, c] w[c, j]) with full = [conv_state; x]. x (T, C), w (C, Kc),
-    conv_state (Kc-1, C). Parallel over tokens, each row of out summed along whole rows of x (loops over
-    range(C) from 0, which LLVM vectorises; over channel ranges, as before, they were not:
-    512 x 8192, 2 threads, 10-12 -> 1.5 ms)."""
+    conv_state (Kc-1, C). Parallel over tokens, each row of out summed along whole rows of x: loops over
+    range(C) from 0, which LLVM vectorises (parallel over channel ranges instead, with loops from each range's
+    start, they stayed scalar: 512 x 8192, 2 threads, 10-12 ms against 1.5)."""
     T, C = x.shape
     Kc = w.shape[1]
     wt = np.ascontiguousarray(w.T)  # (Kc, C)
@@ -338,7 +339,7 @@ def conv1d_silu(x, w, conv_state, out):
                 o[c] += src[c] * wj[c]
         for c in range(C):
             a = o[c]
-            o[c] = a / (f32(1) + _expf(-a))
+            o[c] = a / (f32(1) + expf(-a))
 
 
 @njit(cache=True, fastmath=True)
@@ -361,22 +362,33 @@ def conv1d_step(x, wt, conv_state, out, new_state):
         new_state[Kc - 2, c] = x[0, c]
 
 
-def _load(a, i, lut):
+def _load(a, i):
     """a[i] as float32; a float16 cache arrives as its uint16 bit patterns (Numba has no float16 arrays)."""
 
 
+@intrinsic
+def _half_to_float(typingctx, bits):
+    """The float16 with these bits, as float32 (exact; LLVM vectorises it to vcvtph2ps where the CPU has F16C)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
 @overload(_load, inline="always")
-def _load_impl(a, i, lut):
+def _load_impl(a, i):
+    # a float16 cache through the conversion instruction, not a table (a gather per element):
+    # `python benchmarks/bench_kernels.py --threads 2 --attention`, one layer over 32K positions, decode 39-44 ->
+    # 7.2-9.9 ms, the last 64 tokens of a prompt 2589-2684 -> 495-559 ms (float32 cache: 10-15 and 674-868 ms)
     if a.dtype == types.uint16:
-        return lambda a, i, lut: lut[a[i]]
-    return lambda a, i, lut: f32(a[i])
+        return lambda a, i: _half_to_float(a[i])
+    return lambda a, i: f32(a[i])
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_kernel(q, kc, vc, positions, scale, lut, out):
+def attention_kernel(q, kc, vc, positions, scale, out):
     """Causal softmax attention with GQA. q (T, Hq, D); kc, vc (S, Hkv, D) float32, or float16 passed as
-    uint16 bit patterns and converted through lut; out (T, Hq, D). One task per (token, kv head): the group's query heads read
-    each cached key and value row once. Scores live in a (G, S) buffer; softmax in float32."""
+    uint16 bit patterns (converted as they are read); out (T, Hq, D). One task per (token, kv head): the
+    group's query heads read each cached key and value row once. Scores live in a (G, S) buffer; softmax in float32."""
     T, Hq, D = q.shape
     S, Hkv = kc.shape[0], kc.shape[1]
     G = Hq // Hkv
@@ -390,13 +402,13 @@ def attention_kernel(q, kc, vc, positions, scale, lut, out):
                 qrow = q[t, hk * G + gi]
                 acc = f32(0)
                 for d in range(D):
-                    acc += qrow[d] * _load(krow, d, lut)
+                    acc += qrow[d] * _load(krow, d)
                 sc[gi, s] = acc * scale
         for gi in range(G):
             m = sc[gi].max()
             tot = f32(0)
             for s in range(n):
-                e = np.exp(sc[gi, s] - m)
+                e = expf(sc[gi, s] - m)
                 sc[gi, s] = e
                 tot += e
             inv = f32(1) / tot
@@ -408,7 +420,7 @@ def attention_kernel(q, kc, vc, positions, scale, lut, out):
             for gi in range(G):
                 p = sc[gi, s]
                 for d in range(D):
-                    acc[gi, d] += p * _load(vrow, d, lut)
+                    acc[gi, d] += p * _load(vrow, d)
         for gi in range(G):
             out[t, hk * G + gi] = acc[gi]
 
@@ -534,7 +546,7 @@ class NumbaBackend(NumpyBackend):
         if k.dtype == np.float16:
             k, v = k.view(np.uint16), v.view(np.uint16)
         attention_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, np.asarray(positions, np.int64),
-                         f32(q.shape[-1] ** -0.5), K.F16_LUT, out)
+                         f32(q.shape[-1] ** -0.5), out)
         return out
 
     def silu(self, x: np.ndarray) -> np.ndarray:
