@@ -306,13 +306,17 @@ def expf_rows(x, out):
         out[i] = expf(x[i])
 
 
+@njit(inline="always", fastmath=True)
+def _silu(a):
+    return a / (f32(1) + expf(-a))
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def silu_rows(x, out):
     """out = x * sigmoid(x) for a 2-D float32 x, parallel over rows (a prompt's output gates)."""
     for t in prange(x.shape[0]):
         for c in range(x.shape[1]):
-            a = x[t, c]
-            out[t, c] = a / (f32(1) + expf(-a))
+            out[t, c] = _silu(x[t, c])
 
 
 SILU_KERNEL_MIN = 1 << 16  # elements from which silu runs as silu_rows (smaller: NumPy's, a few microseconds)
@@ -338,8 +342,7 @@ def conv1d_silu(x, w, conv_state, out):
             for c in range(C):
                 o[c] += src[c] * wj[c]
         for c in range(C):
-            a = o[c]
-            o[c] = a / (f32(1) + expf(-a))
+            o[c] = _silu(o[c])
 
 
 @njit(cache=True, fastmath=True)
@@ -553,7 +556,7 @@ class NumbaBackend(NumpyBackend):
         if x.size < SILU_KERNEL_MIN or x.dtype != np.float32 or not x.flags.c_contiguous:
             return numpy_ref.silu(x)
         out = np.empty_like(x)
-        silu_rows(x.reshape(x.shape[0], -1), out.reshape(x.shape[0], -1))
+        silu_rows(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
         return out
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
