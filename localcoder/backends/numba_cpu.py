@@ -556,7 +556,8 @@ class NumbaBackend(NumpyBackend):
         if x.size < SILU_KERNEL_MIN or x.dtype != np.float32 or not x.flags.c_contiguous:
             return numpy_ref.silu(x)
         out = np.empty_like(x)
-        silu_rows(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+        rows = x.shape[0] if x.ndim > 1 else 1  # a prompt's tokens (long rows vectorise best)
+        silu_rows(x.reshape(rows, -1), out.reshape(rows, -1))
         return out
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
