@@ -174,12 +174,15 @@ def bench_crossover(shapes=((Q.Q5_K, 8192, 2048), (Q.Q4_K, 4096, 2048), (Q.Q6_K,
 
 def bench_attention(contexts=(4096, 32768), kv_dtypes=(np.float32, np.float16)):
     """ms per attention layer of Qwen3-Coder-Next (16 q / 2 kv heads, head dim 256) through NumbaBackend.attention
-    over a cache of S positions: one decoded token, and the last 64 tokens of a prompt of S."""
+    over a cache of S positions: one decoded token, and the last 64 tokens of a prompt of S. For decode, also
+    the time the cache's bytes take at the measured read bandwidth (the floor a decode step could reach)."""
     from localcoder.backends.numba_cpu import NumbaBackend
     rng = np.random.default_rng(0)
     be = NumbaBackend()
     Hq, Hkv, D = 16, 2, 256
-    print(f"threads {numba.get_num_threads()}; ms per layer (decode: 1 token; prompt: its last 64 tokens)")
+    bw = measure_read_bandwidth(threads=numba.get_num_threads())
+    print(f"threads {numba.get_num_threads()}; measured read bandwidth {bw:.1f} GB/s; ms per layer "
+          "(decode: 1 token; prompt: its last 64 tokens)")
     for dt in kv_dtypes:
         for S in contexts:
             k = rng.standard_normal((S, Hkv, D)).astype(dt)
@@ -190,7 +193,9 @@ def bench_attention(contexts=(4096, 32768), kv_dtypes=(np.float32, np.float16)):
                 pos = np.arange(S - T, S)
                 ms = timeit(lambda: be.attention(q, k, v, pos)) * 1e3
                 cells.append(f"{'decode' if T == 1 else 'prompt'} {ms:8.2f}")
-            print(f"{np.dtype(dt).name} cache, S={S:6d}: " + "   ".join(cells))
+            floor = 2 * k.nbytes / (bw * 1e9) * 1e3
+            print(f"{np.dtype(dt).name} cache, S={S:6d}: " + "   ".join(cells) +
+                  f"   (decode reads {2 * k.nbytes / 1e6:.0f} MB: {floor:.2f} ms at {bw:.0f} GB/s)")
 
 
 def bench_moe(sets=8, n_expert=64, k=10, steps=400):

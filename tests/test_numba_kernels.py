@@ -19,7 +19,7 @@ import pytest
 from conftest import delta_inputs
 
 from localcoder.backends import numpy_ref
-from localcoder.backends.numba_cpu import NumbaBackend, gated_delta_chunked
+from localcoder.backends.numba_cpu import NumbaBackend, attention_kernel, gated_delta_chunked
 from localcoder.backends.numpy_ref import NumpyBackend
 from localcoder.experts import ExpertSet
 from localcoder.gguf_file import QTensor
@@ -154,8 +154,9 @@ def test_conv1d(T, backend):
 
 
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("T,past", [(1, 0), (1, 300), (3, 40), (64, 0), (17, 100)])
+@pytest.mark.parametrize("T,past", [(1, 0), (1, 300), (3, 40), (64, 0), (17, 100), (1, 1500), (5, 700), (20, 37)])
 def test_attention_with_cache(T, past, kv_dtype, backend):
+    """Several tiles of keys, blocks of tokens, and (decode over 1500 keys, 2 threads) keys split across tasks."""
     rng = np.random.default_rng(T + past)
     Hq, Hkv, D = 8, 2, 64
     k = rng.standard_normal((past + T, Hkv, D)).astype(kv_dtype)
@@ -164,6 +165,26 @@ def test_attention_with_cache(T, past, kv_dtype, backend):
     pos = np.arange(past, past + T)
     ref = NumpyBackend().attention(q, k.astype(np.float32), v.astype(np.float32), pos)
     assert rel_err(backend.attention(q, k, v, pos), ref) <= REL
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("Hq,Hkv,D", [(16, 2, 256), (6, 2, 32), (3, 1, 16), (4, 4, 8), (10, 2, 40)])
+@pytest.mark.parametrize("nsplit", [1, 3])
+def test_attention_kernel_groups_and_splits(Hq, Hkv, D, nsplit, kv_dtype):
+    """Query heads per kv head that are not a multiple of the kernel's four (the last repeated), keys split into
+    nsplit ranges whose partial softmaxes are combined (one range empty: 2 tokens at positions 0 and 70 split
+    three ways), an odd count of keys (a tile ends on one key), positions before the end of the cache."""
+    rng = np.random.default_rng(Hq * D + nsplit)
+    S = 101
+    k = rng.standard_normal((S, Hkv, D)).astype(kv_dtype)
+    v = rng.standard_normal((S, Hkv, D)).astype(kv_dtype)
+    for pos in (np.array([0, 70]), np.array([100]), np.array([8, 9, 10])):
+        q = rng.standard_normal((len(pos), Hq, D)).astype(np.float32)
+        ref = NumpyBackend().attention(q, k.astype(np.float32), v.astype(np.float32), pos)
+        out = np.empty(q.shape, np.float32)
+        kb, vb = (k.view(np.uint16), v.view(np.uint16)) if kv_dtype == np.float16 else (k, v)
+        attention_kernel(q, kb, vb, pos, np.float32(D ** -0.5), nsplit, out)
+        assert rel_err(out, ref) <= REL
 
 
 def _moe_case(rng, T, fused, D, down_type, up_type, E=8, F=256, k=3):

@@ -387,45 +387,154 @@ def _load_impl(a, i):
     return lambda a, i: f32(a[i])
 
 
+ATT_TILE = 32  # keys per tile: a tile's keys and values stay in L1/L2 while a block of tokens reads them
+ATT_TOKEN_BLOCK = 8  # tokens that share each tile read from memory
+ATT_MIN_SPLIT_KEYS = 256  # keys per task at least, when the keys of a step split across threads
+ATT_PREFETCH_KEYS = 16  # software prefetch this many keys ahead of the rows being read (hardware prefetch
+# sees a kv head's rows as 1 KB runs 2 KB apart): one layer over 32K keys, decode, 5.2 -> 2.9 ms (float16)
+
+
+@njit(inline="always", fastmath=True)
+def _tile_scores(q, t, hk, G, kc, s0, s1, scale, sc):
+    """sc[gi, s - s0] = scale * (q[t, hk*G + gi] . k[s, hk]) for s0 <= s < s1: four query heads and two keys
+    per pass over D (eight independent sums). Heads past G repeat the last one and an odd count repeats the
+    last key: sc has scratch rows up to a multiple of 4 and a scratch column."""
+    D = q.shape[2]
+    last = hk * G + G - 1
+    row = kc.shape[2] * kc.itemsize
+    for g0 in range(0, G, 4):
+        h = hk * G + g0
+        q0, q1, q2, q3 = q[t, h], q[t, min(h + 1, last)], q[t, min(h + 2, last)], q[t, min(h + 3, last)]
+        for s in range(s0, s1, 2):
+            if g0 == 0:
+                ahead = ((s + ATT_PREFETCH_KEYS) * kc.shape[1] + hk) * row
+                for c in range(0, row, 64):
+                    K.prefetch(kc, ahead + c)
+                    K.prefetch(kc, ahead + kc.shape[1] * row + c)
+            k0, k1 = kc[s, hk], kc[min(s + 1, s1 - 1), hk]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = f32(0)
+            for d in range(D):
+                x, y = _load(k0, d), _load(k1, d)
+                a0 += q0[d] * x
+                a1 += q1[d] * x
+                a2 += q2[d] * x
+                a3 += q3[d] * x
+                b0 += q0[d] * y
+                b1 += q1[d] * y
+                b2 += q2[d] * y
+                b3 += q3[d] * y
+            j = s - s0
+            sc[g0, j], sc[g0 + 1, j], sc[g0 + 2, j], sc[g0 + 3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            sc[g0, j + 1], sc[g0 + 1, j + 1], sc[g0 + 2, j + 1], sc[g0 + 3, j + 1] = (b0 * scale, b1 * scale,
+                                                                                      b2 * scale, b3 * scale)
+
+
+@njit(inline="always", fastmath=True)
+def _tile_values(vc, hk, G, s0, s1, p, acc):
+    """acc[gi] += sum over s0 <= s < s1 of p[gi, s - s0] v[s, hk], four keys per pass over D (p is zero past
+    s1 - s0 up to a multiple of 4; the rows there repeat the last key)."""
+    D = vc.shape[2]
+    row = vc.shape[2] * vc.itemsize
+    for s in range(s0, s1, 4):
+        for i in range(4):
+            ahead = ((s + ATT_PREFETCH_KEYS + i) * vc.shape[1] + hk) * row
+            for c in range(0, row, 64):
+                K.prefetch(vc, ahead + c)
+        v0, v1, v2, v3 = vc[s, hk], vc[min(s + 1, s1 - 1), hk], vc[min(s + 2, s1 - 1), hk], vc[min(s + 3, s1 - 1), hk]
+        j = s - s0
+        for gi in range(G):
+            p0, p1, p2, p3 = p[gi, j], p[gi, j + 1], p[gi, j + 2], p[gi, j + 3]
+            a = acc[gi]
+            for d in range(D):
+                a[d] += p0 * _load(v0, d) + p1 * _load(v1, d) + p2 * _load(v2, d) + p3 * _load(v3, d)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def attention_kernel(q, kc, vc, positions, scale, out):
-    """Causal softmax attention with GQA. q (T, Hq, D); kc, vc (S, Hkv, D) float32, or float16 passed as
-    uint16 bit patterns (converted as they are read); out (T, Hq, D). One task per (token, kv head): the
-    group's query heads read each cached key and value row once. Scores live in a (G, S) buffer; softmax in float32."""
+def attention_kernel(q, kc, vc, positions, scale, nsplit, out):
+    """Causal softmax attention with GQA, in tiles of keys with a running softmax (as flash attention).
+    q (T, Hq, D); kc, vc (S, Hkv, D) float32, or float16 passed as uint16 bit patterns (converted as they are
+    read); out (T, Hq, D). One task per (block of ATT_TOKEN_BLOCK tokens, nsplit-th of the keys): it reads
+    each tile of keys and values once, for all its tokens and heads, in memory order. With nsplit > 1 (decode:
+    one token, a task per thread) the tasks' partial sums are combined at the end with their maxima."""
     T, Hq, D = q.shape
     S, Hkv = kc.shape[0], kc.shape[1]
     G = Hq // Hkv
-    for job in prange(T * Hkv):
-        t, hk = job // Hkv, job % Hkv
-        n = min(positions[t] + 1, S)
-        sc = np.empty((G, n), np.float32)
-        for s in range(n):
-            krow = kc[s, hk]
-            for gi in range(G):
-                qrow = q[t, hk * G + gi]
-                acc = f32(0)
-                for d in range(D):
-                    acc += qrow[d] * _load(krow, d)
-                sc[gi, s] = acc * scale
-        for gi in range(G):
-            m = sc[gi].max()
+    nblocks = (T + ATT_TOKEN_BLOCK - 1) // ATT_TOKEN_BLOCK
+    parts = nsplit if nsplit > 1 else 0
+    pacc = np.empty((parts, T, Hq, D), np.float32)
+    pm = np.empty((parts, T, Hq), np.float32)
+    pl = np.empty((parts, T, Hq), np.float32)
+    for job in prange(nblocks * nsplit):
+        b, j = job // nsplit, job % nsplit
+        b = b // 2 if b % 2 == 0 else nblocks - 1 - b // 2  # 0, n-1, 1, n-2, ...: threads' causal work balanced
+        t0, t1 = b * ATT_TOKEN_BLOCK, min(b * ATT_TOKEN_BLOCK + ATT_TOKEN_BLOCK, T)
+        nmax = 0
+        for t in range(t0, t1):
+            nmax = max(nmax, min(positions[t] + 1, S))
+        per = (nmax + nsplit - 1) // nsplit
+        lo, hi = j * per, min(j * per + per, nmax)
+        acc = np.zeros((t1 - t0, Hq, D), np.float32)
+        m = np.full((t1 - t0, Hq), f32(-3e38), np.float32)  # running max (finite: exp(m - m_new) is 0, not nan)
+        l = np.zeros((t1 - t0, Hq), np.float32)  # running sum of exp(score - m)
+        sc = np.zeros(((G + 3) // 4 * 4, ATT_TILE + 4), np.float32)
+        for s0 in range(lo, hi, ATT_TILE):
+            for t in range(t0, t1):
+                s1 = min(s0 + ATT_TILE, hi, positions[t] + 1)
+                if s1 <= s0:
+                    continue
+                n, tl = s1 - s0, t - t0
+                for hk in range(Hkv):
+                    _tile_scores(q, t, hk, G, kc, s0, s1, scale, sc)
+                    for gi in range(G):
+                        h = hk * G + gi
+                        mt = sc[gi, 0]
+                        for c in range(1, n):
+                            mt = max(mt, sc[gi, c])
+                        mnew = max(m[tl, h], mt)
+                        tot = f32(0)
+                        for c in range(n):
+                            e = expf(sc[gi, c] - mnew)
+                            sc[gi, c] = e
+                            tot += e
+                        for c in range(n, n + 4):
+                            sc[gi, c] = 0
+                        f = expf(m[tl, h] - mnew)
+                        l[tl, h] = l[tl, h] * f + tot
+                        m[tl, h] = mnew
+                        if f != 1:
+                            a = acc[tl, h]
+                            for d in range(D):
+                                a[d] *= f
+                    _tile_values(vc, hk, G, s0, s1, sc, acc[tl, hk * G:hk * G + G])
+        for t in range(t0, t1):
+            tl = t - t0
+            if nsplit == 1:
+                for h in range(Hq):
+                    inv = f32(1) / l[tl, h]
+                    for d in range(D):
+                        out[t, h, d] = acc[tl, h, d] * inv
+            else:
+                pacc[j, t], pm[j, t], pl[j, t] = acc[tl], m[tl], l[tl]
+    if nsplit > 1:
+        for th in prange(T * Hq):
+            t, h = th // Hq, th % Hq
+            top = pm[0, t, h]
+            for j in range(1, nsplit):
+                top = max(top, pm[j, t, h])
+            o = out[t, h]
+            o[:] = 0
             tot = f32(0)
-            for s in range(n):
-                e = expf(sc[gi, s] - m)
-                sc[gi, s] = e
-                tot += e
-            inv = f32(1) / tot
-            for s in range(n):
-                sc[gi, s] *= inv
-        acc = np.zeros((G, D), np.float32)
-        for s in range(n):
-            vrow = vc[s, hk]
-            for gi in range(G):
-                p = sc[gi, s]
+            for j in range(nsplit):
+                w = expf(pm[j, t, h] - top)  # a task with no keys has l = 0: it adds nothing
+                tot += w * pl[j, t, h]
+                pa = pacc[j, t, h]
                 for d in range(D):
-                    acc[gi, d] += p * _load(vrow, d)
-        for gi in range(G):
-            out[t, hk * G + gi] = acc[gi]
+                    o[d] += w * pa[d]
+            inv = f32(1) / tot
+            for d in range(D):
+                o[d] *= inv
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,11 +654,16 @@ class NumbaBackend(NumpyBackend):
 
     # mixers -------------------------------------------------------------------------------------------
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, np.int64)
         out = np.empty(q.shape, np.float32)
+        n = min(int(positions.max()) + 1, k.shape[0])
+        # fewer blocks of tokens than threads (decode: one): the keys split as well, each range a task
+        blocks = -(-q.shape[0] // ATT_TOKEN_BLOCK)
+        nsplit = max(1, min(-(-self.threads // blocks), n // ATT_MIN_SPLIT_KEYS))
         if k.dtype == np.float16:
             k, v = k.view(np.uint16), v.view(np.uint16)
-        attention_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, np.asarray(positions, np.int64),
-                         f32(q.shape[-1] ** -0.5), out)
+        attention_kernel(np.ascontiguousarray(q, dtype=np.float32), k, v, positions, f32(q.shape[-1] ** -0.5),
+                         nsplit, out)
         return out
 
     def silu(self, x: np.ndarray) -> np.ndarray:
