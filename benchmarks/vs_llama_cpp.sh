@@ -6,6 +6,8 @@
 #   benchmarks/vs_llama_cpp.sh MODEL.gguf [N] [-p 128 -n 32]      e.g. the 8-layer synthetic file
 #   DROP_CACHES=1 LLAMA_BENCH_ARGS="--repack 0 -r 1" benchmarks/vs_llama_cpp.sh 48L.gguf 1 -p 16 -n 32
 #   benchmarks/vs_llama_cpp.sh MODEL.gguf 0     # only build; then run ~/.cache/localcoder-llama.cpp/build/bin/llama-bench
+#   LOCALCODER_BENCH_ARGS="--kv-type f16" benchmarks/vs_llama_cpp.sh 8L.gguf 1 -p 64 -n 32 -d 32768
+#                                                # at depth (-d: both tools), both with a float16 KV cache
 #
 # The build is CPU-only, -march=native without AMX: on this VM the AMX tile instructions that a native build
 # compiles in crash llama-bench (SIGILL or SIGSEGV). It goes to $LLAMA_BUILD (default
@@ -41,6 +43,8 @@ for _ in $(seq "$rounds"); do
   "$bin" -m "$model" "${opts[@]}" -t "$threads" ${LLAMA_BENCH_ARGS:-} 2>/dev/null | grep -E '\| +(pp|tg)[0-9]+ ' |
     awk -F'|' '{gsub(/ +/, " ", $(NF-2)); gsub(/ +/, " ", $(NF-1)); print "llama.cpp " $(NF-2) $(NF-1) "tokens/s"}'
   drop
-  (cd "$here" && python -m localcoder bench -m "$model" "${opts[@]}" --json 2>/dev/null | tail -1) |
-    python -c "import json, sys; d = json.load(sys.stdin); print('localcoder pp %.1f tg %.2f tokens/s, read %.1f GB/s' % (d['pp_tokens_per_s'], d['tg_tokens_per_s'], d['read_bandwidth_gbs']))"
+  # shellcheck disable=SC2086
+  (cd "$here" && python -m localcoder bench -m "$model" "${opts[@]}" ${LOCALCODER_BENCH_ARGS:-} --json 2>/dev/null |
+     tail -1) |
+    python -c "import json, sys; d = json.load(sys.stdin); print('localcoder pp %.1f tg %.2f tokens/s, read %.1f GB/s, depth %d, kv %s' % (d['pp_tokens_per_s'], d['tg_tokens_per_s'], d['read_bandwidth_gbs'], d['depth'], d['kv_type']))"
 done

@@ -13,6 +13,7 @@ import time
 import numpy as np
 from numba import njit, prange
 
+from .errors import LocalcoderError
 from .memory import peak_rss_bytes
 
 
@@ -127,9 +128,11 @@ PP_REPEATS = 3
 
 def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_tokens: int = 128,
               threads: int | None = None, seed: int = 0, expert_cache=None, expert_policy: str = "lru",
-              expert_prefetch: bool = False) -> dict:
+              expert_prefetch: bool = False, depth: int = 0, kv_type: str = "f32", announce=None) -> dict:
     """Prompt processing (the median of PP_REPEATS prefills of `prompt_tokens` random ids) and generation
     (`gen_tokens` greedy single-token steps after it) on the model at model_path; returns the figures as a dict.
+    With depth > 0 (llama-bench's -d) the context first holds `depth` random tokens, prefilled once (and
+    announced: minutes at 32K); each timed prefill starts from that point and generation continues after it.
 
     With expert streaming (an expert cache smaller than the experts) it also reports the cache counters,
     bytes read from disk per token, the disk bandwidth and the limit they imply."""
@@ -138,11 +141,18 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
 
     started = process_start_time()
     model = localcoder.load(model_path, backend=backend, threads=threads, expert_cache=expert_cache,
-                            expert_policy=expert_policy, expert_trace=True, expert_prefetch=expert_prefetch)
+                            expert_policy=expert_policy, expert_trace=True, expert_prefetch=expert_prefetch,
+                            kv_type=kv_type)
     store = model.expert_store
     n_threads = getattr(model.backend, "threads", threads or 1)
+    needed = depth + prompt_tokens + gen_tokens
+    if needed > model.config.n_ctx_train:
+        raise LocalcoderError(f"depth {depth:,} + {prompt_tokens:,} prompt + {gen_tokens:,} generated tokens need "
+                              f"{needed:,} positions, more than the model's trained context "
+                              f"({model.config.n_ctx_train:,}): lower -d/--depth, -p or -n")
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, min(model.config.n_vocab, 150000), prompt_tokens).tolist()
+    depth_ids = rng.integers(0, min(model.config.n_vocab, 150000), depth).tolist()
     # first token from a cold start (process start -> logits of a one-token prompt): imports, kernels from
     # Numba's cache, the header, the dense weights and one token's experts read from disk
     cache = model.new_cache()
@@ -154,9 +164,21 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
     if store is not None:
         store.wait()  # a model that fits is read into memory in the background: measure the steady state
 
-    pp_runs = []
-    for _ in range(PP_REPEATS):  # the median of a few prefills from an empty cache (the machine is noisy)
+    depth_fill_s = 0.0
+    if depth:
+        if announce:
+            announce(f"filling the context with {depth:,} tokens (-d/--depth; not timed in the figures)...")
         cache = model.new_cache()
+        t = time.perf_counter()
+        prefill(model, depth_ids, cache)
+        depth_fill_s = time.perf_counter() - t
+        at_depth = cache.checkpoint()
+    pp_runs = []
+    for _ in range(PP_REPEATS):  # the median of a few prefills from the same point (the machine is noisy)
+        if depth:
+            cache.rollback(at_depth)
+        else:
+            cache = model.new_cache()
         t = time.perf_counter()
         logits = prefill(model, ids, cache)
         pp_runs.append(time.perf_counter() - t)
@@ -179,6 +201,9 @@ def run_bench(model_path, backend: str = "auto", prompt_tokens: int = 512, gen_t
         "threads": int(n_threads),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
+        "depth": depth,
+        "depth_fill_s": depth_fill_s,
+        "kv_type": kv_type,
         "pp_tokens_per_s": prompt_tokens / pp_s,
         "pp_runs_tokens_per_s": [prompt_tokens / t for t in pp_runs],
         "tg_tokens_per_s": tg,

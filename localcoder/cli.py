@@ -487,8 +487,11 @@ def bench(
     quant: str = typer.Option("q4_k_m", "--quant", help="with --synthetic: q4_k_m, q8_0 or q4_0"),
     prompt_tokens: int = typer.Option(512, "-p", "--prompt-tokens"),
     gen_tokens: int = typer.Option(128, "-n", "--gen-tokens"),
+    depth: int = typer.Option(0, "-d", "--depth", help="tokens already in the context when prompt and generation "
+                              "are timed (llama-bench's -d; prefilled once, untimed)"),
     threads: Optional[int] = ThreadsOpt,
     backend: str = BackendOpt,
+    kv_type: str = KvTypeOpt,
     expert_cache: Optional[str] = ExpertCacheOpt,
     expert_policy: str = ExpertPolicyOpt,
     expert_prefetch: bool = ExpertPrefetchOpt,
@@ -504,13 +507,16 @@ def bench(
     for flag, value in (("-p/--prompt-tokens", prompt_tokens), ("-n/--gen-tokens", gen_tokens)):
         if value < 1:
             raise LocalcoderError(f"{flag} {value}: the bench measures at least 1 token")
+    if depth < 0:
+        raise LocalcoderError(f"-d/--depth {depth}: give the number of tokens already in the context, 0 or more")
     check_threads(threads)
     if synthetic is not None:
         from .synthetic import ensure_synthetic
 
         model = ensure_synthetic(synthetic, layers, quant, announce=_err)
     res = run_bench(model, backend, prompt_tokens, gen_tokens, threads, expert_cache=expert_cache,
-                    expert_policy=expert_policy, expert_prefetch=expert_prefetch)
+                    expert_policy=expert_policy, expert_prefetch=expert_prefetch, depth=depth, kv_type=kv_type,
+                    announce=_err)
     res["model"] = str(model)
     if as_json:
         print(json.dumps(res))
@@ -520,10 +526,13 @@ def bench(
 
     t = Table(title=f"localcoder bench: {Path(model).name}", show_header=False)
     gb = 1e9
+    at = f" @ d{depth}" if depth else ""
     rows = [
         ("backend / threads", f"{res['backend']} / {res['threads']}"),
-        (f"prompt (pp{prompt_tokens})", f"{res['pp_tokens_per_s']:.1f} tokens/s"),
-        (f"generation (tg{gen_tokens})", f"{res['tg_tokens_per_s']:.2f} tokens/s"),
+        (f"prompt (pp{prompt_tokens}{at})", f"{res['pp_tokens_per_s']:.1f} tokens/s"),
+        (f"generation (tg{gen_tokens}{at})", f"{res['tg_tokens_per_s']:.2f} tokens/s"),
+        ("KV cache", f"{res['kv_type']}" + (f", {depth:,} tokens deep (filled in {res['depth_fill_s']:.0f} s)"
+                                           if depth else "")),
         ("weights read per token", f"{res['weight_bytes_per_token'] / 1e6:,.0f} MB"),
         ("achieved", f"{res['achieved_gbs']:.1f} GB/s"),
         ("measured read bandwidth", f"{res['read_bandwidth_gbs']:.1f} GB/s"),

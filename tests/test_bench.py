@@ -84,6 +84,24 @@ def test_bench_streaming_counters(demo):
     assert 1 <= res["distinct_experts_per_layer"] <= dims.n_expert
 
 
+def test_bench_at_depth(demo, monkeypatch):
+    """-d: the context is filled once with `depth` tokens, every timed prefill starts at that point (rolled back
+    to it), and generation continues after it; the KV cache type is the one asked for."""
+    import localcoder.generate as generate
+
+    starts, real = [], generate.prefill
+
+    def spy(model, ids, cache, *a, **kw):
+        starts.append((cache.pos, len(ids), cache.layers[-1].k.dtype.name))
+        return real(model, ids, cache, *a, **kw)
+
+    monkeypatch.setattr(generate, "prefill", spy)
+    res = run_bench(demo, backend="numpy", prompt_tokens=4, gen_tokens=2, depth=20, kv_type="f16")
+    assert res["depth"] == 20 and res["kv_type"] == "f16" and res["depth_fill_s"] > 0
+    assert (0, 20, "float16") in starts  # the fill
+    assert starts[-3:] == [(20, 4, "float16")] * 3  # the timed prefills, each from depth 20
+
+
 def test_bench_cli_json(demo):
     proc = subprocess.run([sys.executable, "-m", "localcoder", "bench", "-m", str(demo), "-p", "4", "-n", "2",
                            "--backend", "numpy", "--json"], capture_output=True, text=True, timeout=300)
