@@ -354,6 +354,7 @@ def test_matmul_int8_token_blocks(qtype):
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
+
 def test_moe_one_token_repeated_expert(backend):
     """An id listed twice for one token (not what routing gives, but a valid call) adds both pairs, as the
     reference does: the grouping of pairs by expert gives that expert one run of two pairs."""

@@ -394,6 +394,17 @@ ATT_PREFETCH_KEYS = 16  # software prefetch this many keys ahead of the rows bei
 # sees a kv head's rows as 1 KB runs 2 KB apart): one layer over 32K keys, decode, 5.2 -> 2.9 ms (float16)
 
 
+@njit(inline="always")
+def _prefetch_rows(cache, s, n, hk):
+    """Prefetch the rows of kv head hk at positions s..s+n-1 of a (S, Hkv, D) cache (hints: past the end is
+    harmless)."""
+    row = cache.shape[2] * cache.itemsize
+    for i in range(n):
+        start = ((s + i) * cache.shape[1] + hk) * row
+        for c in range(0, row, 64):
+            K.prefetch(cache, start + c)
+
+
 @njit(inline="always", fastmath=True)
 def _tile_scores(q, t, hk, G, kc, s0, s1, scale, sc):
     """sc[gi, s - s0] = scale * (q[t, hk*G + gi] . k[s, hk]) for s0 <= s < s1: four query heads and two keys
@@ -401,16 +412,12 @@ def _tile_scores(q, t, hk, G, kc, s0, s1, scale, sc):
     last key: sc has scratch rows up to a multiple of 4 and a scratch column."""
     D = q.shape[2]
     last = hk * G + G - 1
-    row = kc.shape[2] * kc.itemsize
     for g0 in range(0, G, 4):
         h = hk * G + g0
         q0, q1, q2, q3 = q[t, h], q[t, min(h + 1, last)], q[t, min(h + 2, last)], q[t, min(h + 3, last)]
         for s in range(s0, s1, 2):
             if g0 == 0:
-                ahead = ((s + ATT_PREFETCH_KEYS) * kc.shape[1] + hk) * row
-                for c in range(0, row, 64):
-                    K.prefetch(kc, ahead + c)
-                    K.prefetch(kc, ahead + kc.shape[1] * row + c)
+                _prefetch_rows(kc, s + ATT_PREFETCH_KEYS, 2, hk)
             k0, k1 = kc[s, hk], kc[min(s + 1, s1 - 1), hk]
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = f32(0)
             for d in range(D):
@@ -434,12 +441,8 @@ def _tile_values(vc, hk, G, s0, s1, p, acc):
     """acc[gi] += sum over s0 <= s < s1 of p[gi, s - s0] v[s, hk], four keys per pass over D (p is zero past
     s1 - s0 up to a multiple of 4; the rows there repeat the last key)."""
     D = vc.shape[2]
-    row = vc.shape[2] * vc.itemsize
     for s in range(s0, s1, 4):
-        for i in range(4):
-            ahead = ((s + ATT_PREFETCH_KEYS + i) * vc.shape[1] + hk) * row
-            for c in range(0, row, 64):
-                K.prefetch(vc, ahead + c)
+        _prefetch_rows(vc, s + ATT_PREFETCH_KEYS, 4, hk)
         v0, v1, v2, v3 = vc[s, hk], vc[min(s + 1, s1 - 1), hk], vc[min(s + 2, s1 - 1), hk], vc[min(s + 3, s1 - 1), hk]
         j = s - s0
         for gi in range(G):
@@ -487,10 +490,9 @@ def attention_kernel(q, kc, vc, positions, scale, nsplit, out):
                     _tile_scores(q, t, hk, G, kc, s0, s1, scale, sc)
                     for gi in range(G):
                         h = hk * G + gi
-                        mt = sc[gi, 0]
-                        for c in range(1, n):
-                            mt = max(mt, sc[gi, c])
-                        mnew = max(m[tl, h], mt)
+                        mnew = m[tl, h]
+                        for c in range(n):
+                            mnew = max(mnew, sc[gi, c])
                         tot = f32(0)
                         for c in range(n):
                             e = expf(sc[gi, c] - mnew)
@@ -533,8 +535,6 @@ def attention_kernel(q, kc, vc, positions, scale, nsplit, out):
             inv = f32(1) / tot
             for d in range(D):
                 o[d] *= inv
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------
